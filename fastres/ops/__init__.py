@@ -1,0 +1,47 @@
+"""fastres.ops: the fused ops, registered as torch.ops.fastres.* with fake implementations and autograd.
+
+    fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=1e-5) -> (weight, bias)
+    conv_bias_act(x, weight, bias=None, stride=1, padding=0, residual=None, relu=True)
+    add_relu(x, residual)
+    conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum=0.1, eps=1e-5,
+                stride=1, padding=0, residual=None, relu=True)
+
+The backend is chosen by device (see fastres.ops._backend); `fastres.backend(name)` or FASTRES_BACKEND force one.
+"""
+import torch
+
+from . import _library  # noqa: F401  (registers the ops)
+from ._backend import BACKENDS, BackendUnavailableError, backend, forced_backend, select
+
+
+def fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=1e-5):
+    """The conv's (weight, bias) with an eval-mode BatchNorm folded in, computed in fp32 and cast back to the
+    weight's dtype. conv_bias may be None. Differentiable w.r.t. conv_weight, conv_bias, bn_weight and bn_bias."""
+    return torch.ops.fastres.fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps)
+
+
+def add_relu(x, residual):
+    """relu(x + residual)."""
+    return torch.ops.fastres.add_relu(x, residual)
+
+
+def conv_bias_act(x, weight, bias=None, stride=1, padding=0, residual=None, relu=True):
+    """relu(conv2d(x, weight, bias, stride, padding) + residual); residual and relu optional."""
+    return torch.ops.fastres.conv_bias_act(x, weight, bias, _pair(stride), _pair(padding), residual, relu)
+
+
+def conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum=0.1, eps=1e-5,
+                stride=1, padding=0, residual=None, relu=True):
+    """relu(batch_norm(conv2d(x, weight, None, stride, padding), running_mean, running_var, bn_weight, bn_bias,
+    training, momentum, eps) + residual), with F.batch_norm's semantics: in training the batch statistics
+    normalize (biased variance) and running_mean/running_var are updated in place (unbiased variance)."""
+    return torch.ops.fastres.conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, training,
+                                         momentum, eps, _pair(stride), _pair(padding), residual, relu)
+
+
+def _pair(v):
+    return [v, v] if isinstance(v, int) else list(v)
+
+
+__all__ = ["fold_bn", "add_relu", "conv_bias_act", "conv_bn_act", "backend", "forced_backend", "select",
+           "BACKENDS", "BackendUnavailableError"]

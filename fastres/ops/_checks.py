@@ -1,0 +1,136 @@
+"""Argument checks shared by every backend and by the fake (meta) implementations.
+
+They run before any kernel, so bad input fails with a message that names the argument.
+"""
+import torch
+
+
+def memory_format(t):
+    """channels_last if `t` is laid out NHWC (and not also plainly contiguous), else contiguous_format."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _tensor(op, name, t, ndim=None, floating=True):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fastres.{op}: {name} must be a Tensor, got {type(t).__name__}")
+    if floating and not t.is_floating_point():
+        raise TypeError(f"fastres.{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"fastres.{op}: {name} must be {ndim}-D, got a {t.dim()}-D tensor of shape {tuple(t.shape)}")
+
+
+def _same_device(op, ref_name, ref, name, t):
+    if t.device != ref.device:
+        raise ValueError(f"fastres.{op}: {name} is on {t.device} but {ref_name} is on {ref.device}: "
+                         "all tensors must be on the same device")
+
+
+def _same_dtype(op, ref_name, ref, name, t):
+    if t.dtype != ref.dtype:
+        raise TypeError(f"fastres.{op}: {name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}: "
+                        "they must match")
+
+
+def pair(op, name, v, minimum):
+    """An int or a pair of ints -> [a, b], each >= minimum."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = [v, v]
+    v = list(v)
+    if len(v) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+        raise ValueError(f"fastres.{op}: {name} must be an int or a pair of ints, got {v!r}")
+    if any(i < minimum for i in v):
+        raise ValueError(f"fastres.{op}: {name} must be >= {minimum}, got {v!r}")
+    return v
+
+
+def conv_output_shape(op, x, weight, stride, padding):
+    n, _, h, w = x.shape
+    kh, kw = weight.shape[2], weight.shape[3]
+    ho = (h + 2 * padding[0] - kh) // stride[0] + 1
+    wo = (w + 2 * padding[1] - kw) // stride[1] + 1
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"fastres.{op}: the kernel {kh}x{kw} is larger than the padded input "
+                         f"{h + 2 * padding[0]}x{w + 2 * padding[1]} (x.shape={tuple(x.shape)}, padding={padding})")
+    return (n, weight.shape[0], ho, wo)
+
+
+def check_conv(op, x, weight, bias, stride, padding, residual):
+    """Checks the conv arguments; returns (stride, padding, output shape)."""
+    _tensor(op, "x", x, ndim=4)
+    _tensor(op, "weight", weight, ndim=4)
+    _same_device(op, "x", x, "weight", weight)
+    _same_dtype(op, "x", x, "weight", weight)
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"fastres.{op}: channel mismatch: x has {x.shape[1]} channels (x.shape[1]) but weight "
+                         f"expects {weight.shape[1]} input channels (weight.shape[1]); groups are not supported")
+    stride = pair(op, "stride", stride, 1)
+    padding = pair(op, "padding", padding, 0)
+    out_shape = conv_output_shape(op, x, weight, stride, padding)
+    if bias is not None:
+        _tensor(op, "bias", bias, ndim=1)
+        _same_device(op, "x", x, "bias", bias)
+        _same_dtype(op, "x", x, "bias", bias)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"fastres.{op}: bias has {bias.shape[0]} elements but weight has "
+                             f"{weight.shape[0]} output channels")
+    if residual is not None:
+        check_residual(op, x, residual, out_shape)
+    return stride, padding, out_shape
+
+
+def check_residual(op, x, residual, out_shape, x_name="x"):
+    _tensor(op, "residual", residual)
+    _same_device(op, x_name, x, "residual", residual)
+    _same_dtype(op, x_name, x, "residual", residual)
+    if tuple(residual.shape) != tuple(out_shape):
+        raise ValueError(f"fastres.{op}: residual has shape {tuple(residual.shape)} but the output has shape "
+                         f"{tuple(out_shape)}")
+
+
+def check_channel_params(op, channels, device, **params):
+    """Per-channel 1-D parameters (BN weight, bias, running stats): floating, [channels], on `device`."""
+    for name, t in params.items():
+        if t is None:
+            continue
+        _tensor(op, name, t, ndim=1)
+        if t.device != device:
+            raise ValueError(f"fastres.{op}: {name} is on {t.device} but the activations are on {device}: "
+                             "all tensors must be on the same device")
+        if t.shape[0] != channels:
+            raise ValueError(f"fastres.{op}: {name} has {t.shape[0]} elements but there are {channels} channels")
+
+
+def check_batch_for_training(out_shape):
+    """BatchNorm2d's own check: statistics over a single value per channel are meaningless."""
+    size = out_shape[0] * out_shape[2] * out_shape[3]
+    if size == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{torch.Size(out_shape)}")
+
+
+def check_add_relu(x, residual):
+    _tensor("add_relu", "x", x)
+    _tensor("add_relu", "residual", residual)
+    _same_device("add_relu", "x", x, "residual", residual)
+    _same_dtype("add_relu", "x", x, "residual", residual)
+    if x.shape != residual.shape:
+        raise ValueError(f"fastres.add_relu: residual has shape {tuple(residual.shape)} but x has shape "
+                         f"{tuple(x.shape)}")
+
+
+def check_fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps):
+    op = "fold_bn"
+    _tensor(op, "conv_weight", conv_weight)
+    if conv_weight.dim() < 2:
+        raise ValueError(f"fastres.fold_bn: conv_weight must have at least 2 dims [out_channels, in_channels, ...], "
+                         f"got shape {tuple(conv_weight.shape)}")
+    cout = conv_weight.shape[0]
+    if conv_bias is not None:
+        _tensor(op, "conv_bias", conv_bias, ndim=1)
+        _same_dtype(op, "conv_weight", conv_weight, "conv_bias", conv_bias)
+    check_channel_params(op, cout, conv_weight.device, conv_bias=conv_bias, bn_weight=bn_weight, bn_bias=bn_bias,
+                         running_mean=running_mean, running_var=running_var)
+    if not eps > 0:
+        raise ValueError(f"fastres.fold_bn: eps must be > 0, got {eps}")

@@ -1,0 +1,260 @@
+"""The fastres ops as torch.library custom ops: schema, dispatch to a backend, fake (meta) implementation,
+autograd and autocast. Each op's math lives in the backends (backend_torch is the reference)."""
+import torch
+
+from . import _backend, _checks
+from ._checks import memory_format
+
+_SCHEMAS = {
+    "fold_bn": "(Tensor conv_weight, Tensor? conv_bias, Tensor bn_weight, Tensor bn_bias, Tensor running_mean, "
+               "Tensor running_var, float eps=1e-05) -> (Tensor, Tensor)",
+    "add_relu": "(Tensor x, Tensor residual) -> Tensor",
+    "conv_bias_act": "(Tensor x, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
+                     "Tensor? residual=None, bool relu=True) -> Tensor",
+    # The functional forward of conv_bn_act (autograd needs a functional op): besides the output it returns what
+    # backward needs (the raw conv output, the per-channel mean and inverse std that normalized it) and, in
+    # training, the updated running statistics (empty in eval), which conv_bn_act writes back in place.
+    "conv_bn_act_forward": "(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor running_mean, "
+                           "Tensor running_var, bool training, float momentum=0.1, float eps=1e-05, "
+                           "int[2] stride=1, int[2] padding=0, Tensor? residual=None, bool relu=True) "
+                           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+}
+
+
+def _stat_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _empty(shape, like, fmt, dtype=None):
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
+
+
+# ---------------------------------------------------------------- fold_bn
+@torch.library.custom_op("fastres::fold_bn", mutates_args=(), schema=_SCHEMAS["fold_bn"])
+def fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=1e-5):
+    _checks.check_fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps)
+    return _backend.select("fold_bn", conv_weight.device).fold_bn(
+        conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps)
+
+
+@fold_bn.register_fake
+def _(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=1e-5):
+    _checks.check_fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps)
+    weight = torch.empty_like(conv_weight, memory_format=memory_format(conv_weight))
+    return weight, conv_weight.new_empty((conv_weight.shape[0],))
+
+
+def _fold_bn_setup(ctx, inputs, output):
+    conv_weight, conv_bias, bn_weight, _, running_mean, running_var, eps = inputs
+    ctx.has_conv_bias = conv_bias is not None
+    ctx.eps = eps
+    ctx.save_for_backward(conv_weight, conv_bias, bn_weight, running_mean, running_var)
+
+
+def _fold_bn_backward(ctx, grad_weight, grad_bias):
+    conv_weight, conv_bias, bn_weight, running_mean, running_var = ctx.saved_tensors
+    acc = _stat_dtype(conv_weight)
+    invstd = torch.rsqrt(running_var.to(acc) + ctx.eps)
+    scale = bn_weight.to(acc) * invstd
+    cout = conv_weight.shape[0]
+    bshape = (-1,) + (1,) * (conv_weight.dim() - 1)
+    gw = torch.zeros_like(conv_weight, dtype=acc) if grad_weight is None else grad_weight.to(acc)
+    gb = torch.zeros(cout, dtype=acc, device=conv_weight.device) if grad_bias is None else grad_bias.to(acc)
+    centered = -running_mean.to(acc) if conv_bias is None else conv_bias.to(acc) - running_mean.to(acc)
+    # d(out)/d(scale) per channel: from the weight (w) and from the bias (b - mean).
+    grad_scale = (gw * conv_weight.to(acc)).reshape(cout, -1).sum(1) + gb * centered
+    g_conv_w = g_conv_b = g_bn_w = g_bn_b = None
+    if ctx.needs_input_grad[0]:
+        g_conv_w = (gw * scale.view(bshape)).to(conv_weight.dtype)
+    if ctx.has_conv_bias and ctx.needs_input_grad[1]:
+        g_conv_b = (gb * scale).to(conv_bias.dtype)
+    if ctx.needs_input_grad[2]:
+        g_bn_w = (grad_scale * invstd).to(bn_weight.dtype)
+    if ctx.needs_input_grad[3]:
+        g_bn_b = gb.to(bn_weight.dtype)
+    return g_conv_w, g_conv_b, g_bn_w, g_bn_b, None, None, None
+
+
+fold_bn.register_autograd(_fold_bn_backward, setup_context=_fold_bn_setup)
+
+
+# ---------------------------------------------------------------- add_relu
+@torch.library.custom_op("fastres::add_relu", mutates_args=(), schema=_SCHEMAS["add_relu"])
+def add_relu(x, residual):
+    _checks.check_add_relu(x, residual)
+    return _backend.select("add_relu", x.device).add_relu(x, residual)
+
+
+@add_relu.register_fake
+def _(x, residual):
+    _checks.check_add_relu(x, residual)
+    return torch.empty_like(x, memory_format=memory_format(x))
+
+
+def _add_relu_setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _add_relu_backward(ctx, grad):
+    (out,) = ctx.saved_tensors
+    dz = torch.ops.aten.threshold_backward(grad, out, 0)
+    return (dz if ctx.needs_input_grad[0] else None), (dz if ctx.needs_input_grad[1] else None)
+
+
+add_relu.register_autograd(_add_relu_backward, setup_context=_add_relu_setup)
+
+
+# ---------------------------------------------------------------- conv_bias_act
+@torch.library.custom_op("fastres::conv_bias_act", mutates_args=(), schema=_SCHEMAS["conv_bias_act"])
+def conv_bias_act(x, weight, bias=None, stride=(1, 1), padding=(0, 0), residual=None, relu=True):
+    stride, padding, _ = _checks.check_conv("conv_bias_act", x, weight, bias, stride, padding, residual)
+    return _backend.select("conv_bias_act", x.device).conv_bias_act(x, weight, bias, stride, padding, residual, relu)
+
+
+@conv_bias_act.register_fake
+def _(x, weight, bias=None, stride=(1, 1), padding=(0, 0), residual=None, relu=True):
+    _, _, out_shape = _checks.check_conv("conv_bias_act", x, weight, bias, stride, padding, residual)
+    return _empty(out_shape, x, memory_format(x))
+
+
+def _conv_bias_act_setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, residual, relu = inputs
+    ctx.conv = (list(stride), list(padding))
+    ctx.has_bias = bias is not None
+    ctx.relu = relu
+    ctx.save_for_backward(x, weight, output if relu else None)
+
+
+def _conv_backward(ctx, dz, x, weight, bias_grad):
+    """Input, weight (and bias) gradients of the conv, from the gradient of its output."""
+    stride, padding = ctx.conv
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_grad]
+    if not any(mask):
+        return None, None, None
+    return torch.ops.aten.convolution_backward(
+        dz, x, weight, [weight.shape[0]] if bias_grad else None, stride, padding, [1, 1], False, [0, 0], 1, mask)
+
+
+def _conv_bias_act_backward(ctx, grad):
+    x, weight, out = ctx.saved_tensors
+    dz = torch.ops.aten.threshold_backward(grad, out, 0) if ctx.relu else grad
+    dz = dz.contiguous(memory_format=memory_format(x))
+    gx, gw, gb = _conv_backward(ctx, dz, x, weight, ctx.has_bias and ctx.needs_input_grad[2])
+    return gx, gw, gb, None, None, (dz if ctx.needs_input_grad[5] else None), None
+
+
+conv_bias_act.register_autograd(_conv_bias_act_backward, setup_context=_conv_bias_act_setup)
+
+
+# ---------------------------------------------------------------- conv_bn_act
+def _check_conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, training, stride, padding, residual):
+    stride, padding, out_shape = _checks.check_conv("conv_bn_act", x, weight, None, stride, padding, residual)
+    _checks.check_channel_params("conv_bn_act", weight.shape[0], x.device, bn_weight=bn_weight, bn_bias=bn_bias,
+                                 running_mean=running_mean, running_var=running_var)
+    if training:
+        _checks.check_batch_for_training(out_shape)
+    return stride, padding, out_shape
+
+
+@torch.library.custom_op("fastres::conv_bn_act_forward", mutates_args=(),
+                         schema=_SCHEMAS["conv_bn_act_forward"])
+def conv_bn_act_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum=0.1, eps=1e-5,
+                        stride=(1, 1), padding=(0, 0), residual=None, relu=True):
+    stride, padding, _ = _check_conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, training, stride,
+                                        padding, residual)
+    return _backend.select("conv_bn_act_forward", x.device).conv_bn_act_forward(
+        x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride, padding, residual,
+        relu)
+
+
+@conv_bn_act_forward.register_fake
+def _(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum=0.1, eps=1e-5, stride=(1, 1),
+      padding=(0, 0), residual=None, relu=True):
+    _, _, out_shape = _check_conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, training, stride,
+                                     padding, residual)
+    fmt = memory_format(x)
+    acc = _stat_dtype(x)
+    stats = (weight.shape[0],)
+    running = (weight.shape[0] if training else 0,)
+    return (_empty(out_shape, x, fmt), _empty(out_shape, x, fmt), x.new_empty(stats, dtype=acc),
+            x.new_empty(stats, dtype=acc), running_mean.new_empty(running), running_var.new_empty(running))
+
+
+def _conv_bn_act_setup(ctx, inputs, output):
+    x, weight, bn_weight, _, _, _, training, _, _, stride, padding, residual, relu = inputs
+    out, conv_out, save_mean, save_invstd, new_running_mean, new_running_var = output
+    ctx.mark_non_differentiable(conv_out, save_mean, save_invstd, new_running_mean, new_running_var)
+    ctx.conv = (list(stride), list(padding))
+    ctx.training, ctx.relu, ctx.has_residual = training, relu, residual is not None
+    ctx.backend = _backend.select("bn_act_backward", x.device)
+    ctx.save_for_backward(x, weight, bn_weight, out, conv_out, save_mean, save_invstd)
+
+
+def _conv_bn_act_backward(ctx, grad_out, *_grads_of_saved_outputs):
+    x, weight, bn_weight, out, conv_out, save_mean, save_invstd = ctx.saved_tensors
+    need_residual = ctx.has_residual and ctx.needs_input_grad[11]
+    grad_conv_out, grad_residual, grad_bn_weight, grad_bn_bias = ctx.backend.bn_act_backward(
+        grad_out, out, conv_out, save_mean, save_invstd, bn_weight, ctx.relu, ctx.training, need_residual)
+    gx, gw, _ = _conv_backward(ctx, grad_conv_out, x, weight, False)
+    return (gx, gw,
+            grad_bn_weight.to(bn_weight.dtype) if ctx.needs_input_grad[2] else None,
+            grad_bn_bias.to(bn_weight.dtype) if ctx.needs_input_grad[3] else None,
+            None, None, None, None, None, None, None, grad_residual, None)
+
+
+conv_bn_act_forward.register_autograd(_conv_bn_act_backward, setup_context=_conv_bn_act_setup)
+
+# The public conv_bn_act returns only the activation and updates the running statistics in place; it decomposes
+# into the functional conv_bn_act_forward, which carries the autograd formula, and a copy_ of the new statistics
+# (as aten's batch_norm decomposes into _native_batch_norm_legit_functional and copies).
+_lib = torch.library.Library("fastres", "FRAGMENT")
+_lib.define("conv_bn_act(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor(a!) running_mean, "
+            "Tensor(b!) running_var, bool training, float momentum=0.1, float eps=1e-05, int[2] stride=1, "
+            "int[2] padding=0, Tensor? residual=None, bool relu=True) -> Tensor")
+
+
+def _conv_bn_act_composite(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum=0.1,
+                           eps=1e-5, stride=(1, 1), padding=(0, 0), residual=None, relu=True):
+    out, _, _, _, new_running_mean, new_running_var = torch.ops.fastres.conv_bn_act_forward(
+        x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride, padding, residual,
+        relu)
+    if training:
+        with torch.no_grad():
+            running_mean.copy_(new_running_mean)
+            running_var.copy_(new_running_var)
+    return out
+
+
+_lib.impl("conv_bn_act", _conv_bn_act_composite, "CompositeImplicitAutograd")
+
+
+# ---------------------------------------------------------------- autocast
+# Under autocast the conv operands run in the autocast dtype, like aten's conv; BN parameters and running
+# statistics stay as they are (casting running_mean would make the in-place update land on a copy).
+_AUTOCAST_ARGS = {"conv_bias_act": (0, 1, 2, 5), "conv_bn_act_forward": (0, 1, 11)}
+
+
+def _register_autocast(name, cast_positions, device_type):
+    op = getattr(torch.ops.fastres, name).default
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    key = getattr(torch._C.DispatchKey, key_name)
+
+    def autocast_impl(*args):
+        dtype = torch.get_autocast_dtype(device_type)
+        args = list(args)
+        for i in cast_positions:
+            a = args[i]
+            if isinstance(a, torch.Tensor) and a.dtype == torch.float32 and a.device.type == device_type:
+                args[i] = a.to(dtype)
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return op(*args)
+
+    if op.has_kernel_for_dispatch_key(key):
+        op.py_kernels.pop(key, None)
+    op.py_impl(key)(autocast_impl)
+    _lib.impl(name, lambda _keyset, *args: autocast_impl(*args), key_name, with_keyset=True)
+
+
+for _name, _positions in _AUTOCAST_ARGS.items():
+    for _device_type in ("cpu", "cuda"):
+        _register_autocast(_name, _positions, _device_type)

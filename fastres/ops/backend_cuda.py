@@ -1,0 +1,94 @@
+"""The compiled backend: fastres._C's kernels (csrc/), CUDA on GPU tensors and their C++ twins on CPU tensors.
+
+The convolution itself stays with ATen (cuDNN on GPU, oneDNN on CPU); the passes around it are fastres kernels.
+Importing this module raises ImportError when fastres._C is not built, which the backend selector reports once.
+"""
+import torch
+import torch.nn.functional as F
+
+from . import _compiled
+from ._checks import memory_format
+from .backend_torch import stat_dtype
+
+if not _compiled.available():
+    raise ImportError(f"fastres._C is not available: {_compiled.load_error()}")
+
+# The kernel each op needs; an op runs here only where that kernel is registered for the device.
+_KERNELS = {
+    "fold_bn": ("_fold_bn",),
+    "add_relu": ("_add_relu",),
+    "conv_bias_act": ("_bn_act_forward",),
+    "conv_bn_act_forward": ("_bn_act_forward",),
+    "bn_act_backward": ("_bn_act_backward",),
+}
+_DEVICE_KEYS = {"cpu": "cpu", "cuda": "cuda"}
+
+
+def unsupported(op, device_type):
+    if op not in _KERNELS:
+        return "no kernel for this op"
+    if device_type not in _DEVICE_KEYS:
+        return f"no kernels for {device_type} tensors"
+    missing = [k for k in _KERNELS[op] if not _compiled.has_kernel(k, device_type)]
+    if missing:
+        return f"fastres._C was built without {device_type} kernels ({', '.join(missing)})"
+    return None
+
+
+def fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps):
+    return torch.ops.fastres._fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps)
+
+
+def add_relu(x, residual):
+    return torch.ops.fastres._add_relu(x, residual)
+
+
+def _onednn_fused_conv(x, weight, bias, stride, padding, residual, relu):
+    """oneDNN convolution with the bias, residual add and ReLU as post-ops of the conv itself, or None when
+    this build of torch or this dtype cannot do it. This is what makes the CPU eval path fast: the epilogue
+    costs nothing extra because it runs while the output tile is still in cache."""
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+        return None
+    args = (weight, bias, list(padding), list(stride), [1, 1], 1)
+    if residual is None:
+        return torch.ops.mkldnn._convolution_pointwise(x, *args, "relu" if relu else "none", [], "")
+    residual = residual.contiguous(memory_format=memory_format(x))
+    return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *args, "add", None,
+                                                          "relu" if relu else None, [], "")
+
+
+def conv_bias_act(x, weight, bias, stride, padding, residual, relu):
+    fmt = memory_format(x)
+    out = _onednn_fused_conv(x, weight, bias, stride, padding, residual, relu)
+    if out is None:
+        y = F.conv2d(x, weight, None, stride, padding).contiguous(memory_format=fmt)
+        shift = None if bias is None else bias.to(stat_dtype(y))
+        out = torch.ops.fastres._bn_act_forward(y, None, shift, residual, relu)
+    return out.contiguous(memory_format=fmt)
+
+
+def conv_bn_act_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride,
+                        padding, residual, relu):
+    fmt = memory_format(x)
+    y = F.conv2d(x, weight, None, stride, padding).contiguous(memory_format=fmt)
+    acc = stat_dtype(y)
+    if training:
+        var, mean = torch.var_mean(y.to(acc) if y.dtype != acc else y, dim=(0, 2, 3), correction=0)
+        n = y.numel() // y.shape[1]
+        new_running_mean = (running_mean * (1 - momentum) + mean.to(running_mean.dtype) * momentum)
+        new_running_var = (running_var * (1 - momentum) + (var * (n / (n - 1))).to(running_var.dtype) * momentum)
+    else:
+        mean, var = running_mean.to(acc, copy=True), running_var.to(acc)
+        new_running_mean, new_running_var = running_mean.new_empty(0), running_var.new_empty(0)
+    invstd = torch.rsqrt(var + eps)
+    scale = bn_weight.to(acc) * invstd
+    shift = bn_bias.to(acc) - mean * scale
+    out = torch.ops.fastres._bn_act_forward(y, scale, shift, residual, relu)
+    return out, y, mean, invstd, new_running_mean, new_running_var
+
+
+def bn_act_backward(grad_out, out, conv_out, save_mean, save_invstd, bn_weight, relu, training, residual_grad):
+    gy, gr, gw, gb = torch.ops.fastres._bn_act_backward(grad_out, out, conv_out, save_mean, save_invstd, bn_weight,
+                                                        relu, training, residual_grad)
+    return gy, (gr if residual_grad else None), gw, gb
