@@ -44,7 +44,10 @@ def _env_backend():
 
 def forced_backend():
     """The backend forced by fastres.backend() or else FASTRES_BACKEND, or None for automatic selection."""
-    return _forced.get() or _env_backend()
+    name = _forced.get()
+    if name is None:  # no fastres.backend() block: the environment decides
+        return _env_backend()
+    return None if name == "auto" else name
 
 
 @contextlib.contextmanager
@@ -54,7 +57,7 @@ def backend(name):
     A forced backend that cannot run an op raises BackendUnavailableError instead of falling back.
     `backend(None)` or `backend("auto")` restores automatic selection inside the block.
     """
-    token = _forced.set(None if name in (None, "auto") else _check_name(name))
+    token = _forced.set("auto" if name in (None, "auto") else _check_name(name))
     try:
         yield
     finally:
@@ -89,7 +92,8 @@ def select(op, device):
     if name is not None:
         why = _why_not(name, op, device_type)
         if why is not None:
-            raise BackendUnavailableError(f"{why} (forced by {'fastres.backend()' if _forced.get() else 'FASTRES_BACKEND'})")
+            source = "FASTRES_BACKEND" if _forced.get() is None else "fastres.backend()"
+            raise BackendUnavailableError(f"{why} (forced by {source})")
         return _module(name)
     order = _AUTO_ORDER.get(device_type, ("torch",))
     for candidate in order:

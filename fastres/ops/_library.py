@@ -25,6 +25,12 @@ def _stat_dtype(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _record_requires_grad(ctx, inputs):
+    # ctx.needs_input_grad of a custom op counts only the tensors actually passed (None arguments drop out), so
+    # positions shift; record per argument instead.
+    ctx.req = tuple(isinstance(a, torch.Tensor) and a.requires_grad for a in inputs)
+
+
 def _empty(shape, like, fmt, dtype=None):
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
 
@@ -45,6 +51,7 @@ def _(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps
 
 
 def _fold_bn_setup(ctx, inputs, output):
+    _record_requires_grad(ctx, inputs)
     conv_weight, conv_bias, bn_weight, _, running_mean, running_var, eps = inputs
     ctx.has_conv_bias = conv_bias is not None
     ctx.eps = eps
@@ -64,13 +71,13 @@ def _fold_bn_backward(ctx, grad_weight, grad_bias):
     # d(out)/d(scale) per channel: from the weight (w) and from the bias (b - mean).
     grad_scale = (gw * conv_weight.to(acc)).reshape(cout, -1).sum(1) + gb * centered
     g_conv_w = g_conv_b = g_bn_w = g_bn_b = None
-    if ctx.needs_input_grad[0]:
+    if ctx.req[0]:
         g_conv_w = (gw * scale.view(bshape)).to(conv_weight.dtype)
-    if ctx.has_conv_bias and ctx.needs_input_grad[1]:
+    if ctx.has_conv_bias and ctx.req[1]:
         g_conv_b = (gb * scale).to(conv_bias.dtype)
-    if ctx.needs_input_grad[2]:
+    if ctx.req[2]:
         g_bn_w = (grad_scale * invstd).to(bn_weight.dtype)
-    if ctx.needs_input_grad[3]:
+    if ctx.req[3]:
         g_bn_b = gb.to(bn_weight.dtype)
     return g_conv_w, g_conv_b, g_bn_w, g_bn_b, None, None, None
 
@@ -92,13 +99,14 @@ def _(x, residual):
 
 
 def _add_relu_setup(ctx, inputs, output):
+    _record_requires_grad(ctx, inputs)
     ctx.save_for_backward(output)
 
 
 def _add_relu_backward(ctx, grad):
     (out,) = ctx.saved_tensors
     dz = torch.ops.aten.threshold_backward(grad, out, 0)
-    return (dz if ctx.needs_input_grad[0] else None), (dz if ctx.needs_input_grad[1] else None)
+    return (dz if ctx.req[0] else None), (dz if ctx.req[1] else None)
 
 
 add_relu.register_autograd(_add_relu_backward, setup_context=_add_relu_setup)
@@ -118,6 +126,7 @@ def _(x, weight, bias=None, stride=(1, 1), padding=(0, 0), residual=None, relu=T
 
 
 def _conv_bias_act_setup(ctx, inputs, output):
+    _record_requires_grad(ctx, inputs)
     x, weight, bias, stride, padding, residual, relu = inputs
     ctx.conv = (list(stride), list(padding))
     ctx.has_bias = bias is not None
@@ -128,7 +137,7 @@ def _conv_bias_act_setup(ctx, inputs, output):
 def _conv_backward(ctx, dz, x, weight, bias_grad):
     """Input, weight (and bias) gradients of the conv, from the gradient of its output."""
     stride, padding = ctx.conv
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias_grad]
+    mask = [ctx.req[0], ctx.req[1], bias_grad]
     if not any(mask):
         return None, None, None
     return torch.ops.aten.convolution_backward(
@@ -139,8 +148,8 @@ def _conv_bias_act_backward(ctx, grad):
     x, weight, out = ctx.saved_tensors
     dz = torch.ops.aten.threshold_backward(grad, out, 0) if ctx.relu else grad
     dz = dz.contiguous(memory_format=memory_format(x))
-    gx, gw, gb = _conv_backward(ctx, dz, x, weight, ctx.has_bias and ctx.needs_input_grad[2])
-    return gx, gw, gb, None, None, (dz if ctx.needs_input_grad[5] else None), None
+    gx, gw, gb = _conv_backward(ctx, dz, x, weight, ctx.has_bias and ctx.req[2])
+    return gx, gw, gb, None, None, (dz if ctx.req[5] else None), None
 
 
 conv_bias_act.register_autograd(_conv_bias_act_backward, setup_context=_conv_bias_act_setup)
@@ -181,6 +190,7 @@ def _(x, weight, bn_weight, bn_bias, running_mean, running_var, training, moment
 
 
 def _conv_bn_act_setup(ctx, inputs, output):
+    _record_requires_grad(ctx, inputs)
     x, weight, bn_weight, _, _, _, training, _, _, stride, padding, residual, relu = inputs
     out, conv_out, save_mean, save_invstd, new_running_mean, new_running_var = output
     ctx.mark_non_differentiable(conv_out, save_mean, save_invstd, new_running_mean, new_running_var)
@@ -192,13 +202,13 @@ def _conv_bn_act_setup(ctx, inputs, output):
 
 def _conv_bn_act_backward(ctx, grad_out, *_grads_of_saved_outputs):
     x, weight, bn_weight, out, conv_out, save_mean, save_invstd = ctx.saved_tensors
-    need_residual = ctx.has_residual and ctx.needs_input_grad[11]
+    need_residual = ctx.has_residual and ctx.req[11]
     grad_conv_out, grad_residual, grad_bn_weight, grad_bn_bias = ctx.backend.bn_act_backward(
         grad_out, out, conv_out, save_mean, save_invstd, bn_weight, ctx.relu, ctx.training, need_residual)
     gx, gw, _ = _conv_backward(ctx, grad_conv_out, x, weight, False)
     return (gx, gw,
-            grad_bn_weight.to(bn_weight.dtype) if ctx.needs_input_grad[2] else None,
-            grad_bn_bias.to(bn_weight.dtype) if ctx.needs_input_grad[3] else None,
+            grad_bn_weight.to(bn_weight.dtype) if ctx.req[2] else None,
+            grad_bn_bias.to(bn_weight.dtype) if ctx.req[3] else None,
             None, None, None, None, None, None, None, grad_residual, None)
 
 
@@ -243,6 +253,8 @@ def _register_autocast(name, cast_positions, device_type):
         dtype = torch.get_autocast_dtype(device_type)
         args = list(args)
         for i in cast_positions:
+            if i >= len(args):  # the dispatcher drops trailing arguments left at their defaults
+                break
             a = args[i]
             if isinstance(a, torch.Tensor) and a.dtype == torch.float32 and a.device.type == device_type:
                 args[i] = a.to(dtype)

@@ -1,0 +1,104 @@
+"""Loader for fastres._C, the compiled kernels (csrc/), and the fake implementations of its ops.
+
+fastres._C registers four low-level ops in the ``fastres`` namespace, with CPU kernels and, when built
+with CUDA, CUDA kernels:
+
+  _fold_bn(conv_weight, conv_bias?, bn_weight, bn_bias, running_mean, running_var, eps) -> (weight, bias)
+  _add_relu(x, residual) -> relu(x + residual)
+  _bn_act_forward(y, scale?, shift?, residual?, relu) -> act(y * scale[c] + shift[c] + residual)
+  _bn_act_backward(grad_out, out, y, mean, invstd, weight?, relu, training, residual_grad)
+      -> (grad_y, grad_residual, grad_weight, grad_bias)
+
+This module imports nothing else from fastres: it only loads the extension and describes its outputs to
+FakeTensor / torch.compile. A missing extension is not an error here; ``available()`` says whether it loaded.
+"""
+import torch
+
+try:
+    from fastres import _C  # noqa: F401  (loading it registers the ops)
+except ImportError as e:  # not built, or built against another torch
+    _C = None
+    _LOAD_ERROR = f"{type(e).__name__}: {e}"
+else:
+    _LOAD_ERROR = None
+
+KERNEL_OPS = ("_fold_bn", "_add_relu", "_bn_act_forward", "_bn_act_backward")
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def available() -> bool:
+    """Whether fastres._C loaded."""
+    return _C is not None
+
+
+def load_error():
+    """Why fastres._C did not load (the ImportError's text), or None when it did."""
+    return _LOAD_ERROR
+
+
+def with_cuda() -> bool:
+    """Whether fastres._C was built with its CUDA kernels."""
+    return _C is not None and bool(_C.with_cuda())
+
+
+def has_kernel(op_name: str, device_type: str) -> bool:
+    """Whether ``torch.ops.fastres.<op_name>`` has a compiled kernel for ``device_type`` ("cpu" or "cuda")."""
+    if _C is None:
+        return False
+    key = _DISPATCH_KEYS.get(device_type.lower())
+    if key is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastres::{op_name}", key)
+
+
+def _suggest_memory_format(t):
+    """Python twin of Tensor.suggest_memory_format(), which the kernels use to pick their output layout."""
+    try:
+        from torch._prims_common import suggest_memory_format
+    except ImportError:  # older torch
+        suggest_memory_format = None
+    if suggest_memory_format is not None:
+        return suggest_memory_format(t)
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _math_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _like_in_format(t):
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=_suggest_memory_format(t))
+
+
+def _register_fakes():
+    @torch.library.register_fake("fastres::_fold_bn")
+    def _fold_bn_fake(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps):
+        torch._check(conv_weight.dim() == 4, lambda: "fastres::_fold_bn: conv_weight must be 4-D")
+        # The kernel keeps a dense weight's strides, exactly as empty_like does.
+        return torch.empty_like(conv_weight), conv_weight.new_empty(conv_weight.shape[0])
+
+    @torch.library.register_fake("fastres::_add_relu")
+    def _add_relu_fake(x, residual):
+        torch._check(x.shape == residual.shape, lambda: "fastres::_add_relu: residual must have x's shape")
+        return _like_in_format(x)
+
+    @torch.library.register_fake("fastres::_bn_act_forward")
+    def _bn_act_forward_fake(y, scale, shift, residual, relu):
+        torch._check(y.dim() == 4, lambda: "fastres::_bn_act_forward: y must be 4-D (N, C, H, W)")
+        return _like_in_format(y)
+
+    @torch.library.register_fake("fastres::_bn_act_backward")
+    def _bn_act_backward_fake(grad_out, out, y, mean, invstd, weight, relu, training, residual_grad):
+        torch._check(y.dim() == 4, lambda: "fastres::_bn_act_backward: y must be 4-D (N, C, H, W)")
+        grad_y = _like_in_format(y)
+        grad_residual = _like_in_format(y) if residual_grad else y.new_empty(0)
+        acc = _math_dtype(y.dtype)
+        grad_weight = y.new_empty(y.shape[1], dtype=acc)
+        grad_bias = y.new_empty(y.shape[1], dtype=acc)
+        return grad_y, grad_residual, grad_weight, grad_bias
+
+
+if _C is not None:
+    _register_fakes()
