@@ -154,6 +154,35 @@ def test_conv_bn_act_running_stats_bitwise_with_reference_backend():
     assert torch.equal(rm, bn.running_mean) and torch.equal(rv, bn.running_var)
 
 
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+@pytest.mark.parametrize("relu", [True, False])
+def test_bn_relu_conv_matches_reference(backend, case, fmt, relu):
+    n, cin, h, w, cout, k, s, p = case
+    dtype = torch.float32
+    x64 = _fmt(torch.randn(n, cin, h, w, dtype=torch.float64), fmt)
+    w64 = torch.randn(cout, cin, k, k, dtype=torch.float64) / (cin * k * k) ** 0.5
+    sc64, sh64 = torch.rand(cin, dtype=torch.float64) + 0.5, torch.randn(cin, dtype=torch.float64) * 0.3
+    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    g64 = _fmt(torch.randn(n, cout, ho, wo, dtype=torch.float64), fmt)
+
+    def run(fn, dt):
+        x = _fmt(x64.to(dt), fmt).requires_grad_()
+        xs = [x, _leaf(sc64, dt), _leaf(sh64, dt), _leaf(w64, dt)]
+        out = fn(*xs)
+        return (out,) + _grads(out, xs, g64.to(dt))
+
+    def reference(x, sc, sh, w_):
+        z = x * sc.view(1, -1, 1, 1) + sh.view(1, -1, 1, 1)
+        return F.conv2d(torch.relu(z) if relu else z, w_, None, s, p)
+
+    fused = run(lambda *a: ops.bn_relu_conv(*a, s, p, relu), dtype)
+    aten, ref = run(reference, dtype), run(reference, torch.float64)
+    assert fused[0].is_contiguous(memory_format=FORMATS[fmt])
+    for name, got, a, r in zip(["out", "grad_x", "grad_scale", "grad_shift", "grad_weight"], fused, aten, ref):
+        assert_within(f"{backend}/{name}", got, r, a)
+
+
 # ------------------------------------------------------------------------------------------- fold_bn, add_relu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -219,6 +248,7 @@ def _op_args(dtype=torch.float64, training=True, fmt="nchw"):
         "conv_bn_act": (x, w, gamma, beta, mean.clone(), var.clone(), training, 0.1, 1e-5, [2, 2], [1, 1], r, True),
         "fold_bn": (w, torch.randn(4, dtype=dtype), gamma, beta, mean, var, 1e-5),
         "add_relu": (torch.randn(2, 4, 3, 3, dtype=dtype), r),
+        "bn_relu_conv": (x, torch.rand(3, dtype=dtype) + 0.5, torch.randn(3, dtype=dtype), w, [2, 2], [1, 1], True),
     }
 
 
@@ -243,11 +273,16 @@ def test_gradcheck_float64(backend, training):
                                     req(w_, gamma, beta))
     a, r2 = args["add_relu"]
     assert torch.autograd.gradcheck(ops.add_relu, req(a, r2))
+    x, scale, shift, w_ = args["bn_relu_conv"][:4]
+    for relu in (True, False):
+        assert torch.autograd.gradcheck(lambda x, sc, sh, w_: ops.bn_relu_conv(x, sc, sh, w_, 2, 1, relu),
+                                        req(x, scale, shift, w_))
 
 
 @pytest.mark.parametrize("name,training", [("conv_bias_act", False), ("conv_bn_act_forward", True),
                                            ("conv_bn_act_forward", False), ("conv_bn_act", True),
-                                           ("conv_bn_act", False), ("fold_bn", False), ("add_relu", False)])
+                                           ("conv_bn_act", False), ("fold_bn", False), ("add_relu", False),
+                                           ("bn_relu_conv", False)])
 @pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
 def test_opcheck(backend, name, training, fmt):
     args = _op_args(torch.float32, training, fmt)[name]

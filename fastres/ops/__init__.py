@@ -5,6 +5,7 @@
     add_relu(x, residual)
     conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum=0.1, eps=1e-5,
                 stride=1, padding=0, residual=None, relu=True)
+    bn_relu_conv(x, scale, shift, weight, stride=1, padding=0, relu=True)
 
 The backend is chosen by device (see fastres.ops._backend); `fastres.backend(name)` or FASTRES_BACKEND force one.
 """
@@ -39,9 +40,16 @@ def conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, traini
                                          momentum, eps, _pair(stride), _pair(padding), residual, relu)
 
 
+def bn_relu_conv(x, scale, shift, weight, stride=1, padding=0, relu=True):
+    """conv2d(relu(x * scale[c] + shift[c]), weight, None, stride, padding): the previous layer's BN apply (+ ReLU)
+    as this conv's prologue. scale and shift are per input channel; relu optional. Backward recomputes the
+    normalized input instead of keeping it."""
+    return torch.ops.fastres.bn_relu_conv(x, scale, shift, weight, _pair(stride), _pair(padding), relu)
+
+
 def _pair(v):
     return [v, v] if isinstance(v, int) else list(v)
 
 
-__all__ = ["fold_bn", "add_relu", "conv_bias_act", "conv_bn_act", "backend", "forced_backend", "select",
+__all__ = ["fold_bn", "add_relu", "conv_bias_act", "conv_bn_act", "bn_relu_conv", "backend", "forced_backend", "select",
            "BACKENDS", "BackendUnavailableError"]

@@ -18,6 +18,10 @@ _SCHEMAS = {
                            "Tensor running_var, bool training, float momentum=0.1, float eps=1e-05, "
                            "int[2] stride=1, int[2] padding=0, Tensor? residual=None, bool relu=True) "
                            "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    # The previous layer's BN apply (+ ReLU) as this conv's prologue: in training the normalized activation is
+    # recomputed from the previous conv's raw output instead of being kept.
+    "bn_relu_conv": "(Tensor x, Tensor scale, Tensor shift, Tensor weight, int[2] stride=1, int[2] padding=0, "
+                    "bool relu=True) -> Tensor",
 }
 
 
@@ -131,6 +135,7 @@ def _conv_bias_act_setup(ctx, inputs, output):
     ctx.conv = (list(stride), list(padding))
     ctx.has_bias = bias is not None
     ctx.relu = relu
+    ctx.backend = _backend.select("conv_bias_act", x.device)
     ctx.save_for_backward(x, weight, output if relu else None)
 
 
@@ -140,6 +145,10 @@ def _conv_backward(ctx, dz, x, weight, bias_grad):
     mask = [ctx.req[0], ctx.req[1], bias_grad]
     if not any(mask):
         return None, None, None
+    # A backend may run the conv's backward itself (triton: implicit-GEMM dgrad/wgrad or ATen, chosen per shape).
+    conv_backward = getattr(ctx.backend, "conv_backward", None)
+    if conv_backward is not None:
+        return conv_backward(dz, x, weight, stride, padding, mask)
     return torch.ops.aten.convolution_backward(
         dz, x, weight, [weight.shape[0]] if bias_grad else None, stride, padding, [1, 1], False, [0, 0], 1, mask)
 
@@ -238,10 +247,48 @@ def _conv_bn_act_composite(x, weight, bn_weight, bn_bias, running_mean, running_
 _lib.impl("conv_bn_act", _conv_bn_act_composite, "CompositeImplicitAutograd")
 
 
+# ---------------------------------------------------------------- bn_relu_conv
+def _check_bn_relu_conv(x, scale, shift, weight, stride, padding):
+    stride, padding, out_shape = _checks.check_conv("bn_relu_conv", x, weight, None, stride, padding, None)
+    _checks.check_channel_params("bn_relu_conv", x.shape[1], x.device, scale=scale, shift=shift)
+    return stride, padding, out_shape
+
+
+@torch.library.custom_op("fastres::bn_relu_conv", mutates_args=(), schema=_SCHEMAS["bn_relu_conv"])
+def bn_relu_conv(x, scale, shift, weight, stride=(1, 1), padding=(0, 0), relu=True):
+    stride, padding, _ = _check_bn_relu_conv(x, scale, shift, weight, stride, padding)
+    return _backend.select("bn_relu_conv", x.device).bn_relu_conv(x, scale, shift, weight, stride, padding, relu)
+
+
+@bn_relu_conv.register_fake
+def _(x, scale, shift, weight, stride=(1, 1), padding=(0, 0), relu=True):
+    _, _, out_shape = _check_bn_relu_conv(x, scale, shift, weight, stride, padding)
+    return _empty(out_shape, x, memory_format(x))
+
+
+def _bn_relu_conv_setup(ctx, inputs, output):
+    _record_requires_grad(ctx, inputs)
+    x, scale, shift, weight, stride, padding, relu = inputs
+    ctx.conv = (list(stride), list(padding))
+    ctx.relu = relu
+    ctx.backend = _backend.select("bn_relu_conv_backward", x.device)
+    ctx.save_for_backward(x, scale, shift, weight)
+
+
+def _bn_relu_conv_backward(ctx, grad):
+    x, scale, shift, weight = ctx.saved_tensors
+    grad = grad.contiguous(memory_format=memory_format(x))
+    grads = ctx.backend.bn_relu_conv_backward(grad, x, scale, shift, weight, *ctx.conv, ctx.relu, ctx.req[:4])
+    return (*grads, None, None, None)
+
+
+bn_relu_conv.register_autograd(_bn_relu_conv_backward, setup_context=_bn_relu_conv_setup)
+
+
 # ---------------------------------------------------------------- autocast
 # Under autocast the conv operands run in the autocast dtype, like aten's conv; BN parameters and running
 # statistics stay as they are (casting running_mean would make the in-place update land on a copy).
-_AUTOCAST_ARGS = {"conv_bias_act": (0, 1, 2, 5), "conv_bn_act_forward": (0, 1, 11)}
+_AUTOCAST_ARGS = {"conv_bias_act": (0, 1, 2, 5), "conv_bn_act_forward": (0, 1, 11), "bn_relu_conv": (0, 3)}
 
 
 def _register_autocast(name, cast_positions, device_type):

@@ -20,6 +20,8 @@ _KERNELS = {
     "conv_bias_act": ("_bn_act_forward",),
     "conv_bn_act_forward": ("_bn_act_forward",),
     "bn_act_backward": ("_bn_act_backward",),
+    "bn_relu_conv": ("_bn_act_forward",),
+    "bn_relu_conv_backward": ("_bn_act_forward", "_bn_act_backward"),
 }
 _DEVICE_KEYS = {"cpu": "cpu", "cuda": "cuda"}
 
@@ -92,3 +94,31 @@ def bn_act_backward(grad_out, out, conv_out, save_mean, save_invstd, bn_weight, 
     gy, gr, gw, gb = torch.ops.fastres._bn_act_backward(grad_out, out, conv_out, save_mean, save_invstd, bn_weight,
                                                         relu, training, residual_grad)
     return gy, (gr if residual_grad else None), gw, gb
+
+
+def bn_relu_conv(x, scale, shift, weight, stride, padding, relu):
+    acc = stat_dtype(x)
+    a = torch.ops.fastres._bn_act_forward(x, scale.to(acc), shift.to(acc), None, relu)
+    return F.conv2d(a, weight, None, stride, padding).contiguous(memory_format=memory_format(x))
+
+
+def bn_relu_conv_backward(grad, x, scale, shift, weight, stride, padding, relu, output_mask):
+    """The prologue's input is recomputed by the forward kernel; its backward is the eval-mode BN backward kernel
+    with mean 0, invstd 1 and weight = scale, which yields grad_x = dz * scale, grad_scale = sum(dz * x) and
+    grad_shift = sum(dz)."""
+    need_x, need_scale, need_shift, need_w = output_mask
+    acc = stat_dtype(x)
+    scale_acc, shift_acc = scale.to(acc), shift.to(acc)
+    a = torch.ops.fastres._bn_act_forward(x, scale_acc, shift_acc, None, relu)
+    need_a = need_x or need_scale or need_shift
+    grad_a, grad_w, _ = torch.ops.aten.convolution_backward(grad, a, weight, None, list(stride), list(padding),
+                                                           [1, 1], False, [0, 0], 1, [need_a, need_w, False])
+    grad_x = grad_scale = grad_shift = None
+    if need_a:
+        zeros, ones = torch.zeros_like(scale_acc), torch.ones_like(scale_acc)
+        gx, _, gscale, gshift = torch.ops.fastres._bn_act_backward(grad_a, a, x, zeros, ones, scale_acc, relu, False,
+                                                                   False)
+        grad_x = gx if need_x else None
+        grad_scale = gscale.to(scale.dtype) if need_scale else None
+        grad_shift = gshift.to(shift.dtype) if need_shift else None
+    return grad_x, grad_scale, grad_shift, (grad_w if need_w else None)

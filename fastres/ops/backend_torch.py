@@ -89,3 +89,40 @@ def bn_act_backward(grad_out, out, conv_out, save_mean, save_invstd, bn_weight, 
     grad_y = grad_y.to(conv_out.dtype).contiguous(memory_format=fmt)
     grad_residual = dz.contiguous(memory_format=fmt) if residual_grad else None
     return grad_y, grad_residual, grad_weight, grad_bias
+
+
+def _bn_relu(x, scale, shift, relu):
+    acc = stat_dtype(x)
+    view = (1, -1, 1, 1)
+    z = x.to(acc) * scale.to(acc).view(view) + shift.to(acc).view(view)
+    return torch.relu(z) if relu else z
+
+
+def bn_relu_conv(x, scale, shift, weight, stride, padding, relu):
+    a = _bn_relu(x, scale, shift, relu).to(x.dtype)
+    return F.conv2d(a, weight, None, stride, padding).contiguous(memory_format=memory_format(x))
+
+
+def bn_relu_conv_backward(grad, x, scale, shift, weight, stride, padding, relu, output_mask):
+    """(grad_x, grad_scale, grad_shift, grad_weight) of bn_relu_conv, each None where output_mask (4 bools) does not
+    ask for it; the normalized input is recomputed, never saved."""
+    need_x, need_scale, need_shift, need_w = output_mask
+    z = _bn_relu(x, scale, shift, False)
+    a = (torch.relu(z) if relu else z).to(x.dtype)
+    need_a = need_x or need_scale or need_shift
+    grad_a, grad_w, _ = torch.ops.aten.convolution_backward(grad, a, weight, None, list(stride), list(padding),
+                                                           [1, 1], False, [0, 0], 1, [need_a, need_w, False])
+    grad_x = grad_scale = grad_shift = None
+    if need_a:
+        acc = z.dtype
+        grad_z = grad_a.to(acc)
+        if relu:
+            grad_z = torch.where(z > 0, grad_z, torch.zeros_like(grad_z))
+        if need_x:
+            grad_x = (grad_z * scale.to(acc).view(1, -1, 1, 1)).to(x.dtype).contiguous(
+                memory_format=memory_format(x))
+        if need_scale:
+            grad_scale = (grad_z * x.to(acc)).sum((0, 2, 3)).to(scale.dtype)
+        if need_shift:
+            grad_shift = grad_z.sum((0, 2, 3)).to(shift.dtype)
+    return grad_x, grad_scale, grad_shift, (grad_w if need_w else None)

@@ -1,0 +1,272 @@
+"""The triton backend: fastres.kernels' Triton kernels, on GPU tensors (and on CPU tensors under the Triton
+interpreter, TRITON_INTERPRET=1, which is how CI tests them).
+
+What runs how:
+  conv_bias_act        the implicit-GEMM conv with bias, residual and ReLU in its epilogue; or, where measured
+                       faster for that layer, ATen's conv (cuDNN) + the Triton epilogue kernel (fastres.kernels.
+                       autotune decides per layer and caches the decision on disk).
+  conv_bn_act_forward  training: the conv writes its raw output and per-tile BN statistics in its epilogue, one
+                       small kernel turns them into mean / invstd / apply coefficients / new running statistics,
+                       one elementwise kernel applies BN + residual + ReLU. Eval: a single conv whose epilogue
+                       applies the running-statistics BN + residual + ReLU and also stores the raw conv output
+                       (what backward needs). The same per-layer choice as above.
+  bn_act_backward      two Triton kernels: per-tile reductions of dz and dz * xhat, then the elementwise grads.
+  conv_backward        input and weight gradients as Triton implicit GEMMs or ATen's convolution_backward,
+                       chosen per shape by measurement (used where fastres.ops routes the conv backward through
+                       the backend).
+  bn_relu_conv         (proposed op) conv2d(relu?(x * scale[c] + shift[c]), weight): the previous layer's BN apply
+                       + ReLU as the conv's prologue, so in training the normalized activation is never written;
+                       its backward recomputes it inside the weight-gradient kernel.
+  add_relu             the Triton elementwise kernel.
+  fold_bn              the reference: parameter-sized work, once per model.
+float64 tensors run the reference backend: nothing in the ResNet path needs an fp64 tensor-core kernel.
+"""
+import torch
+import torch.nn.functional as F
+
+from fastres.kernels import autotune, bn, conv
+from fastres.kernels.autotune import Choice
+
+from . import backend_torch
+from ._checks import memory_format
+
+_OPS = ("fold_bn", "add_relu", "conv_bias_act", "conv_bn_act_forward", "bn_act_backward", "conv_backward",
+        "bn_relu_conv", "bn_relu_conv_backward")
+
+
+def unsupported(op, device_type):
+    if op not in _OPS:
+        return "no kernel for this op"
+    if device_type == "cuda":
+        return None
+    if device_type == "cpu":
+        if conv.interpreting():
+            return None
+        return ("CPU tensors run the Triton kernels only under the Triton interpreter (set TRITON_INTERPRET=1 "
+                "before triton is imported)")
+    return f"no Triton kernels for {device_type} tensors"
+
+
+# ---------------------------------------------------------------------------------------------- per-layer choice
+
+def _problem_key(kind, x, weight, stride, padding, flags):
+    n, c, h, w = x.shape
+    co, _, kh, kw = weight.shape
+    layout = "nhwc" if memory_format(x) == torch.channels_last else "nchw"
+    precision = "tf32" if x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else ""
+    return (f"{kind}|x{n}x{c}x{h}x{w}|w{co}x{kh}x{kw}|s{stride[0]}x{stride[1]}|p{padding[0]}x{padding[1]}|"
+            f"{str(x.dtype).replace('torch.', '')}{precision}|{layout}|{flags}")
+
+
+def _default_provider(x, strided_gather=False):
+    """Without a measurement: the Triton kernel on NHWC (its fast layout), and always in the interpreter (so CI
+    tests it); ATen for NCHW on a GPU, and for the input gradient of a strided conv (the transposed gather
+    leaves most of the Triton kernel's MMA rows masked off)."""
+    if conv.interpreting() or x.device.type != "cuda":
+        return "triton"
+    if memory_format(x) != torch.channels_last or strided_gather:
+        return "aten"
+    return "triton"
+
+
+def _run_chosen(key, x, triton_fn, aten_fn, default_config, configs, strided_gather=False):
+    """Runs the problem the way the autotuner chose for `key`: triton_fn(config) or aten_fn(). default_config: the
+    Triton kernel's config when nothing is measured (None: its launcher's default); configs(): the ones to
+    measure."""
+    provider = _default_provider(x, strided_gather)
+    default = Choice(provider, default_config if provider == "triton" else None)
+
+    def candidates():
+        return [Choice("triton", cfg) for cfg in configs()] + [Choice("aten")]
+
+    def run(choice):
+        return (lambda: triton_fn(choice.config)) if choice.provider == "triton" else aten_fn
+
+    choice = autotune.choose(key, x.device, default, candidates, run)
+    return triton_fn(choice.config) if choice.provider == "triton" else aten_fn()
+
+
+def _run_forward(kind, flags, x, weight, stride, padding, triton_fn, aten_fn):
+    m_rows = _out_rows(x, weight, stride, padding)
+    c_out, c_in, kh, kw = weight.shape
+
+    def configs():
+        return autotune.forward_configs(x.dtype, m_rows, c_out, c_in, kh * kw)
+
+    return _run_chosen(_problem_key(kind, x, weight, stride, padding, flags), x, triton_fn, aten_fn,
+                       conv.default_config(m_rows, c_out, c_in, x.dtype, kh * kw), configs)
+
+
+def _out_rows(x, weight, stride, padding):
+    h_o = (x.shape[2] + 2 * padding[0] - weight.shape[2]) // stride[0] + 1
+    w_o = (x.shape[3] + 2 * padding[1] - weight.shape[3]) // stride[1] + 1
+    return x.shape[0] * h_o * w_o
+
+
+# ---------------------------------------------------------------------------------------------- ops
+
+def fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps):
+    return backend_torch.fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps)
+
+
+def add_relu(x, residual):
+    if x.dtype == torch.float64:
+        return backend_torch.add_relu(x, residual)
+    return bn.bn_act(x, residual=residual, relu=True)
+
+
+def conv_bias_act(x, weight, bias, stride, padding, residual, relu):
+    if x.dtype == torch.float64:
+        return backend_torch.conv_bias_act(x, weight, bias, stride, padding, residual, relu)
+    fmt = memory_format(x)
+
+    def triton_fn(config):
+        return conv.conv2d(x, weight, stride, padding, bias=bias, residual=residual, relu=relu, config=config)[0]
+
+    def aten_fn():
+        y = F.conv2d(x, weight, None, stride, padding).contiguous(memory_format=fmt)
+        return bn.bn_act(y, shift=bias, residual=residual, relu=relu)
+
+    flags = f"bias{int(bias is not None)}res{int(residual is not None)}relu{int(relu)}"
+    return _run_forward("conv_bias_act", flags, x, weight, stride, padding, triton_fn, aten_fn)
+
+
+def conv_bn_act_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride,
+                        padding, residual, relu):
+    if x.dtype == torch.float64:
+        return backend_torch.conv_bn_act_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, training,
+                                                 momentum, eps, stride, padding, residual, relu)
+    fmt = memory_format(x)
+    if training:
+        def triton_fn(config):
+            y, _, stats = conv.conv2d(x, weight, stride, padding, stats=True, config=config)
+            return y, stats
+
+        def aten_fn():
+            y = F.conv2d(x, weight, None, stride, padding).contiguous(memory_format=fmt)
+            return y, bn.channel_stats(y)
+
+        y, stats = _run_forward("conv_stats", "", x, weight, stride, padding, triton_fn, aten_fn)
+        mean, invstd, scale, _, new_running_mean, new_running_var = bn.bn_finalize(
+            stats, bn_weight, bn_bias, running_mean, running_var, momentum, eps)
+        out = bn.bn_act(y, scale, bn_bias, residual, relu, center=mean)
+        return out, y, mean, invstd, new_running_mean, new_running_var
+
+    mean = running_mean.to(torch.float32, copy=True)
+    invstd = torch.rsqrt(running_var.to(torch.float32) + eps)
+    scale = bn_weight.to(torch.float32) * invstd
+    shift = bn_bias.to(torch.float32) - mean * scale
+
+    def triton_fn(config):
+        out, y, _ = conv.conv2d(x, weight, stride, padding, scale=scale, bias=shift, residual=residual, relu=relu,
+                                store_raw=True, config=config)
+        return out, y
+
+    def aten_fn():
+        y = F.conv2d(x, weight, None, stride, padding).contiguous(memory_format=fmt)
+        return bn.bn_act(y, scale, shift, residual, relu), y
+
+    flags = f"res{int(residual is not None)}relu{int(relu)}"
+    out, y = _run_forward("conv_bn_eval", flags, x, weight, stride, padding, triton_fn, aten_fn)
+    return out, y, mean, invstd, running_mean.new_empty(0), running_var.new_empty(0)
+
+
+def bn_act_backward(grad_out, out, conv_out, save_mean, save_invstd, bn_weight, relu, training, residual_grad):
+    if conv_out.dtype == torch.float64:
+        return backend_torch.bn_act_backward(grad_out, out, conv_out, save_mean, save_invstd, bn_weight, relu,
+                                             training, residual_grad)
+    return bn.bn_act_backward(grad_out, out, conv_out, save_mean, save_invstd, bn_weight, relu, training,
+                              residual_grad)
+
+
+def conv_backward(grad, x, weight, stride, padding, output_mask):
+    """(grad_x, grad_weight, grad_bias) of conv2d(x, weight, bias, stride, padding), each None where
+    output_mask (3 bools) does not ask for it; grad in x's memory format."""
+    stride, padding = list(stride), list(padding)
+    need_x, need_w, need_b = output_mask
+    if x.dtype == torch.float64:
+        return _aten_conv_backward(grad, x, weight, stride, padding, output_mask)
+    c_out, c_in, kh, kw = weight.shape
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        def dgrad_triton(config):
+            return conv.conv2d_input_grad(grad, weight, x.shape, stride, padding, config=config)
+
+        def dgrad_aten():
+            return _aten_conv_backward(grad, x, weight, stride, padding, (True, False, False))[0]
+
+        rows = x.numel() // c_in
+
+        def dgrad_configs():
+            return autotune.forward_configs(grad.dtype, rows, c_in, c_out, kh * kw)
+
+        grad_x = _run_chosen(_problem_key("dgrad", x, weight, stride, padding, ""), x, dgrad_triton, dgrad_aten,
+                             conv.default_config(rows, c_in, c_out, grad.dtype, kh * kw), dgrad_configs,
+                             strided_gather=max(stride) > 1)
+    if need_w or need_b:
+        def wgrad_triton(config):
+            return conv.conv2d_weight_grad(grad, x, weight.shape, stride, padding, bias_grad=need_b, config=config)
+
+        def wgrad_aten():
+            return _aten_conv_backward(grad, x, weight, stride, padding, (False, True, need_b))[1:]
+
+        def wgrad_configs():
+            return autotune.wgrad_configs(x.dtype, c_out, c_in)
+
+        gw, gb = _run_chosen(_problem_key("wgrad", x, weight, stride, padding, f"bias{int(need_b)}"), x,
+                             wgrad_triton, wgrad_aten, None, wgrad_configs)
+        grad_w = gw if need_w else None
+        grad_b = gb if need_b else None
+    return grad_x, grad_w, grad_b
+
+
+def _aten_conv_backward(grad, x, weight, stride, padding, output_mask):
+    bias_sizes = [weight.shape[0]] if output_mask[2] else None
+    return torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, list(stride), list(padding), [1, 1],
+                                               False, [0, 0], 1, list(output_mask))
+
+
+# ---------------------------------------------------------------------------------------------- BN-apply prologue
+
+def bn_relu_conv(x, scale, shift, weight, stride, padding, relu):
+    """conv2d(relu?(x * scale[c] + shift[c]), weight, None, stride, padding); scale and shift per input channel
+    (fp32). In a training step x is the previous conv's raw output and (scale, shift) its BN's batch
+    coefficients (fastres.kernels.bn.bn_finalize), so the normalized activation never goes through memory."""
+    if x.dtype == torch.float64:
+        return F.conv2d(_bn_relu_reference(x, scale, shift, relu), weight, None, stride, padding)
+    return conv.conv2d(x, weight, stride, padding, in_scale=scale, in_shift=shift, in_relu=relu)[0]
+
+
+def bn_relu_conv_backward(grad, x, scale, shift, weight, stride, padding, relu, output_mask):
+    """(grad_x, grad_scale, grad_shift, grad_weight) of bn_relu_conv, each None where output_mask (4 bools) does
+    not ask for it. The weight gradient recomputes the normalized input inside its kernel (prologue); the input
+    gradient is the conv's (w.r.t. the normalized input) through the ReLU and the per-channel affine map."""
+    need_x, need_scale, need_shift, need_w = output_mask
+    if x.dtype == torch.float64:
+        z = _bn_relu_reference(x, scale, shift, relu)
+        grad_z, grad_w, _ = _aten_conv_backward(grad, z, weight, stride, padding, (True, need_w, False))
+    else:
+        grad_z = conv.conv2d_input_grad(grad, weight, x.shape, stride, padding) if (need_x or need_scale
+                                                                                    or need_shift) else None
+        grad_w = conv.conv2d_weight_grad(grad, x, weight.shape, stride, padding, in_scale=scale, in_shift=shift,
+                                         in_relu=relu)[0] if need_w else None
+    grad_x = grad_scale = grad_shift = None
+    if grad_z is not None:
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        view = (1, -1, 1, 1)
+        x_acc = x.to(acc)
+        grad_u = grad_z.to(acc)
+        if relu:
+            grad_u = torch.where(x_acc * scale.to(acc).view(view) + shift.to(acc).view(view) > 0, grad_u, 0.0)
+        if need_x:
+            grad_x = (grad_u * scale.to(acc).view(view)).to(x.dtype).contiguous(memory_format=memory_format(x))
+        if need_scale:
+            grad_scale = (grad_u * x_acc).sum((0, 2, 3)).to(scale.dtype)
+        if need_shift:
+            grad_shift = grad_u.sum((0, 2, 3)).to(shift.dtype)
+    return grad_x, grad_scale, grad_shift, (grad_w if need_w else None)
+
+
+def _bn_relu_reference(x, scale, shift, relu):
+    z = x * scale.to(x.dtype).view(1, -1, 1, 1) + shift.to(x.dtype).view(1, -1, 1, 1)
+    return torch.relu(z) if relu else z
