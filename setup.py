@@ -88,15 +88,15 @@ def _extensions():
         raise RuntimeError("FASTRES_FORCE_CUDA=1 and FASTRES_SKIP_CUDA_BUILD=1 contradict each other")
 
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-fopenmp"]  # torch.utils.cpp_extension adds the -std its headers need
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     define_macros = []
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")  # PTX: newer GPUs JIT it
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         define_macros.append(("FASTRES_WITH_CUDA", None))
-        nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
                       f"--threads={os.environ.get('NVCC_THREADS', '2')}"]
         ext = cpp_extension.CUDAExtension(
             "fastres._C", sources, include_dirs=include_dirs, define_macros=define_macros,

@@ -13,6 +13,8 @@ This module imports nothing else from fastres: it only loads the extension and d
 FakeTensor / torch.compile. A missing extension is not an error here; ``available()`` says whether it loaded.
 """
 import torch
+# The Python twin of Tensor.suggest_memory_format(), which the kernels use to pick their output layout.
+from torch._prims_common import suggest_memory_format
 
 try:
     from fastres import _C  # noqa: F401  (loading it registers the ops)
@@ -48,20 +50,10 @@ def has_kernel(op_name: str, device_type: str) -> bool:
     key = _DISPATCH_KEYS.get(device_type.lower())
     if key is None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastres::{op_name}", key)
-
-
-def _suggest_memory_format(t):
-    """Python twin of Tensor.suggest_memory_format(), which the kernels use to pick their output layout."""
     try:
-        from torch._prims_common import suggest_memory_format
-    except ImportError:  # older torch
-        suggest_memory_format = None
-    if suggest_memory_format is not None:
-        return suggest_memory_format(t)
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastres::{op_name}", key)
+    except RuntimeError:  # no such operator
+        return False
 
 
 def _math_dtype(dtype):
@@ -69,7 +61,7 @@ def _math_dtype(dtype):
 
 
 def _like_in_format(t):
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=_suggest_memory_format(t))
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=suggest_memory_format(t))
 
 
 def _register_fakes():

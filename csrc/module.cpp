@@ -1,0 +1,49 @@
+// fastres._C: the schemas of the compiled kernel ops, their CPU registrations, and the Python
+// module that loading them needs (`import fastres._C` runs the registrations below).
+#include <fastres/kernels.h>
+
+#include <Python.h>
+#include <torch/library.h>
+
+// FRAGMENT: fastres's Python code defines more ops in the same namespace.
+TORCH_LIBRARY_FRAGMENT(fastres, m) {
+  m.def(
+      "_fold_bn(Tensor conv_weight, Tensor? conv_bias, Tensor bn_weight, Tensor bn_bias, "
+      "Tensor running_mean, Tensor running_var, float eps) -> (Tensor, Tensor)");
+  m.def("_add_relu(Tensor x, Tensor residual) -> Tensor");
+  m.def("_bn_act_forward(Tensor y, Tensor? scale, Tensor? shift, Tensor? residual, bool relu) -> Tensor");
+  m.def(
+      "_bn_act_backward(Tensor grad_out, Tensor out, Tensor y, Tensor mean, Tensor invstd, "
+      "Tensor? weight, bool relu, bool training, bool residual_grad) -> "
+      "(Tensor grad_y, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)");
+}
+
+TORCH_LIBRARY_IMPL(fastres, CPU, m) {
+  m.impl("_fold_bn", &fastres::fold_bn_cpu);
+  m.impl("_add_relu", &fastres::add_relu_cpu);
+  m.impl("_bn_act_forward", &fastres::bn_act_forward_cpu);
+  m.impl("_bn_act_backward", &fastres::bn_act_backward_cpu);
+}
+
+namespace {
+
+PyObject* with_cuda(PyObject* /*self*/, PyObject* /*args*/) {
+#ifdef FASTRES_WITH_CUDA
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+PyMethodDef module_methods[] = {
+    {"with_cuda", with_cuda, METH_NOARGS,
+     "True when this build of fastres._C includes the CUDA kernels."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "fastres._C",
+                          "Compiled CPU and CUDA kernels of fastres, registered as torch.ops.fastres.*",
+                          -1, module_methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }
