@@ -4,7 +4,7 @@ The C++ CPU kernels are always built. The CUDA kernels are built whenever a CUDA
 compiler and a CUDA build of torch are present (no GPU is needed to compile them):
   FASTRES_SKIP_CUDA_BUILD=1   never build the CUDA kernels
   FASTRES_FORCE_CUDA=1        build them or fail loudly (instead of warning and skipping)
-  TORCH_CUDA_ARCH_LIST        target architectures (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST        target architectures (default "8.0;9.0+PTX")
   MAX_JOBS                    parallel compile jobs (ninja)
 """
 import glob
