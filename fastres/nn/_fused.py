@@ -1,0 +1,265 @@
+"""One conv + norm (+ residual) (+ ReLU) unit, run through fastres.ops when a kernel covers it.
+
+Every layer of fastres (blocks, the ResNet stem, VGG features) runs its convolutions through `conv_norm_act`, which
+decides per unit:
+  * the norm is in eval mode (BatchNorm2d with running stats, FrozenBatchNorm2d) -> fold it into the conv
+    (fastres.ops.fold_bn) and run fastres.ops.conv_bias_act; but a BatchNorm2d whose affine needs a grad runs
+    as conv_bn_act(training=False) (see conv_norm_act);
+  * the norm is nn.Identity or absent (e.g. after fastres.fold_bn) -> conv_bias_act with the conv's own bias;
+  * the norm is a training-mode BatchNorm2d that tracks running stats -> fastres.ops.conv_bn_act(training=True);
+  * anything else (groups, dilation, padding modes, other norms, hooks, BN subclasses with their own forward) ->
+    the plain modules, exactly as torchvision calls them.
+"""
+import weakref
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module_globals
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
+
+from fastres import ops
+from fastres.nn.frozen_bn import FrozenBatchNorm2d
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                      "_global_backward_pre_hooks")
+
+
+def has_hooks(m):
+    """True when calling `m` would do more than its forward (hooks a fused kernel would skip)."""
+    if any(getattr(m, d, None) for d in _HOOK_DICTS):
+        return True
+    return any(getattr(_module_globals, d, None) for d in _GLOBAL_HOOK_DICTS)
+
+
+def is_plain_relu(m):
+    """An exact nn.ReLU without hooks: safe to fuse into a kernel's epilogue."""
+    return type(m) is nn.ReLU and not has_hooks(m)
+
+
+def conv_fusable(conv):
+    """A Conv2d whose forward is a plain zero-padded, ungrouped, undilated convolution (what the kernels run)."""
+    return (isinstance(conv, nn.Conv2d)
+            and type(conv).forward is nn.Conv2d.forward
+            and type(conv)._conv_forward is nn.Conv2d._conv_forward
+            and not isinstance(conv, LazyModuleMixin)
+            and conv.groups == 1
+            and tuple(conv.dilation) == (1, 1)
+            and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str)
+            and not has_hooks(conv))
+
+
+def _is_torchvision_frozen_bn(norm):
+    cls = type(norm)
+    return cls.__name__ == "FrozenBatchNorm2d" and cls.__module__.startswith("torchvision.")
+
+
+def norm_kind(norm):
+    """How a kernel can run `norm` after a conv: "none", "identity", "frozen", "bn_eval", "bn_train"; None if no
+    kernel covers it (the module is called instead)."""
+    if norm is None:
+        return "none"
+    if has_hooks(norm):
+        return None
+    if type(norm) is nn.Identity:
+        return "identity"
+    if (isinstance(norm, FrozenBatchNorm2d) and type(norm).forward is FrozenBatchNorm2d.forward) \
+            or _is_torchvision_frozen_bn(norm):
+        return "frozen"
+    if isinstance(norm, nn.BatchNorm2d) and type(norm).forward is _BatchNorm.forward \
+            and not isinstance(norm, LazyModuleMixin):
+        if norm.training:
+            # Mirrors _BatchNorm.forward: without tracked stats the batch statistics are used and nothing is
+            # updated, which conv_bn_act does not express.
+            if norm.track_running_stats and norm.running_mean is not None and norm.running_var is not None:
+                return "bn_train"
+            return None
+        # eval: BatchNorm2d normalizes with the running stats whenever both exist.
+        if norm.running_mean is not None and norm.running_var is not None:
+            return "bn_eval"
+        return None
+    return None
+
+
+def unit_fusable(conv, norm):
+    """Whether a fastres kernel can run conv followed by norm."""
+    if not conv_fusable(conv):
+        return False
+    kind = norm_kind(norm)
+    if kind is None:
+        return False
+    if conv.bias is not None and (kind == "bn_train" or (kind == "bn_eval" and _affine_needs_grad(norm))):
+        # conv_bn_act takes no conv bias. (A training BN cancels it in its output but not in running_mean, nor
+        # in the bias's grad.) The modules run it.
+        return False
+    return True
+
+
+def _affine(norm, ref):
+    """BN weight and bias, or ones / zeros for affine=False."""
+    weight, bias = norm.weight, norm.bias
+    if weight is None:
+        weight = torch.ones_like(ref)
+    if bias is None:
+        bias = torch.zeros_like(ref)
+    return weight, bias
+
+
+def _affine_needs_grad(norm):
+    return torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (norm.weight, norm.bias))
+
+
+def _bn_momentum(bn):
+    """The running-average factor _BatchNorm.forward uses, with its num_batches_tracked bookkeeping."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(bn.num_batches_tracked)
+        else:
+            factor = bn.momentum
+    return factor
+
+
+class FoldCache:
+    """Folded (weight, bias) per unit, reused only while every source tensor is provably unchanged.
+
+    An entry is keyed on the identity, data_ptr, _version, dtype and device of each source tensor (conv weight/bias,
+    BN weight/bias/running_mean/running_var) plus eps and inference mode, so an optimizer step, load_state_dict or
+    running-stat update (all bump _version) invalidates it. Weak references make sure a reused id() never aliases a
+    freed tensor. It is filled only when no gradient can flow into the fold and never under torch.compile.
+    """
+
+    def __init__(self):
+        self._entries = {}
+
+    def clear(self):
+        self._entries.clear()
+
+    def __len__(self):
+        return len(self._entries)
+
+    @staticmethod
+    def _key(sources, eps):
+        key = [eps, torch.is_inference_mode_enabled()]
+        for t in sources:
+            if t is None:
+                key.append(None)
+            else:
+                key.append((id(t), t.data_ptr(), t._version, t.dtype, t.device))
+        return tuple(key)
+
+    def get_or_fold(self, name, sources, eps, fold):
+        key = self._key(sources, eps)
+        entry = self._entries.get(name)
+        if entry is not None and entry[0] == key and all(
+                (r is None and t is None) or (r is not None and r() is t) for r, t in zip(entry[1], sources)):
+            return entry[2]
+        folded = fold()
+        refs = tuple(None if t is None else weakref.ref(t) for t in sources)
+        self._entries[name] = (key, refs, folded)
+        return folded
+
+    # A cache must never travel with a copy or a pickle of its module: weakrefs cannot be pickled, and a copy's
+    # tensors are different objects anyway.
+    def __getstate__(self):
+        return {"_entries": {}}
+
+    def __setstate__(self, state):
+        self._entries = {}
+
+    def __deepcopy__(self, memo):
+        return FoldCache()
+
+
+def _cacheable(sources):
+    if torch.compiler.is_compiling():
+        return False
+    present = [t for t in sources if t is not None]
+    if any(t.is_inference() for t in present):
+        return False  # inference tensors have no version counter: in-place changes could not be seen
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in present)
+
+
+def folded_conv_params(conv, norm, kind, cache=None, name=None):
+    """(weight, bias) of conv with an eval-mode norm folded in."""
+    if kind in ("none", "identity"):
+        return conv.weight, conv.bias
+    sources = (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+    eps = float(norm.eps)
+
+    def fold():
+        weight_bn, bias_bn = _affine(norm, norm.running_var)
+        return ops.fold_bn(conv.weight, conv.bias, weight_bn, bias_bn, norm.running_mean, norm.running_var, eps)
+
+    if cache is not None and _cacheable(sources):
+        return cache.get_or_fold(name, sources, eps, fold)
+    return fold()
+
+
+def conv_norm_act(x, conv, norm, *, relu, residual=None, cache=None, name=None):
+    """relu?(norm(conv(x)) + residual?), through fastres.ops when a kernel covers the unit."""
+    if not unit_fusable(conv, norm):
+        out = conv(x)
+        if norm is not None:
+            out = norm(out)
+        if residual is not None:
+            return ops.add_relu(out, residual) if relu else out + residual
+        return torch.relu(out) if relu else out
+    kind = norm_kind(norm)
+    if kind == "bn_train" or (kind == "bn_eval" and _affine_needs_grad(norm)):
+        # Eval-mode BN whose affine is being trained is normalized after the conv rather than folded: through a
+        # fold, gamma's grad is sum(dW' * W) + db' * (conv_bias - mean), two large terms that cancel whenever the
+        # conv outputs sit near the running mean, and it comes out several times less accurate than ATen's.
+        training = kind == "bn_train"
+        weight_bn, bias_bn = _affine(norm, norm.running_var)
+        momentum = _bn_momentum(norm) if training else 0.0
+        return ops.conv_bn_act(x, conv.weight, weight_bn, bias_bn, norm.running_mean, norm.running_var,
+                               training=training, momentum=momentum, eps=norm.eps, stride=conv.stride,
+                               padding=conv.padding, residual=residual, relu=relu)
+    weight, bias = folded_conv_params(conv, norm, kind, cache, name)
+    return ops.conv_bias_act(x, weight, bias, stride=conv.stride, padding=conv.padding, residual=residual,
+                             relu=relu)
+
+
+def keep_memory_format(out, like):
+    """`out` laid out like `like` (channels_last in -> channels_last out)."""
+    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+        fmt = torch.channels_last
+    else:
+        fmt = torch.contiguous_format
+    if not out.is_contiguous(memory_format=fmt):
+        out = out.contiguous(memory_format=fmt)
+    return out
+
+
+class FusedModuleMixin:
+    """Gives a module a fold cache, emptied on .to()/.half()/.cuda() (the parameters get new storage, which could
+    reuse a freed address) and on .train() (nothing is folded in training: free the memory), and not shared
+    between DataParallel replicas."""
+
+    def _init_fold_cache(self):
+        self._fastres_fold_cache = FoldCache()
+
+    @property
+    def fold_cache(self):
+        cache = self.__dict__.get("_fastres_fold_cache")
+        if cache is None:
+            cache = self.__dict__["_fastres_fold_cache"] = FoldCache()
+        return cache
+
+    def _apply(self, fn, *args, **kwargs):
+        self.fold_cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def train(self, mode=True):
+        if mode:
+            self.fold_cache.clear()
+        return super().train(mode)
+
+    def _replicate_for_data_parallel(self):
+        replica = super()._replicate_for_data_parallel()
+        replica._fastres_fold_cache = FoldCache()
+        return replica

@@ -1,0 +1,129 @@
+"""ResNet blocks that are drop-in replacements for torchvision's, running through fastres.ops.
+
+Same constructor arguments, `expansion`, submodule names and state_dict keys as torchvision.models.resnet, so
+`torchvision.models.resnet.ResNet(fastres.nn.Bottleneck, [3, 4, 6, 3])` builds and loads torchvision checkpoints.
+"""
+from torch import nn
+
+from fastres.nn._fused import FusedModuleMixin, conv_norm_act, has_hooks, is_plain_relu, keep_memory_format, \
+    unit_fusable
+
+
+def conv3x3(in_planes, out_planes, stride=1, groups=1, dilation=1):
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation, groups=groups,
+                     bias=False, dilation=dilation)
+
+
+def conv1x1(in_planes, out_planes, stride=1):
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+class _FusedBlock(FusedModuleMixin, nn.Module):
+    """What BasicBlock and Bottleneck share: the shortcut and the choice between fused and plain forward."""
+
+    def _units(self):
+        """[(conv, norm)] of the residual branch, in order."""
+        raise NotImplementedError
+
+    def _check_downsample(self, downsample):
+        if downsample is not None and not self.residual:
+            raise ValueError(f"{type(self).__name__}: downsample is given but residual=False: a block without a "
+                             "shortcut has no use for it")
+
+    def _shortcut(self, x):
+        ds = self.downsample
+        if ds is None:
+            return x
+        if type(ds) is nn.Sequential and len(ds) == 2 and not has_hooks(ds) and unit_fusable(ds[0], ds[1]):
+            return conv_norm_act(x, ds[0], ds[1], relu=False, cache=self.fold_cache, name="downsample")
+        return ds(x)
+
+    def forward(self, x):
+        if not is_plain_relu(self.relu):
+            # A replaced activation must be honoured: run the modules exactly as torchvision does.
+            return self._forward_modules(x)
+        units = self._units()
+        out = x
+        for i, (conv, norm) in enumerate(units[:-1]):
+            out = conv_norm_act(out, conv, norm, relu=True, cache=self.fold_cache, name=str(i))
+        identity = self._shortcut(x) if self.residual else None
+        conv, norm = units[-1]
+        out = conv_norm_act(out, conv, norm, relu=True, residual=identity, cache=self.fold_cache,
+                            name=str(len(units) - 1))
+        return keep_memory_format(out, x)
+
+    def _forward_modules(self, x):
+        units = self._units()
+        out = x
+        for conv, norm in units[:-1]:
+            out = self.relu(norm(conv(out)))
+        conv, norm = units[-1]
+        out = norm(conv(out))
+        if self.residual:
+            out = out + (x if self.downsample is None else self.downsample(x))
+        return self.relu(out)
+
+
+class BasicBlock(_FusedBlock):
+    """Two 3x3 convs (torchvision's BasicBlock). `residual=False` drops the shortcut (the paper's plain nets)."""
+
+    expansion: int = 1
+    _conv_norm_pairs = (("conv1", "bn1"), ("conv2", "bn2"))  # for fastres.fold_bn
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1,
+                 norm_layer=None, *, residual=True):
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        if dilation > 1:
+            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
+        self.residual = bool(residual)
+        self._check_downsample(downsample)
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+        self._init_fold_cache()
+
+    def _units(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+
+
+class Bottleneck(_FusedBlock):
+    """1x1 -> 3x3 -> 1x1 (torchvision's Bottleneck, "v1.5": stride on the 3x3).
+
+    `stride_in_1x1=True` puts the stride on the first 1x1 instead (the paper's "v1"); `residual=False` drops the
+    shortcut (the paper's plain nets).
+    """
+
+    expansion: int = 4
+    _conv_norm_pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))  # for fastres.fold_bn
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1,
+                 norm_layer=None, *, stride_in_1x1=False, residual=True):
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        self.residual = bool(residual)
+        self.stride_in_1x1 = bool(stride_in_1x1)
+        self._check_downsample(downsample)
+        width = int(planes * (base_width / 64.0)) * groups
+        stride_1x1, stride_3x3 = (stride, 1) if self.stride_in_1x1 else (1, stride)
+        self.conv1 = conv1x1(inplanes, width, stride_1x1)
+        self.bn1 = norm_layer(width)
+        self.conv2 = conv3x3(width, width, stride_3x3, groups, dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+        self._init_fold_cache()
+
+    def _units(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
