@@ -249,6 +249,10 @@ def _op_args(dtype=torch.float64, training=True, fmt="nchw"):
         "fold_bn": (w, torch.randn(4, dtype=dtype), gamma, beta, mean, var, 1e-5),
         "add_relu": (torch.randn(2, 4, 3, 3, dtype=dtype), r),
         "bn_relu_conv": (x, torch.rand(3, dtype=dtype) + 0.5, torch.randn(3, dtype=dtype), w, [2, 2], [1, 1], True),
+        "conv_backward": (_fmt(torch.randn(2, 4, 3, 3, dtype=dtype), fmt), x, w, [2, 2], [1, 1], [True, True, True]),
+        "bn_act_backward": (r, torch.relu(r), r * 2, mean, torch.rsqrt(var), gamma, True, training, True),
+        "bn_relu_conv_backward": (_fmt(torch.randn(2, 4, 3, 3, dtype=dtype), fmt), x, torch.rand(3, dtype=dtype),
+                                  torch.randn(3, dtype=dtype), w, [2, 2], [1, 1], True, [True, False, True, True]),
     }
 
 
@@ -282,7 +286,9 @@ def test_gradcheck_float64(backend, training):
 @pytest.mark.parametrize("name,training", [("conv_bias_act", False), ("conv_bn_act_forward", True),
                                            ("conv_bn_act_forward", False), ("conv_bn_act", True),
                                            ("conv_bn_act", False), ("fold_bn", False), ("add_relu", False),
-                                           ("bn_relu_conv", False)])
+                                           ("bn_relu_conv", False), ("conv_backward", False),
+                                           ("bn_act_backward", True), ("bn_act_backward", False),
+                                           ("bn_relu_conv_backward", False)])
 @pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
 def test_opcheck(backend, name, training, fmt):
     args = _op_args(torch.float32, training, fmt)[name]
@@ -464,3 +470,35 @@ def test_torch_export():
     ep = torch.export.export(m, (x,))
     assert any("fastres.conv_bias_act" in str(n.target) for n in ep.graph.nodes)
     torch.testing.assert_close(ep.module()(x), m(x))
+
+
+def test_compiled_backward_follows_the_backend_at_run_time():
+    """The traced backward holds fastres's backward ops, which choose the backend when they run: a graph compiled
+    under one backend runs the other when that one is forced (and never holds a backend's private kernels)."""
+    x, w = torch.randn(2, 3, 6, 6, requires_grad=True), torch.randn(4, 3, 3, 3, requires_grad=True)
+    g, b, m, v = (t.float() for t in _bn_params(4))
+
+    def f(x, w):
+        return ops.conv_bn_act(x, w, g, b, m.clone(), v.clone(), True, 0.1, 1e-5, 1, 1).sum()
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+    compiled = torch.compile(f, fullgraph=True,
+                             backend=lambda gm, ex: aot_module_simplified(gm, ex, fw_compiler=capture,
+                                                                          bw_compiler=capture))
+    with fastres.backend(CPU_BACKENDS[-1]):
+        compiled(x, w).backward()
+    code = "\n".join(gm.code for gm in graphs)
+    assert "fastres.bn_act_backward" in code and "fastres.conv_backward" in code
+    assert "_bn_act_backward" not in code, "a backend's private kernel was baked into the graph"
+    grad_auto = x.grad.clone()
+    x.grad = None
+    with fastres.backend("torch"):
+        f(x, w).backward()
+    torch.testing.assert_close(x.grad, grad_auto, rtol=1e-4, atol=1e-5)

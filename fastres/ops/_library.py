@@ -22,6 +22,16 @@ _SCHEMAS = {
     # recomputed from the previous conv's raw output instead of being kept.
     "bn_relu_conv": "(Tensor x, Tensor scale, Tensor shift, Tensor weight, int[2] stride=1, int[2] padding=0, "
                     "bool relu=True) -> Tensor",
+    # Backward ops. They are ops (not Python inside the autograd formulas) so that the backend is chosen when the
+    # backward runs: a compiled graph then holds torch.ops.fastres.*_backward, never one backend's private kernels,
+    # and follows fastres.backend() / FASTRES_BACKEND like every forward. Gradients not asked for come back empty.
+    "conv_backward": "(Tensor grad, Tensor x, Tensor weight, int[2] stride, int[2] padding, bool[3] output_mask) "
+                     "-> (Tensor, Tensor, Tensor)",
+    "bn_act_backward": "(Tensor grad_out, Tensor out, Tensor conv_out, Tensor save_mean, Tensor save_invstd, "
+                       "Tensor? bn_weight, bool relu, bool training, bool residual_grad) "
+                       "-> (Tensor, Tensor, Tensor, Tensor)",
+    "bn_relu_conv_backward": "(Tensor grad, Tensor x, Tensor scale, Tensor shift, Tensor weight, int[2] stride, "
+                             "int[2] padding, bool relu, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
 }
 
 
@@ -135,22 +145,17 @@ def _conv_bias_act_setup(ctx, inputs, output):
     ctx.conv = (list(stride), list(padding))
     ctx.has_bias = bias is not None
     ctx.relu = relu
-    ctx.backend = _backend.select("conv_bias_act", x.device)
     ctx.save_for_backward(x, weight, output if relu else None)
 
 
 def _conv_backward(ctx, dz, x, weight, bias_grad):
-    """Input, weight (and bias) gradients of the conv, from the gradient of its output."""
+    """Input, weight (and bias) gradients of the conv, from the gradient of its output (None where not needed)."""
     stride, padding = ctx.conv
     mask = [ctx.req[0], ctx.req[1], bias_grad]
     if not any(mask):
         return None, None, None
-    # A backend may run the conv's backward itself (triton: implicit-GEMM dgrad/wgrad or ATen, chosen per shape).
-    conv_backward = getattr(ctx.backend, "conv_backward", None)
-    if conv_backward is not None:
-        return conv_backward(dz, x, weight, stride, padding, mask)
-    return torch.ops.aten.convolution_backward(
-        dz, x, weight, [weight.shape[0]] if bias_grad else None, stride, padding, [1, 1], False, [0, 0], 1, mask)
+    grads = torch.ops.fastres.conv_backward(dz, x, weight, stride, padding, mask)
+    return tuple(g if m else None for g, m in zip(grads, mask))
 
 
 def _conv_bias_act_backward(ctx, grad):
@@ -205,15 +210,15 @@ def _conv_bn_act_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(conv_out, save_mean, save_invstd, new_running_mean, new_running_var)
     ctx.conv = (list(stride), list(padding))
     ctx.training, ctx.relu, ctx.has_residual = training, relu, residual is not None
-    ctx.backend = _backend.select("bn_act_backward", x.device)
     ctx.save_for_backward(x, weight, bn_weight, out, conv_out, save_mean, save_invstd)
 
 
 def _conv_bn_act_backward(ctx, grad_out, *_grads_of_saved_outputs):
     x, weight, bn_weight, out, conv_out, save_mean, save_invstd = ctx.saved_tensors
     need_residual = ctx.has_residual and ctx.req[11]
-    grad_conv_out, grad_residual, grad_bn_weight, grad_bn_bias = ctx.backend.bn_act_backward(
+    grad_conv_out, grad_residual, grad_bn_weight, grad_bn_bias = torch.ops.fastres.bn_act_backward(
         grad_out, out, conv_out, save_mean, save_invstd, bn_weight, ctx.relu, ctx.training, need_residual)
+    grad_residual = grad_residual if need_residual else None
     gx, gw, _ = _conv_backward(ctx, grad_conv_out, x, weight, False)
     return (gx, gw,
             grad_bn_weight.to(bn_weight.dtype) if ctx.req[2] else None,
@@ -271,18 +276,72 @@ def _bn_relu_conv_setup(ctx, inputs, output):
     x, scale, shift, weight, stride, padding, relu = inputs
     ctx.conv = (list(stride), list(padding))
     ctx.relu = relu
-    ctx.backend = _backend.select("bn_relu_conv_backward", x.device)
     ctx.save_for_backward(x, scale, shift, weight)
 
 
 def _bn_relu_conv_backward(ctx, grad):
     x, scale, shift, weight = ctx.saved_tensors
     grad = grad.contiguous(memory_format=memory_format(x))
-    grads = ctx.backend.bn_relu_conv_backward(grad, x, scale, shift, weight, *ctx.conv, ctx.relu, ctx.req[:4])
-    return (*grads, None, None, None)
+    mask = list(ctx.req[:4])
+    grads = torch.ops.fastres.bn_relu_conv_backward(grad, x, scale, shift, weight, *ctx.conv, ctx.relu, mask)
+    return (*(g if m else None for g, m in zip(grads, mask)), None, None, None)
 
 
 bn_relu_conv.register_autograd(_bn_relu_conv_backward, setup_context=_bn_relu_conv_setup)
+
+
+# ---------------------------------------------------------------- backward ops
+def _or_empty(t, like):
+    return like.new_empty(0) if t is None else t
+
+
+@torch.library.custom_op("fastres::conv_backward", mutates_args=(), schema=_SCHEMAS["conv_backward"])
+def conv_backward(grad, x, weight, stride, padding, output_mask):
+    gx, gw, gb = _backend.select("conv_backward", x.device).conv_backward(grad, x, weight, list(stride),
+                                                                         list(padding), list(output_mask))
+    # Gradients are laid out like what they are gradients of (backends' convolutions may pick otherwise).
+    gx = None if gx is None else gx.contiguous(memory_format=memory_format(x))
+    gw = None if gw is None else gw.contiguous(memory_format=memory_format(weight))
+    return _or_empty(gx, x), _or_empty(gw, x), _or_empty(gb, x)
+
+
+@conv_backward.register_fake
+def _(grad, x, weight, stride, padding, output_mask):
+    return (torch.empty_like(x, memory_format=memory_format(x)) if output_mask[0] else x.new_empty(0),
+            torch.empty_like(weight, memory_format=memory_format(weight)) if output_mask[1] else x.new_empty(0),
+            weight.new_empty((weight.shape[0],)) if output_mask[2] else x.new_empty(0))
+
+
+@torch.library.custom_op("fastres::bn_act_backward", mutates_args=(), schema=_SCHEMAS["bn_act_backward"])
+def bn_act_backward(grad_out, out, conv_out, save_mean, save_invstd, bn_weight, relu, training, residual_grad):
+    grads = _backend.select("bn_act_backward", conv_out.device).bn_act_backward(
+        grad_out, out, conv_out, save_mean, save_invstd, bn_weight, relu, training, residual_grad)
+    return tuple(_or_empty(g, conv_out) for g in grads)
+
+
+@bn_act_backward.register_fake
+def _(grad_out, out, conv_out, save_mean, save_invstd, bn_weight, relu, training, residual_grad):
+    fmt = memory_format(conv_out)
+    return (torch.empty_like(conv_out, memory_format=fmt),
+            torch.empty_like(conv_out, memory_format=fmt) if residual_grad else conv_out.new_empty(0),
+            torch.empty_like(save_mean), torch.empty_like(save_mean))
+
+
+@torch.library.custom_op("fastres::bn_relu_conv_backward", mutates_args=(),
+                         schema=_SCHEMAS["bn_relu_conv_backward"])
+def bn_relu_conv_backward(grad, x, scale, shift, weight, stride, padding, relu, output_mask):
+    gx, gscale, gshift, gw = _backend.select("bn_relu_conv_backward", x.device).bn_relu_conv_backward(
+        grad, x, scale, shift, weight, list(stride), list(padding), relu, list(output_mask))
+    gx = None if gx is None else gx.contiguous(memory_format=memory_format(x))
+    gw = None if gw is None else gw.contiguous(memory_format=memory_format(weight))
+    return tuple(_or_empty(g, x) for g in (gx, gscale, gshift, gw))
+
+
+@bn_relu_conv_backward.register_fake
+def _(grad, x, scale, shift, weight, stride, padding, relu, output_mask):
+    likes = (torch.empty_like(x, memory_format=memory_format(x)), torch.empty_like(scale), torch.empty_like(shift),
+             torch.empty_like(weight, memory_format=memory_format(weight)))
+    return tuple(t if m else x.new_empty(0) for t, m in zip(likes, output_mask))
 
 
 # ---------------------------------------------------------------- autocast

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from . import _compiled
 from ._checks import memory_format
-from .backend_torch import stat_dtype
+from .backend_torch import conv_backward, stat_dtype  # noqa: F401  (conv_backward: ATen's, re-exported)
 
 if not _compiled.available():
     raise ImportError(f"fastres._C is not available: {_compiled.load_error()}")
@@ -20,6 +20,7 @@ _KERNELS = {
     "conv_bias_act": ("_bn_act_forward",),
     "conv_bn_act_forward": ("_bn_act_forward",),
     "bn_act_backward": ("_bn_act_backward",),
+    "conv_backward": (),  # the convolution's own backward stays with ATen (cuDNN / oneDNN)
     "bn_relu_conv": ("_bn_act_forward",),
     "bn_relu_conv_backward": ("_bn_act_forward", "_bn_act_backward"),
 }

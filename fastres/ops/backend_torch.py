@@ -68,6 +68,14 @@ def conv_bn_act_forward(x, weight, bn_weight, bn_bias, running_mean, running_var
             new_running_var)
 
 
+def conv_backward(grad, x, weight, stride, padding, output_mask):
+    """(grad_x, grad_weight, grad_bias) of conv2d(x, weight, bias, stride, padding), None where not asked for."""
+    grads = torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]] if output_mask[2] else None,
+                                                list(stride), list(padding), [1, 1], False, [0, 0], 1,
+                                                list(output_mask))
+    return tuple(g if m else None for g, m in zip(grads, output_mask))
+
+
 def bn_act_backward(grad_out, out, conv_out, save_mean, save_invstd, bn_weight, relu, training, residual_grad):
     """Backward of out = act(bn(conv_out) + residual) -> (grad_conv_out, grad_residual or None, grad_bn_weight,
     grad_bn_bias), the last two in the statistics dtype."""
@@ -87,7 +95,9 @@ def bn_act_backward(grad_out, out, conv_out, save_mean, save_invstd, bn_weight, 
     else:
         grad_y = k * dz_acc
     grad_y = grad_y.to(conv_out.dtype).contiguous(memory_format=fmt)
-    grad_residual = dz.contiguous(memory_format=fmt) if residual_grad else None
+    # Without the ReLU dz is grad_out itself: an op's output must not alias its input.
+    grad_residual = (dz.clone(memory_format=fmt) if dz is grad_out else dz.contiguous(memory_format=fmt)) \
+        if residual_grad else None
     return grad_y, grad_residual, grad_weight, grad_bias
 
 
