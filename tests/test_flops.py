@@ -67,7 +67,8 @@ def test_macs_scale_with_batch():
 
 
 # ------------------------------------------------------------------------------------------------ fastres models
-@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg19"])
+# Two here; benchmarks/flops.py checks every net of the paper's table the same way, and test_benchmarks runs it.
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_fastres_model_counts_equal_torchvision(name):
     fast = meta_model(getattr(fastres.models, name))
     ref = meta_model(getattr(torchvision.models, name))

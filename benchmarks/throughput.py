@@ -1,0 +1,639 @@
+"""Images per second of a fastres model beside the same network in plain PyTorch and under torch.compile, same
+weights, measured side by side in one process.
+
+    python benchmarks/throughput.py --arch resnet152
+    python benchmarks/throughput.py --arch resnet50 --mode train --dtype bf16 --batch-size 256 --cuda-graphs \\
+        --providers fastres,eager,compile,compile-max-autotune --save
+
+Providers (--providers, comma-separated; default: all four on CUDA, fastres,eager on CPU, where compiling a
+large net takes minutes):
+  fastres               fastres.models.<arch>
+  eager                 the plain-PyTorch reference: torchvision's model (adapted for the paper's v1, plain-34 and
+                        the CIFAR nets), loaded with fastres's state_dict (strict)
+  compile               torch.compile of another copy of the reference, mode "default"
+                        ("reduce-overhead" with --cuda-graphs)
+  compile-max-autotune  the same with mode "max-autotune-no-cudagraphs" ("max-autotune" with --cuda-graphs, i.e.
+                        exactly torch.compile(mode="max-autotune"))
+A compile provider whose compilation fails or outlasts --compile-timeout is dropped, and the reason printed.
+--cuda-graphs (CUDA only): fastres and eager are captured whole into a CUDA graph (the training step with its
+optimizer step; a provider whose capture fails is timed without one, and says so), the compile providers use
+their CUDA-graph modes. Each replay first copies the batch into the graph's static input, as the compile modes do.
+
+Every provider gets the same weights, dtype, memory format and inputs. Per provider: a first batch (compilation,
+autotuning: reported apart), a second that measures peak memory (with --cuda-graphs, the capture), then
+--warmup untimed rounds and the timed rounds, interleaved (each round runs every provider once, from a rotating
+start) over a few random batches, so that no provider times a cached input. Timing: CUDA events and a synchronize
+per batch on GPUs, the wall clock on CPUs. --mode infer: eval mode under torch.inference_mode(); --mode train:
+forward, cross-entropy, backward and an SGD step (momentum 0.9, weight decay 1e-4, the paper's) in train mode.
+TFLOP/s = 2 x the multiply-adds counted by fastres.flops (forward, or forward + backward in train mode) x images/s;
+its share is against a large matrix product in the run's dtype, measured in the same run.
+SIGTERM (e.g. from `timeout`) ends the run early but still reports what was measured.
+"""
+import time
+
+_PROCESS_START = time.perf_counter()  # the reported wall time includes imports and model building
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+PROVIDERS = ("fastres", "eager", "compile", "compile-max-autotune")
+DEFAULT_PROVIDERS = {"cuda": PROVIDERS, "cpu": ("fastres", "eager")}
+# torch.compile mode per (provider, --cuda-graphs)
+COMPILE_MODES = {("compile", False): "default", ("compile", True): "reduce-overhead",
+                 ("compile-max-autotune", False): "max-autotune-no-cudagraphs",
+                 ("compile-max-autotune", True): "max-autotune"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Per device type: batch size, timed batches, warm-up rounds, time budget of the timed batches (seconds; 0: none).
+# The CPU budget keeps a default run of the largest nets within about three minutes on a small, shared machine.
+DEFAULTS = {"cpu": {"batch_size": 8, "iters": 10, "warmup": 1, "time_budget": 60.0},
+            "cuda": {"batch_size": 256, "iters": 50, "warmup": 5, "time_budget": 0.0}}
+MIN_TIMED_ROUNDS = 3  # a time budget never cuts the timed batches below this
+# channels_last by default on GPUs (tensor cores want NHWC) and on CPUs too, as measured on the 2-core AMD EPYC
+# development machine (torch 2.14, fp32, batch 8, eval, the two formats alternated, process CPU time as the machine
+# was shared): NHWC/NCHW time 0.81 fastres and 0.91 eager for ResNet-50, 0.91 and 0.90 for ResNet-152.
+CPU_CHANNELS_LAST = True
+CPU_CHANNELS_LAST_NOTE = "cpu default: measured faster than NCHW on CPU"
+NUM_INPUTS = 4  # distinct random batches, rotated so that no provider times a single cached input
+CSV_FIELDS = C.ENV_CSV_FIELDS + [
+    "arch", "variant", "mode", "dtype", "batch_size", "input_size", "channels_last", "cuda_graphs", "provider",
+    "compile_mode", "images_per_s", "images_per_s_p20", "images_per_s_p80", "latency_ms", "tflops",
+    "ceiling_tflops", "ceiling_share", "peak_memory_bytes", "first_call_s", "ratio_vs_eager", "ratios",
+    "timed_batches", "notes", "settings"]
+
+
+@dataclasses.dataclass
+class Settings:
+    arch: C.Arch
+    mode: str
+    dtype: torch.dtype
+    device: torch.device
+    batch_size: int
+    input_size: int
+    channels_last: bool
+    channels_last_why: str
+    iters: int
+    warmup: int
+    time_budget: float
+    providers: tuple
+    cuda_graphs: bool
+    compile_timeout: float
+    seed: int
+    progress: bool
+
+    @property
+    def dtype_name(self):
+        return next(name for name, dtype in DTYPES.items() if dtype == self.dtype)
+
+    def to_dict(self):
+        return {"arch": self.arch.name, "variant": self.arch.variant, "mode": self.mode,
+                "dtype": self.dtype_name, "device": str(self.device),
+                "batch_size": self.batch_size, "input_size": self.input_size, "channels_last": self.channels_last,
+                "channels_last_why": self.channels_last_why, "iters": self.iters, "warmup": self.warmup,
+                "time_budget_s": self.time_budget, "providers": list(self.providers),
+                "cuda_graphs": self.cuda_graphs, "compile_timeout_s": self.compile_timeout,
+                "compile_modes": {p: COMPILE_MODES[(p, self.cuda_graphs)] for p in self.providers
+                                  if p.startswith("compile")},
+                "seed": self.seed, "num_threads": torch.get_num_threads(), "num_inputs": NUM_INPUTS,
+                **_backend_flags(self.device)}
+
+
+def _backend_flags(device):
+    if device.type != "cuda":
+        return {}
+    return {"cudnn_benchmark": torch.backends.cudnn.benchmark, "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
+
+
+@dataclasses.dataclass
+class Provider:
+    name: str
+    model: torch.nn.Module  # owns the parameters and the train/eval flag
+    step: object            # step(x, target): one timed unit of work on one batch
+    body: object = None     # what a CUDA graph captures (fastres, eager), see make_step
+    zero_grad: object = None
+    compile_mode: str = None
+    times: list = dataclasses.field(default_factory=list)
+    first_call_s: float = None
+    peak_memory: int = None
+    graphed: bool = False
+    notes: list = dataclasses.field(default_factory=list)
+
+
+# ---------------------------------------------------------------- stopping early
+class TimeLimit(Exception):
+    """Raised into a first batch (compilation) that outlasted --compile-timeout or was interrupted by SIGTERM."""
+
+
+class Interrupts:
+    """SIGTERM sets `stop` (the run then reports what it has); inside `abandonable()` it, or the alarm of a
+    compile timeout, also raises TimeLimit, so that a compilation that would eat the rest of the time is given up."""
+
+    def __init__(self):
+        self.stop = False
+        self._raising = False
+
+    def install(self):
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGALRM, self._on_alarm)
+
+    def _on_term(self, signum, frame):
+        self.stop = True
+        if self._raising:
+            raise TimeLimit("interrupted by SIGTERM (the caller's time limit)")
+
+    def _on_alarm(self, signum, frame):
+        if self._raising:
+            raise TimeLimit("compile timeout")
+
+    @contextlib.contextmanager
+    def abandonable(self, seconds=0.0):
+        if self.stop:
+            raise TimeLimit("not started: SIGTERM received")
+        self._raising = True
+        if seconds:
+            signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield
+        finally:
+            if seconds:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            self._raising = False
+
+
+# ---------------------------------------------------------------- setup
+def make_step(model, mode, forward=None, mark_cudagraph_step=False):
+    """(step, body, zero_grad): `step` is the unit of work timed per batch; `body` is the same without the
+    trailing zero_grad (what a CUDA graph captures: a captured backward writes its gradients into the same
+    memory on every replay). forward: what computes the output (default: the model itself; for the compile
+    providers, the compiled module), while `model` owns the parameters and the train/eval flag."""
+    forward = model if forward is None else forward
+
+    def call(x):
+        if mark_cudagraph_step:  # torch.compile's CUDA graphs: each call is a new step
+            torch.compiler.cudagraph_mark_step_begin()
+        return forward(x)
+
+    if mode == "infer":
+        model.eval()
+
+        def infer(x, target):
+            with torch.inference_mode():
+                return call(x)
+        return infer, infer, None
+
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+    def body(x, target):
+        out = call(x)
+        F.cross_entropy(out.float(), target).backward()
+        optimizer.step()
+        return out
+
+    def zero_grad():
+        optimizer.zero_grad(set_to_none=True)
+
+    def train(x, target):
+        out = body(x, target)
+        # Gradients are dropped at the end of the step, so that between steps only weights and optimizer state are
+        # held, as the peak-memory measurement assumes.
+        zero_grad()
+        return out
+    return train, body, zero_grad
+
+
+def prepare(model, s):
+    fmt = torch.channels_last if s.channels_last else torch.contiguous_format
+    return model.to(device=s.device, dtype=s.dtype, memory_format=fmt)
+
+
+def build_providers(s):
+    # BN statistics calibrated on a small random batch: keeps activations in range (fp16) like a trained net's.
+    fast, ref = C.build_pair(s.arch, seed=s.seed, calibrate_shape=(4, 3, s.input_size, s.input_size))
+    models = {"fastres": fast, "eager": ref}
+    for name in s.providers:
+        if name.startswith("compile"):
+            twin = C.build_reference(s.arch)
+            twin.load_state_dict(ref.state_dict(), strict=True)
+            models[name] = twin
+    providers = []
+    for name in s.providers:
+        model = prepare(models[name], s)
+        if name.startswith("compile"):
+            compile_mode = COMPILE_MODES[(name, s.cuda_graphs)]
+            forward = torch.compile(model, mode=compile_mode)
+            step, body, zero_grad = make_step(model, s.mode, forward, mark_cudagraph_step=s.cuda_graphs)
+            providers.append(Provider(name, model, step, None, zero_grad, compile_mode))
+        else:
+            step, body, zero_grad = make_step(model, s.mode)
+            providers.append(Provider(name, model, step, body, zero_grad))
+    return providers
+
+
+def make_inputs(s):
+    """NUM_INPUTS random batches (standard normal images, uniform labels) on the device, in the dtype/format."""
+    gen = torch.Generator().manual_seed(s.seed + 1)
+    fmt = torch.channels_last if s.channels_last else torch.contiguous_format
+    shape = (s.batch_size, 3, s.input_size, s.input_size)
+    return [(torch.randn(shape, generator=gen).to(s.device, s.dtype).contiguous(memory_format=fmt),
+             torch.randint(0, s.arch.num_classes, (s.batch_size,), generator=gen).to(s.device))
+            for _ in range(NUM_INPUTS)]
+
+
+# ---------------------------------------------------------------- measurement
+def check_agreement(providers, x, device):
+    """Largest difference between the fastres and eager outputs on one batch (before any timed step, in the
+    benchmark's mode; a train-mode forward updates both models' BN running stats alike). This is each model's
+    first forward (autotuning happens here on GPUs): its seconds are added to the provider's first batch."""
+    by_name = {p.name: p for p in providers}
+    if "fastres" not in by_name or "eager" not in by_name:
+        return None
+    timer = C.Timer(device)
+    outputs = {}
+
+    def forward(name):
+        outputs[name] = by_name[name].model(x).float()
+    with torch.no_grad():
+        for name in ("fastres", "eager"):
+            by_name[name].first_call_s = timer(forward, name)
+    out_fast, out_ref = outputs["fastres"], outputs["eager"]
+    diff = (out_fast - out_ref).abs().max().item()
+    scale = out_ref.abs().max().item()
+    return {"max_abs_diff": diff, "max_abs_eager": scale, "relative": diff / scale if scale else diff}
+
+
+def _short(e):
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+
+
+def first_calls(providers, inputs, s, interrupts, skipped):
+    """Each provider's first batch, one provider after another (compilation and autotuning happen here; a
+    compile provider that fails or runs out of time is dropped into `skipped`)."""
+    timer = C.Timer(s.device)
+    x, target = inputs[0]
+    for p in providers:
+        timeout = s.compile_timeout if p.compile_mode else 0.0
+        try:
+            with interrupts.abandonable(timeout):
+                p.first_call_s = (p.first_call_s or 0.0) + timer(p.step, x, target)
+        except TimeLimit as e:
+            skipped[p.name] = f"first batch not finished: {e}" + (f" ({timeout:g} s)" if "timeout" in str(e) else "")
+        except torch.cuda.OutOfMemoryError as e:  # the others may still fit: measure them
+            skipped[p.name] = f"out of memory in the first batch: {_short(e)}"
+            p.model, p.step, p.body = None, None, None
+            torch.cuda.empty_cache()
+        except Exception as e:  # torch.compile can fail for reasons outside fastres (no C++ compiler, ...)
+            if not p.compile_mode:
+                raise
+            # torch.compile re-raises a TimeLimit raised inside it wrapped in its own error
+            skipped[p.name] = (f"first batch not finished: compile timeout ({timeout:g} s)"
+                               if "TimeLimit" in str(e) else _short(e))
+        if p.name in skipped:
+            print(f"{p.name} provider skipped: {skipped[p.name]}", file=sys.stderr)
+            C.synchronize(s.device)
+    return [p for p in providers if p.name not in skipped]
+
+
+def capture_graph(p, x, target, s, pool):
+    """Capture p.body into a CUDA graph (after warm-up batches on a side stream, as torch.cuda.graph requires);
+    returns the new step: copy the batch into the static input, replay. The graphs of one run share one memory
+    pool: they replay one after another on one stream, and what one keeps between replays (static input and
+    output, gradients) stays allocated, so another graph's scratch memory never overlaps it."""
+    static_x, static_target = x.clone(), target.clone()
+    side = torch.cuda.Stream(s.device)
+    side.wait_stream(torch.cuda.current_stream(s.device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            p.body(static_x, static_target)
+            if p.zero_grad:
+                p.zero_grad()
+    torch.cuda.current_stream(s.device).wait_stream(side)
+    if p.zero_grad:
+        p.zero_grad()  # the captured backward then allocates the gradients in the graph's pool
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        static_out = p.body(static_x, static_target)
+
+    def replay(x, target):
+        static_x.copy_(x)
+        static_target.copy_(target)
+        graph.replay()
+        return static_out
+    return replay
+
+
+def graph_agreement(plain_step, graphed_step, x, target):
+    """Relative max difference between a replay and the plain step on the same batch (inference only: a
+    training step changes the weights)."""
+    with torch.inference_mode():
+        a = plain_step(x, target).float().clone()
+        b = graphed_step(x, target).float().clone()
+    scale = a.abs().max().item()
+    return (a - b).abs().max().item() / (scale or 1.0)
+
+
+def memory_and_graphs(providers, inputs, s):
+    """Each provider's second batch: its peak memory (C.peak_memory); with --cuda-graphs, fastres and eager are
+    captured here instead, and the peak of the capture is theirs (it runs the step on a side stream and records
+    it; the graph's memory is the step's)."""
+    x, target = inputs[0]
+    pool = None
+    if s.cuda_graphs:
+        torch.cuda.empty_cache()  # memory cached by the first batches cannot serve the graphs' private pool
+        pool = torch.cuda.graph_pool_handle()
+    for p in providers:
+        if s.cuda_graphs and p.body is not None:
+            plain_step = p.step
+            torch.cuda.synchronize(s.device)
+            torch.cuda.reset_peak_memory_stats(s.device)
+            before = torch.cuda.memory_allocated(s.device)
+            try:
+                replay = capture_graph(p, x, target, s, pool)
+            except Exception as e:  # a capture can fail on any op that syncs with the host
+                torch.cuda.synchronize(s.device)
+                p.notes.append(f"CUDA graph capture failed ({_short(e)}): timed without a graph")
+                print(f"{p.name}: {p.notes[-1]}", file=sys.stderr)
+            else:
+                torch.cuda.synchronize(s.device)
+                p.peak_memory = torch.cuda.max_memory_allocated(s.device) - before
+                p.step, p.graphed = replay, True
+                if s.mode == "infer":
+                    rel = graph_agreement(plain_step, replay, inputs[1][0], inputs[1][1])
+                    p.notes.append(f"graph replay vs plain step: relative max difference {rel:.2g}")
+                continue
+        p.peak_memory = C.peak_memory(p.step, s.device, x, target)
+
+
+def run_interleaved(providers, inputs, s, interrupts):
+    """Warm-up then timed rounds; each round runs every provider once, starting with a different one each round.
+    With a time budget, the timed rounds stop once it is spent (after at least MIN_TIMED_ROUNDS); after SIGTERM,
+    after at least one. Returns the number of timed rounds."""
+    timer = C.Timer(s.device)
+    rounds = s.warmup + s.iters
+    bar = _progress(rounds * len(providers), s)
+    timed_rounds, timed_start = 0, None
+    for i in range(rounds):
+        if i == s.warmup:
+            timed_start = time.perf_counter()
+            print("timed batches: start", file=sys.stderr, flush=True)
+        if i > s.warmup and interrupts.stop and timed_rounds >= 1:
+            break
+        if (i > s.warmup and s.time_budget and timed_rounds >= MIN_TIMED_ROUNDS
+                and time.perf_counter() - timed_start > s.time_budget):
+            break
+        if interrupts.stop and i < s.warmup:
+            continue  # skip the rest of the warm-up
+        x, target = inputs[i % len(inputs)]
+        k = i % len(providers)
+        for p in providers[k:] + providers[:k]:
+            dt = timer(p.step, x, target)
+            if i >= s.warmup:
+                p.times.append(dt)
+            bar.update(1)
+            bar.set_postfix_str(f"{'warm-up' if i < s.warmup else 'timed'} {p.name}")
+        if i >= s.warmup:
+            timed_rounds += 1
+    bar.close()
+    return timed_rounds
+
+
+def _progress(total, s):
+    from tqdm import tqdm
+    # disable=None: shown on a terminal only (not in logs or when a test runs the script)
+    return tqdm(total=total, desc=f"{s.arch.name} {s.mode}", unit="batch", leave=False, file=sys.stderr,
+                disable=None if s.progress else True)
+
+
+def summarize(p, s, macs_per_image, ceiling):
+    q = C.quantiles(p.times)
+    # images/s from the latency quantiles (its 20th percentile is the batch over the latency's 80th), so that the
+    # two always agree, also when an even number of samples makes the median an interpolation
+    iq = [s.batch_size / t for t in reversed(q)]
+    tflops = None if macs_per_image is None else 2 * macs_per_image * iq[1] / 1e12
+    return {"images_per_s": {"median": iq[1], "p20": iq[0], "p80": iq[2]},
+            "latency_ms": {"median": 1e3 * q[1], "p20": 1e3 * q[0], "p80": 1e3 * q[2]},
+            "tflops": tflops, "ceiling_share": None if tflops is None else tflops / ceiling["tflops"],
+            "first_call_s": p.first_call_s, "peak_memory_bytes": p.peak_memory, "compile_mode": p.compile_mode,
+            "cuda_graph": p.graphed or (s.cuda_graphs and p.compile_mode is not None), "notes": p.notes,
+            "times_s": p.times}
+
+
+def add_ratios(results):
+    """Each provider's median images/s over every other provider's (and over eager's, kept as its own field)."""
+    for name, r in results.items():
+        mine = r["images_per_s"]["median"]
+        r["ratios"] = {other: mine / o["images_per_s"]["median"] for other, o in results.items() if other != name}
+        r["ratio_vs_eager"] = 1.0 if name == "eager" else r["ratios"].get("eager")
+
+
+def count_macs(providers, s):
+    """Multiply-adds per image counted by fastres.flops (forward; forward + backward in train mode)."""
+    from fastres import flops
+    shape = (1, 3, s.input_size, s.input_size)
+    counts = {}
+    for p in providers:
+        if p.name in ("fastres", "eager"):
+            counts[p.name] = flops.count(p.model, shape, backward=s.mode == "train").macs
+    return counts
+
+
+# ---------------------------------------------------------------- report
+def report(s, env, results, counted, ceiling, agreement, skipped, timed_rounds, wall_s, stopped):
+    arch = s.arch
+    fmt = "channels_last" if s.channels_last else "NCHW"
+    print(f"{arch.label} | {s.mode} | {s.dtype_name} | batch {s.batch_size} | "
+          f"{s.input_size}x{s.input_size} | {fmt} ({s.channels_last_why}) | "
+          f"{'CUDA graphs' if s.cuda_graphs else 'no CUDA graphs'} | {env['device']}")
+    work = "forward + backward" if s.mode == "train" else "forward"
+    paper = arch.paper_macs
+    forward_note = (" (the paper's figure: a forward at 224x224)"
+                    if paper is not None and (s.mode == "train" or s.input_size != 224) else "")
+    counts = ", ".join(f"{v / 1e9:.3f}e9 ({k})" for k, v in counted.items())
+    print(f"multiply-adds per image, {work}: counted {counts or '-'}; paper "
+          f"{'-' if paper is None else f'{paper / 1e9:.1f}e9'}{forward_note}")
+    print(f"matrix-product ceiling measured in this run: {ceiling['tflops']:.3g} TFLOP/s "
+          f"({ceiling['size']}^3 {ceiling['precision']}, {ceiling['method']}, best of {ceiling['reps']})")
+    cut = ""
+    if timed_rounds < s.iters:
+        cut = (" (SIGTERM: stopped early)" if stopped else
+               f" (of {s.iters}: the {s.time_budget:g} s time budget was spent)")
+    print(f"first batch + memory batch + {s.warmup} warm-up + {timed_rounds} timed batches{cut} per provider, "
+          f"interleaved over {NUM_INPUTS} random inputs; torch {env['versions']['torch']}, "
+          f"triton {env['versions'].get('triton')}, {torch.get_num_threads()} threads, commit {env['commit'][:12]}")
+    names = list(results)
+    header = (["provider", "img/s median", "p20", "p80", "ms/batch", "TFLOP/s", "% of mm", "peak memory*",
+               "first batch s**"] + [f"vs {n}" for n in names])
+    rows = []
+    for name, r in results.items():
+        ips = r["images_per_s"]
+        label = name + (f" [{r['compile_mode']}]" if r["compile_mode"] else "") + (" [graph]" if r["cuda_graph"]
+                                                                                   and not r["compile_mode"] else "")
+        rows.append([label, f"{ips['median']:.1f}", f"{ips['p20']:.1f}", f"{ips['p80']:.1f}",
+                     f"{r['latency_ms']['median']:.1f}",
+                     "-" if r["tflops"] is None else f"{r['tflops']:.3g}",
+                     "-" if r["ceiling_share"] is None else f"{100 * r['ceiling_share']:.1f}%",
+                     C.fmt_bytes(r["peak_memory_bytes"]), f"{r['first_call_s']:.2f}"]
+                    + ["-" if n == name else f"{r['ratios'][n]:.2f}x" for n in names])
+    print(C.format_table(header, rows))
+    print(f"* {C.memory_label(s.device)}" + ("; for graph-captured providers, during the capture"
+                                             if s.cuda_graphs else ""))
+    print("** the first batch: compilation and autotuning (fastres, eager: with the agreement check's forward)")
+    print("vs X: this provider's median images/s over X's")
+    if agreement is not None:
+        print(f"outputs agree? max |fastres - eager| = {agreement['max_abs_diff']:.3g} "
+              f"(max |eager| = {agreement['max_abs_eager']:.3g}, relative {agreement['relative']:.2g})")
+    for name, r in results.items():
+        for note in r["notes"]:
+            print(f"note {name}: {note}")
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}")
+    print(f"wall time {wall_s:.1f} s")
+
+
+def csv_rows(env, s, results, ceiling, timed_rounds):
+    settings = json.dumps(s.to_dict(), sort_keys=True)
+    rows = []
+    for name, r in results.items():
+        ips = r["images_per_s"]
+        rows.append({**C.env_csv_columns(env), "arch": s.arch.name, "variant": s.arch.variant, "mode": s.mode,
+                     "dtype": s.dtype_name, "batch_size": s.batch_size, "input_size": s.input_size,
+                     "channels_last": s.channels_last, "cuda_graphs": s.cuda_graphs, "provider": name,
+                     "compile_mode": r["compile_mode"] or "", "images_per_s": ips["median"],
+                     "images_per_s_p20": ips["p20"], "images_per_s_p80": ips["p80"],
+                     "latency_ms": r["latency_ms"]["median"], "tflops": r["tflops"],
+                     "ceiling_tflops": ceiling["tflops"], "ceiling_share": r["ceiling_share"],
+                     "peak_memory_bytes": r["peak_memory_bytes"], "first_call_s": r["first_call_s"],
+                     "ratio_vs_eager": r["ratio_vs_eager"],
+                     "ratios": ";".join(f"{k}={v:.4f}" for k, v in r["ratios"].items()),
+                     "timed_batches": timed_rounds, "notes": " | ".join(r["notes"]), "settings": settings})
+    return rows
+
+
+# ---------------------------------------------------------------- command line
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", required=True, help=f"one of {', '.join(C.arch_names())} (cifar_resnet: any 6n+2)")
+    p.add_argument("--variant", choices=C.VARIANTS, default="v1.5",
+                   help="bottleneck ResNets: v1.5 (torchvision, default) or v1 (the paper)")
+    p.add_argument("--mode", choices=("infer", "train"), default="infer")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--batch-size", type=int, help="default: 8 on CPU, 256 on CUDA")
+    p.add_argument("--input-size", type=int, help="default: 224 (ImageNet nets), 32 (CIFAR nets)")
+    p.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
+                   help="default: on (CUDA; CPU too: measured faster there)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--providers", help=f"comma-separated, from {','.join(PROVIDERS)} "
+                                       "(default: all on CUDA, fastres,eager on CPU)")
+    p.add_argument("--cuda-graphs", action="store_true", help="capture each provider into CUDA graphs (CUDA only)")
+    p.add_argument("--compile-timeout", type=float, default=0.0, metavar="SECONDS",
+                   help="drop a compile provider whose first batch (compilation) takes longer (default 0: no limit)")
+    p.add_argument("--iters", type=int, help="timed batches per provider (default: 10 CPU, 50 CUDA)")
+    p.add_argument("--warmup", type=int, help="untimed rounds after the first and memory batches "
+                                              "(default: 1 CPU, 5 CUDA)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help=f"stop the timed batches once they took this long (after at least {MIN_TIMED_ROUNDS}); "
+                        "0: no limit (default: 60 CPU, 0 CUDA)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    C.add_output_args(p)
+    args = p.parse_args(argv)
+    try:
+        arch = C.parse_arch(args.arch, args.variant)
+    except ValueError as e:
+        p.error(f"--arch: {e}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type not in DEFAULTS:
+        p.error(f"--device must be cpu or cuda, got {args.device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    if args.providers is None:
+        providers = DEFAULT_PROVIDERS[device.type]
+    else:
+        providers = tuple(n.strip() for n in args.providers.split(",") if n.strip())
+    unknown = [n for n in providers if n not in PROVIDERS]
+    if unknown or not providers or len(set(providers)) != len(providers):
+        p.error(f"--providers must be distinct names from {','.join(PROVIDERS)}, got {args.providers!r}")
+    if args.cuda_graphs and device.type != "cuda":
+        p.error("--cuda-graphs needs a CUDA device")
+    d = DEFAULTS[device.type]
+    batch_size = args.batch_size or d["batch_size"]
+    iters = d["iters"] if args.iters is None else args.iters
+    warmup = d["warmup"] if args.warmup is None else args.warmup
+    input_size = args.input_size or arch.input_size
+    if batch_size < 1 or (args.mode == "train" and batch_size < 2):
+        p.error(f"--batch-size must be >= 1 (>= 2 in train mode: BatchNorm needs 2 values per channel), "
+                f"got {batch_size}")
+    time_budget = d["time_budget"] if args.time_budget is None else args.time_budget
+    if iters < 1 or warmup < 0:
+        p.error(f"--iters must be >= 1 and --warmup >= 0, got {iters} and {warmup}")
+    if time_budget < 0 or args.compile_timeout < 0:
+        p.error(f"--time-budget and --compile-timeout must be >= 0, got {time_budget} and {args.compile_timeout}")
+    if input_size < 8:
+        p.error(f"--input-size must be >= 8, got {input_size}")
+    if args.channels_last is not None:
+        channels_last, why = args.channels_last, "flag"
+    elif device.type == "cuda":
+        channels_last, why = True, "cuda default"
+    else:
+        channels_last, why = CPU_CHANNELS_LAST, CPU_CHANNELS_LAST_NOTE
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    return args, Settings(arch, args.mode, dtype, device, batch_size, input_size, channels_last, why,
+                          iters, warmup, time_budget, providers, args.cuda_graphs, args.compile_timeout, args.seed,
+                          args.progress)
+
+
+def main(argv=None):
+    args, s = parse_args(argv)
+    interrupts = Interrupts()
+    interrupts.install()
+    if s.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every provider's convs pick their fastest cuDNN algorithm
+    env = C.environment(s.device)
+    providers = build_providers(s)
+    inputs = make_inputs(s)
+    counted = count_macs(providers, s)
+    agreement = check_agreement(providers, inputs[0][0], s.device)
+    skipped = {}
+    providers = first_calls(providers, inputs, s, interrupts, skipped)
+    if not providers:
+        print("no provider finished its first batch: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()),
+              file=sys.stderr)
+        return 1
+    memory_and_graphs(providers, inputs, s)
+    timed_rounds = run_interleaved(providers, inputs, s, interrupts)
+    for p in providers:  # timings of overflowed arithmetic would be fiction: say so if it happened
+        if not all(bool(torch.isfinite(t).all()) for t in p.model.parameters()):
+            p.notes.append("non-finite weights after the timed steps")
+    ceiling = C.measure_matmul_ceiling(s.device, s.dtype)
+    macs = counted.get("fastres", counted.get("eager"))
+    results = {p.name: summarize(p, s, macs, ceiling) for p in providers}
+    add_ratios(results)
+    wall_s = time.perf_counter() - _PROCESS_START
+    report(s, env, results, counted, ceiling, agreement, skipped, timed_rounds, wall_s, interrupts.stop)
+    run = {"benchmark": "throughput", **env, "settings": s.to_dict(),
+           "macs_per_image": {"paper": s.arch.paper_macs, "counted": counted,
+                              "counted_work": "forward + backward" if s.mode == "train" else "forward"},
+           "ceiling": ceiling, "memory_measure": C.memory_label(s.device), "agreement": agreement,
+           "results": results, "timed_batches": timed_rounds, "skipped": skipped,
+           "stopped_early": interrupts.stop, "wall_s": wall_s}
+    for path in C.write_results(args, "throughput", run, csv_rows(env, s, results, ceiling, timed_rounds),
+                                CSV_FIELDS):
+        print(f"appended to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""The benchmark commands run end to end on tiny configurations and write the documented fields.
+
+The throughput, kernels, memory and plot commands are run the way the GPU machine runs them: through
+benchmarks/gpu_suite.sh, in its CPU smoke mode, once for this module (each command a subprocess of the script).
+No timing is asserted (performance is what the scripts report, not what tests check)."""
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
+sys.path.insert(0, BENCHMARKS)
+import _common as C  # noqa: E402
+import memory  # noqa: E402
+import throughput  # noqa: E402
+
+# Small ceiling measurements: the smoke runs' figures mean nothing anyway.
+QUICK_ENV = {"FASTRES_BENCH_CEILING_SIZE": "256"}
+
+
+def script_env(**extra):
+    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **QUICK_ENV, **extra)
+
+
+def read_json_lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+ENV_FIELDS = {"date", "commit", "device", "device_type", "versions"}
+CSV_KEY_FIELDS = {"date", "commit", "device", "torch", "triton"}
+
+
+# ------------------------------------------------------------------------------------------------ gpu_suite.sh
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    """benchmarks/gpu_suite.sh OUTDIR in smoke mode (less the tune step, which measures nothing on CPU: see
+    test_tune_models)."""
+    out = tmp_path_factory.mktemp("suite")
+    r = subprocess.run(["bash", os.path.join(BENCHMARKS, "gpu_suite.sh"), str(out)], capture_output=True, text=True,
+                       timeout=600, cwd=ROOT,
+                       env=script_env(FASTRES_SUITE_SMOKE="1", FASTRES_SUITE_SKIP="tune", PYTHON=sys.executable))
+    return out, r
+
+
+def test_suite_runs_every_step(suite):
+    out, r = suite
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    steps = {row["step"]: row for row in csv.DictReader(open(out / "steps.tsv"), delimiter="\t")}
+    assert list(steps) == ["env", "build", "tune", "throughput_cifar_resnet20_infer", "pytest",
+                           "throughput_cifar_resnet20_train", "kernels", "memory", "flops", "plot", "bundle"]
+    assert steps["build"]["status"] == "skipped (smoke)" and steps["tune"]["status"].startswith("skipped")
+    for name, row in steps.items():
+        if name not in ("build", "tune"):
+            assert row["status"] == "ok" and row["exit"] == "0", (name, row)
+            assert (out / "logs" / f"{name}.log").exists() or name == "bundle"
+    env = (out / "env.txt").read_text()
+    assert "commit:" in env and "torch" in env and "triton" in env
+    with tarfile.open(out / "bundle.tar.gz") as bundle:
+        names = bundle.getnames()
+    for path in ("./env.txt", "./steps.tsv", "./results/throughput.jsonl", "./results/kernels.csv",
+                 "./plots/summary.md"):
+        assert path in names
+
+
+def test_suite_throughput_results(suite):
+    out, _ = suite
+    runs = read_json_lines(out / "results" / "throughput.jsonl")
+    assert [run["settings"]["mode"] for run in runs] == ["infer", "train"]
+    for run in runs:
+        assert ENV_FIELDS <= set(run) and run["benchmark"] == "throughput"
+        assert {"torch", "triton"} <= set(run["versions"])
+        s = run["settings"]
+        assert (s["arch"], s["batch_size"], s["iters"], s["warmup"], s["input_size"], s["dtype"]) == \
+            ("cifar_resnet20", 2, 2, 0, 32, "fp32")
+        assert s["cuda_graphs"] is False and s["providers"] == ["fastres", "eager"]
+        assert set(run["results"]) == {"fastres", "eager"} and run["skipped"] == {}
+        assert run["ceiling"]["tflops"] > 0 and set(run["ceiling"]["by_method"]) == {"mm", "conv1x1"}
+        for name, result in run["results"].items():
+            assert len(result["times_s"]) == 2 and all(t > 0 for t in result["times_s"])
+            ips = result["images_per_s"]
+            assert ips["p20"] <= ips["median"] <= ips["p80"]
+            for q, inverse in (("median", "median"), ("p20", "p80"), ("p80", "p20")):
+                assert result["latency_ms"][q] == pytest.approx(1e3 * 2 / ips[inverse])
+            assert result["peak_memory_bytes"] > 0 and result["first_call_s"] > 0
+            assert result["tflops"] == pytest.approx(
+                2 * run["macs_per_image"]["counted"]["fastres"] * ips["median"] / 1e12)
+            assert result["ceiling_share"] == pytest.approx(result["tflops"] / run["ceiling"]["tflops"])
+            other = "eager" if name == "fastres" else "fastres"
+            assert result["ratios"][other] == pytest.approx(
+                ips["median"] / run["results"][other]["images_per_s"]["median"])
+        assert run["results"]["eager"]["ratio_vs_eager"] == 1.0
+        counted = run["macs_per_image"]["counted"]
+        assert counted["fastres"] == counted["eager"] > 0
+        assert run["agreement"]["relative"] < 1e-4  # fp32, same weights
+        assert run["stopped_early"] is False and run["wall_s"] > 0
+    rows = read_csv(out / "results" / "throughput.csv")
+    assert [(r["mode"], r["provider"]) for r in rows] == [("infer", "fastres"), ("infer", "eager"),
+                                                          ("train", "fastres"), ("train", "eager")]
+    assert CSV_KEY_FIELDS <= set(rows[0]) and json.loads(rows[0]["settings"])["arch"] == "cifar_resnet20"
+
+
+def test_suite_kernels_results(suite):
+    out, _ = suite
+    (run,) = read_json_lines(out / "results" / "kernels.jsonl")
+    assert ENV_FIELDS <= set(run) and run["benchmark"] == "kernels" and run["settings"]["tiny"] is True
+    assert run["ceilings"]["matmul"]["tflops"] > 0 and run["ceilings"]["copy"]["gbps"] > 0
+    rows = {(r["op"], r["item"]): r for r in run["rows"]}
+    # bn_act needs a backend with a fused kernel (fastres._C built, or triton): else it is listed, not measured
+    no_kernel = {tuple(item.split(":")) for item in run["no_kernel"]}
+    assert no_kernel <= {("bn_act", "stage1"), ("bn_act", "stage1+res")}
+    assert set(rows) | no_kernel == {("conv_bias_act", "l1.conv1"), ("conv_bias_act", "l2.conv2"),
+                                     ("conv_bn_act", "l1.conv1"), ("conv_bn_act", "l2.conv2"),
+                                     ("bn_relu_conv", "l2.conv2"), ("add_relu", "stage1"), ("bn_act", "stage1"),
+                                     ("bn_act", "stage1+res")}
+    for (op, item), r in rows.items():
+        assert r["agree"] < 1e-5, (op, item, r["agree"])  # fp32: fastres computes what ATen computes
+        assert r["bound"] in ("compute", "memory") and r["floor_ms"] > 0
+        for p in r["providers"].values():
+            assert p["ms_p20"] <= p["ms"] <= p["ms_p80"]
+            assert p["roofline_share"] == pytest.approx(r["floor_ms"] / p["ms"])
+        if op in ("conv_bias_act", "conv_bn_act"):
+            sh = r["shape"]
+            out_side = (sh["size"] + 2 * (sh["k"] // 2) - sh["k"]) // sh["stride"] + 1
+            macs = sh["n"] * out_side ** 2 * sh["cout"] * sh["cin"] * sh["k"] ** 2
+            assert r["flops"] == (2 if op == "conv_bias_act" else 6) * macs
+        else:
+            assert op != "add_relu" or r["bytes"] == 3 * 4 * r["shape"]["n"] * r["shape"]["c"] * r["shape"]["side"] ** 2
+    assert {"conv only", "gemm"} <= set(rows[("conv_bias_act", "l1.conv1")]["providers"])
+    table = read_csv(out / "results" / "kernels.csv")
+    assert len(table) == sum(len(r["providers"]) for r in run["rows"]) and CSV_KEY_FIELDS <= set(table[0])
+
+
+def test_suite_memory_results(suite):
+    out, _ = suite
+    (run,) = read_json_lines(out / "results" / "memory.jsonl")
+    assert ENV_FIELDS <= set(run) and run["benchmark"] == "memory"
+    assert run["settings"]["batch_sizes"] == [2, 4]
+    rows = {(r["provider"], r["batch_size"]): r for r in run["rows"]}
+    assert set(rows) == {("fastres", 2), ("fastres", 4), ("eager", 2), ("eager", 4)}
+    for provider in ("fastres", "eager"):
+        small, large = rows[(provider, 2)], rows[(provider, 4)]
+        for r in (small, large):
+            assert r["saved_bytes"] > r["saved_activation_bytes"] > 0  # the weights are saved too, not counted
+            assert r["peak_memory_bytes"] > 0 and r["saved_tensors"] >= r["saved_storages"] > 0
+        # activations scale with the batch; the saved weights do not
+        assert large["saved_activation_bytes"] > 1.5 * small["saved_activation_bytes"]
+        assert large["saved_bytes"] - large["saved_activation_bytes"] == \
+            small["saved_bytes"] - small["saved_activation_bytes"]
+    assert rows[("eager", 2)]["peak_vs_eager"] == 1.0
+    assert len(read_csv(out / "results" / "memory.csv")) == 4
+
+
+def test_suite_plots(suite):
+    out, _ = suite
+    pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
+    patterns = [r"kernels_[a-z0-9-]+_fp32_b1_tiny\.png", r"memory_[a-z0-9-]+_cifar_resnet20_fp32\.png",
+                r"throughput_[a-z0-9-]+_infer_fp32_b2\.png", r"throughput_[a-z0-9-]+_train_fp32_b2\.png"]
+    assert len(pngs) == len(patterns) and all(re.fullmatch(p, n) for p, n in zip(patterns, pngs)), pngs
+    import matplotlib.image
+    for name in pngs:
+        image = matplotlib.image.imread(out / "plots" / name)
+        assert image.shape[0] > 200 and image.shape[1] > 300 and image.std() > 0  # not blank
+    summary = (out / "plots" / "summary.md").read_text()
+    assert "### Throughput" in summary and "### Memory" in summary and "### Fused ops" in summary
+
+
+def test_suite_flops_results(suite):
+    out, _ = suite
+    (run,) = read_json_lines(out / "results" / "flops.jsonl")
+    assert ENV_FIELDS <= set(run) and run["benchmark"] == "flops" and run["ok"] is True
+    assert run["settings"]["input_size"] == 224
+    rows = {(row["model"], row["variant"]): row for row in run["rows"]}
+    assert len(rows) == 12 and ("plain34", "") in rows and ("resnet50", "v1") in rows
+    for row in rows.values():
+        assert row["counted_macs"] == row["reference_macs"] and row["ok"] is True
+    assert round(rows[("resnet152", "v1.5")]["counted_macs"] / 1e9, 3) == 11.514
+    assert abs(rows[("resnet50", "v1")]["rel_diff_vs_paper"]) <= 0.02
+    table = read_csv(out / "results" / "flops.csv")
+    assert len(table) == 12 and set(table[0]) >= CSV_KEY_FIELDS | {"settings", "counted_macs"}
+    assert "all checks passed" in (out / "logs" / "flops.log").read_text()
+
+
+def test_tune_models(capsys):
+    import tune_models
+    assert tune_models.main(["--arch", "cifar_resnet20", "--batch-size", "2", "--dtype", "fp32", "--device",
+                             "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "infer:" in out and "train:" in out  # CPU: the problems met, nothing measured
+
+
+# ------------------------------------------------------------------------------------------------ throughput.py
+def test_throughput_compile_timeout_and_sigterm(tmp_path):
+    """A compile provider that outlasts --compile-timeout is dropped; SIGTERM during the timed batches ends the run
+    early, and what was measured is still reported and written."""
+    json_path = tmp_path / "t.jsonl"
+    proc = subprocess.Popen([sys.executable, os.path.join(BENCHMARKS, "throughput.py"), "--arch", "cifar_resnet20",
+                             "--batch-size", "2", "--iters", "100000", "--warmup", "0", "--time-budget", "0",
+                             "--providers", "fastres,eager,compile", "--compile-timeout", "0.5",
+                             "--json", str(json_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=script_env())
+    try:
+        for line in proc.stderr:
+            if line.startswith("timed batches: start"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stdout + stderr
+    assert "SIGTERM: stopped early" in stdout
+    (run,) = read_json_lines(json_path)
+    assert run["stopped_early"] is True and "compile timeout" in run["skipped"]["compile"]
+    assert set(run["results"]) == {"fastres", "eager"}
+    assert 1 <= run["timed_batches"] < 100000
+    assert all(len(r["times_s"]) == run["timed_batches"] for r in run["results"].values())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--arch", "resnet19"], "--arch"),
+    (["--arch", "resnet18", "--providers", "fastres,bogus"], "--providers"),
+    (["--arch", "resnet18", "--providers", "eager,eager"], "--providers"),
+    (["--arch", "resnet18", "--mode", "train", "--batch-size", "1"], "--batch-size"),
+    (["--arch", "resnet18", "--compile-timeout", "-1"], "--compile-timeout"),
+])
+def test_throughput_bad_arguments(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        throughput.parse_args(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_throughput_cuda_graphs_need_cuda(capsys):
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--arch", "resnet18", "--cuda-graphs"])
+    assert "--cuda-graphs needs a CUDA device" in capsys.readouterr().err
+
+
+def test_throughput_defaults():
+    _, s = throughput.parse_args(["--arch", "resnet50", "--device", "cpu"])
+    assert (s.batch_size, s.dtype, s.providers, s.cuda_graphs) == (8, torch.float32, ("fastres", "eager"), False)
+    modes = throughput.COMPILE_MODES
+    assert modes[("compile-max-autotune", True)] == "max-autotune"  # exactly torch.compile(mode="max-autotune")
+    assert modes[("compile", False)] == "default"
+
+
+# ------------------------------------------------------------------------------------------------ memory.py
+def test_saved_tensor_counter_counts_storages_once():
+    w = torch.randn(8, requires_grad=True)
+    x = torch.randn(4, 8, requires_grad=True)
+    counter = memory.SavedTensorCounter(exclude=[w])
+    with counter.hooks():
+        y = (x * w).sum() + (x[1:] * x[1:]).sum()  # x saved by the first product; two views of x by the second
+    y.backward()
+    s = counter.summary()
+    assert s["saved_tensors"] == 4  # x and w, then x[1:] twice
+    assert s["saved_storages"] == 2  # x's storage (three times), w's
+    assert s["saved_bytes"] == (32 + 8) * 4 and s["saved_activation_bytes"] == 32 * 4
+    torch.testing.assert_close(x.grad, w.detach().expand(4, 8) + torch.cat([torch.zeros(1, 8), 2 * x[1:].detach()]))
+
+
+# ------------------------------------------------------------------------------------------------ _common
+def test_matrix_product_as_conv():
+    for size in (64, 48):  # a power of two (rows as a square map) and not
+        a, b = torch.randn(size, size, dtype=torch.float64), torch.randn(size, size, dtype=torch.float64)
+        x, w = C.matrix_product_as_conv(a, b)
+        assert x.is_contiguous(memory_format=torch.channels_last) and x.data_ptr() == a.data_ptr()
+        out = F.conv2d(x, w)  # [1, size, H, W]: pixel (h, w) is row h * W + w
+        torch.testing.assert_close(out.permute(0, 2, 3, 1).reshape(size, size), a @ b)
+
+
+def test_ceilings_measured(monkeypatch):
+    m = C.measure_matmul_ceiling("cpu", torch.float32, size=64, reps=2)
+    assert m["tflops"] == max(v["tflops"] for v in m["by_method"].values()) > 0
+    assert m["method"] in ("mm", "conv1x1") and m["precision"] == "float32"
+    c = C.measure_copy_bandwidth("cpu", nbytes=1 << 20, reps=2)
+    assert c["gbps"] == pytest.approx(2 * (1 << 20) / c["best_s"] / 1e9)
+    monkeypatch.delenv("FASTRES_BENCH_CEILING_SIZE", raising=False)
+    assert C.measure_copy_bandwidth("cpu", reps=1)["nbytes"] == C.COPY_BYTES["cpu"]  # the default size
+
+
+def test_result_files_append(tmp_path):
+    csv_path, json_path = tmp_path / "sub" / "r.csv", tmp_path / "r.jsonl"
+    for i in range(2):
+        C.append_csv(csv_path, [{"a": i, "b": "x,y"}], ["a", "b"])
+        C.append_json(json_path, {"run": i})
+    assert read_csv(csv_path) == [{"a": "0", "b": "x,y"}, {"a": "1", "b": "x,y"}]
+    assert read_json_lines(json_path) == [{"run": 0}, {"run": 1}]
+
+
+def test_write_results_save(tmp_path):
+    args = throughput.parse_args(["--arch", "resnet18", "--device", "cpu", "--save", "--results-dir",
+                                  str(tmp_path), "--json", str(tmp_path / "extra.jsonl"),
+                                  "--csv", str(tmp_path / "extra.csv")])[0]
+    for i in range(2):
+        paths = C.write_results(args, "demo", {"run": i}, [{"x": i}], ["x"])
+    assert sorted(os.path.basename(p) for p in paths) == ["demo.csv", "demo.jsonl", "extra.csv", "extra.jsonl"]
+    assert read_csv(tmp_path / "extra.csv") == [{"x": "0"}, {"x": "1"}]
+    assert read_json_lines(tmp_path / "demo.jsonl") == [{"run": 0}, {"run": 1}]
+    assert read_json_lines(tmp_path / "extra.jsonl") == [{"run": 0}, {"run": 1}]
+    assert read_csv(tmp_path / "demo.csv") == [{"x": "0"}, {"x": "1"}]
+
+
+def test_quantiles():
+    assert C.quantiles([3.0, 1.0, 2.0, 4.0, 5.0]) == [1.8, 3.0, 4.2]
+    assert C.quantiles([7.0]) == [7.0, 7.0, 7.0]
+
+
+@pytest.mark.parametrize("name,variant", [("resnet50", "v1"), ("plain34", "v1.5"), ("cifar_resnet32", "v1.5")])
+def test_reference_models_match_fastres(name, variant):
+    """The eager provider's model is the fastres network in plain PyTorch: same keys, same outputs."""
+    arch = C.parse_arch(name, variant)
+    size = 32 if arch.family == "cifar_resnet" else 64
+    fast, ref = C.build_pair(arch)
+    fast.eval(), ref.eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        out_fast, out_ref = fast(x), ref(x)
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-4, atol=1e-4 * out_ref.abs().max().item())
+
+
+def test_parse_arch_rejects_unknown():
+    for bad in ("resnet19", "cifar_resnet21", "plain18", "vgg16"):
+        with pytest.raises(ValueError, match="unknown arch"):
+            C.parse_arch(bad)
+    with pytest.raises(ValueError, match="variant"):
+        C.parse_arch("resnet50", "v2")
