@@ -3,8 +3,6 @@
 The convolution itself stays with ATen (cuDNN on GPU, oneDNN on CPU); the passes around it are fastres kernels.
 Importing this module raises ImportError when fastres._C is not built, which the backend selector reports once.
 """
-import weakref
-
 import torch
 import torch.nn.functional as F
 
@@ -48,31 +46,6 @@ def add_relu(x, residual):
     return torch.ops.fastres._add_relu(x, residual)
 
 
-# oneDNN wants the weight reordered into its blocked layout for the input shape; ATen would redo that on every
-# call. Keep one reordered copy per weight, valid while the weight's storage and version are unchanged.
-_prepacked = {}
-
-
-def _prepacked_weight(weight, x, stride, padding):
-    if weight.is_inference():  # no version counter: an in-place change could not be seen
-        return weight
-    key = (weight.data_ptr(), weight._version, tuple(x.shape), memory_format(x), tuple(stride), tuple(padding))
-    entry = _prepacked.get(id(weight))
-    if entry is not None and entry[0]() is weight and entry[1] == key:
-        return entry[2]
-    with torch.no_grad():
-        packed = torch.ops.mkldnn._reorder_convolution_weight(weight, list(padding), list(stride), [1, 1], 1,
-                                                             list(x.shape))
-    wid = id(weight)
-
-    def forget(ref):
-        if _prepacked.get(wid, (None,))[0] is ref:
-            del _prepacked[wid]
-
-    _prepacked[wid] = (weakref.ref(weight, forget), key, packed)
-    return packed
-
-
 def _onednn_fused_conv(x, weight, bias, stride, padding, residual, relu):
     """oneDNN convolution with the bias, residual add and ReLU as post-ops of the conv itself, or None when
     this build of torch or this dtype cannot do it. This is what makes the CPU eval path fast: the epilogue
@@ -80,7 +53,7 @@ def _onednn_fused_conv(x, weight, bias, stride, padding, residual, relu):
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and torch.backends.mkldnn.enabled and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
         return None
-    args = (_prepacked_weight(weight, x, stride, padding), bias, list(padding), list(stride), [1, 1], 1)
+    args = (weight, bias, list(padding), list(stride), [1, 1], 1)
     if residual is None:
         return torch.ops.mkldnn._convolution_pointwise(x, *args, "relu" if relu else "none", [], "")
     residual = residual.contiguous(memory_format=memory_format(x))
