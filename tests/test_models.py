@@ -203,7 +203,7 @@ def test_initialisation_is_the_papers():
 
 
 def test_stem_and_blocks_run_through_fastres_ops(monkeypatch):
-    calls = {"conv_bn_act": 0, "conv_bias_act": 0}
+    calls = {"conv_bn_act": 0, "conv_bias_act": 0, "bn_relu_conv": 0}
     for name in calls:
         real = getattr(ops, name)
 
@@ -215,16 +215,20 @@ def test_stem_and_blocks_run_through_fastres_ops(monkeypatch):
     model = fm.resnet18(num_classes=10)
     x = torch.randn(2, 3, 32, 32)
     model(x)
+    # Training: the stem is one conv_bn_act; in each block (the memory-lean chain, fastres.nn._lean) the first conv
+    # and the projection run raw (conv_bias_act without bias or ReLU) and the second conv consumes the first one's
+    # raw output through bn_relu_conv.
+    assert calls == {"conv_bn_act": 1, "conv_bias_act": 8 + 3, "bn_relu_conv": 8}
     n_units = 1 + 8 * 2 + 3  # stem, two convs per block, three projections
-    assert calls == {"conv_bn_act": n_units, "conv_bias_act": 0}
+    calls.update(conv_bn_act=0, conv_bias_act=0, bn_relu_conv=0)
     model.eval()
     with torch.no_grad():
         model(x)
-    assert calls == {"conv_bn_act": n_units, "conv_bias_act": n_units}
+    assert calls == {"conv_bn_act": 0, "conv_bias_act": n_units, "bn_relu_conv": 0}
     model(x)  # eval with trainable BN affine: normalized after the conv, not folded
-    assert calls == {"conv_bn_act": 2 * n_units, "conv_bias_act": n_units}
+    assert calls == {"conv_bn_act": n_units, "conv_bias_act": n_units, "bn_relu_conv": 0}
     grouped = fm.resnet50(groups=2, width_per_group=32, num_classes=10).eval()
-    calls.update(conv_bn_act=0, conv_bias_act=0)
+    calls.update(conv_bn_act=0, conv_bias_act=0, bn_relu_conv=0)
     with torch.no_grad():
         grouped(x)
     assert calls["conv_bias_act"] == 1 + 16 * 2 + 4  # every grouped 3x3 falls back to the modules

@@ -1,6 +1,10 @@
 """fastres.nn: drop-in ResNet blocks and BN utilities that run through fastres.ops."""
+from fastres.nn._lean import set_memory_mode
 from fastres.nn.blocks import BasicBlock, Bottleneck, conv1x1, conv3x3
 from fastres.nn.fold import fold_bn
 from fastres.nn.frozen_bn import FrozenBatchNorm2d, freeze_bn
+from fastres.nn.sync_bn import SyncBatchNorm, convert_sync_batchnorm
 
-__all__ = ["BasicBlock", "Bottleneck", "FrozenBatchNorm2d", "conv1x1", "conv3x3", "fold_bn", "freeze_bn"]
+__all__ = ["BasicBlock", "Bottleneck", "FrozenBatchNorm2d", "SyncBatchNorm", "conv1x1", "conv3x3",
+           "convert_sync_batchnorm", "fold_bn", "freeze_bn",
+           "set_memory_mode"]

@@ -20,6 +20,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from fastres import ops
 from fastres.nn.frozen_bn import FrozenBatchNorm2d
+from fastres.nn.sync_bn import SyncBatchNorm, group_of
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
@@ -68,8 +69,9 @@ def norm_kind(norm):
     if (isinstance(norm, FrozenBatchNorm2d) and type(norm).forward is FrozenBatchNorm2d.forward) \
             or _is_torchvision_frozen_bn(norm):
         return "frozen"
-    if isinstance(norm, nn.BatchNorm2d) and type(norm).forward is _BatchNorm.forward \
-            and not isinstance(norm, LazyModuleMixin):
+    # fastres's SyncBatchNorm: the same kinds; in training the units reduce their statistics over its group.
+    if (isinstance(norm, nn.BatchNorm2d) and type(norm).forward is _BatchNorm.forward
+            and not isinstance(norm, LazyModuleMixin)) or type(norm) is SyncBatchNorm:
         if norm.training:
             # Mirrors _BatchNorm.forward: without tracked stats the batch statistics are used and nothing is
             # updated, which conv_bn_act does not express.
@@ -214,6 +216,9 @@ def conv_norm_act(x, conv, norm, *, relu, residual=None, cache=None, name=None):
         # fold, gamma's grad is sum(dW' * W) + db' * (conv_bias - mean), two large terms that cancel whenever the
         # conv outputs sit near the running mean, and it comes out several times less accurate than ATen's.
         training = kind == "bn_train"
+        if training and group_of(norm) is not None:
+            from fastres.nn import _lean  # _lean builds on this module
+            return _lean.conv_bn_relu(x, conv, norm, relu, residual)
         weight_bn, bias_bn = _affine(norm, norm.running_var)
         momentum = _bn_momentum(norm) if training else 0.0
         return ops.conv_bn_act(x, conv.weight, weight_bn, bias_bn, norm.running_mean, norm.running_var,

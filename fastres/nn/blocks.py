@@ -5,6 +5,7 @@ Same constructor arguments, `expansion`, submodule names and state_dict keys as 
 """
 from torch import nn
 
+from fastres.nn import _lean
 from fastres.nn._fused import FusedModuleMixin, conv_norm_act, has_hooks, is_plain_relu, keep_memory_format, \
     unit_fusable
 
@@ -20,6 +21,9 @@ def conv1x1(in_planes, out_planes, stride=1):
 
 class _FusedBlock(FusedModuleMixin, nn.Module):
     """What BasicBlock and Bottleneck share: the shortcut and the choice between fused and plain forward."""
+
+    # How training trades memory for compute: see fastres.nn.set_memory_mode.
+    memory_mode = "lean"
 
     def _units(self):
         """[(conv, norm)] of the residual branch, in order."""
@@ -42,6 +46,11 @@ class _FusedBlock(FusedModuleMixin, nn.Module):
         if not is_plain_relu(self.relu):
             # A replaced activation must be honoured: run the modules exactly as torchvision does.
             return self._forward_modules(x)
+        if self.training:
+            # Training: the memory-lean chain (see fastres.nn._lean), where every unit is a conv + training BN.
+            out = _lean.block_forward(self, x)
+            if out is not None:
+                return keep_memory_format(out, x)
         units = self._units()
         out = x
         for i, (conv, norm) in enumerate(units[:-1]):

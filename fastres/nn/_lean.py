@@ -1,0 +1,452 @@
+"""Memory-lean training of a chain of conv + BatchNorm (+ residual) + ReLU units, and the SyncBatchNorm math.
+
+What autograd keeps for backward in a training step decides how large a batch fits. For a Bottleneck, torchvision
+(and a chain of per-unit conv_bn_act ops) keeps every conv's raw output y_i and every normalized activation a_i:
+
+    x, y1, a1 = relu(bn1(y1)), y2, a2, y3, out             (+ yd, the projection shortcut's raw conv output)
+
+The lean chain keeps only the raw conv outputs (in the activation dtype) and per-channel statistics:
+
+    x, y1, y2, y3, out                                      (+ yd)
+
+Each conv after the first consumes the previous raw output through fastres.ops.bn_relu_conv (the previous BN's
+apply + ReLU as the conv's prologue) wrapped in _BnReluConv, whose backward recomputes relu(bn(y)) from y and the
+saved statistics instead of keeping it; the last unit's BN + residual (+ the projection shortcut's BN) + ReLU is
+_BnAddRelu, which keeps y, yd and its output (the ReLU mask, and the next block's input, which that block's first
+conv keeps anyway). x is the previous block's output. Per block that is 10 of torchvision's 12 activation-sized
+units for a Bottleneck (y1 + y2 + y3 + out = W + W + 4W + 4W against W + W + W + W + 4W + 4W) and 3 of 4 for a
+BasicBlock; over ResNet-50 (whose stem and classifier keep what torchvision keeps) 0.85x torchvision's bytes.
+
+Below that a conv has to run twice. set_memory_mode(model, "recompute") makes a Bottleneck's last 1x1 conv (and
+its projection) _RecomputedTail: y3 and yd are recomputed in backward from y2 (and x), so a block keeps
+
+    x, y1, y2, out                                          (6 of 12 units; ResNet-50: 0.52x)
+
+for conv3 and the projection (about a quarter of a Bottleneck's multiply-adds) running once more in backward:
+some 8% more conv work per training step (forward + backward is about three forwards).
+
+The batch statistics are computed once in forward (torch.var_mean in fp32, or merged over a process group by
+fastres.nn.sync_bn in one collective); backward uses the training-mode BatchNorm formula (through the mean and the
+variance), in one collective per BN layer when synchronized. Nothing here writes into an input or a saved tensor.
+"""
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from fastres import ops
+from fastres.ops import _backend
+from fastres.ops._checks import memory_format
+from fastres.nn import sync_bn
+from fastres.nn._fused import _affine, _bn_momentum, has_hooks, norm_kind, unit_fusable
+
+
+def _acc(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _channel_view(t, like):
+    return t.view((1, -1) + (1,) * (like.dim() - 2))
+
+
+def _reduce_dims(t):
+    return [0] + list(range(2, t.dim()))
+
+
+def _backend_name(op, device):
+    return _backend.select(op, device).__name__.rpartition(".")[2]
+
+
+def _autocast_dtype(device_type):
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _autocast(t, device_type):
+    """t in the autocast dtype when autocast is on and t is fp32 (what autocast does to a conv's operands)."""
+    dtype = _autocast_dtype(device_type)
+    if dtype is not None and t.dtype == torch.float32:
+        return t.to(dtype)
+    return t
+
+
+def _no_autocast(device_type):
+    """Backward math runs in the dtypes it is given, whatever autocast state the caller of .backward() has."""
+    return torch.autocast(device_type, enabled=False)
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def batch_stats(y, norm, group=None):
+    """(mean, invstd, count) per channel of y over all dims but 1 (across `group` when given), in fp32 (fp64 for
+    fp64); count is None locally, else the group's total as a tensor. Updates norm's running statistics and
+    num_batches_tracked exactly where _BatchNorm.forward would (biased variance normalizes, unbiased goes into
+    running_var)."""
+    acc = _acc(y)
+    n = y.numel() // y.shape[1]
+    if group is None and n <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {y.shape}")
+    with torch.no_grad():
+        if n > 0:
+            var, mean = torch.var_mean(y.to(acc), dim=_reduce_dims(y), correction=0)
+        else:
+            mean = var = torch.zeros(y.shape[1], dtype=acc, device=y.device)
+        count = None
+        if group is not None:
+            mean, var, count = sync_bn.gather_stats(mean, var, n, group)
+        invstd = torch.rsqrt(var + norm.eps)
+        if norm.training and norm.track_running_stats and norm.running_mean is not None \
+                and norm.running_var is not None:
+            momentum = _bn_momentum(norm)
+            if count is None:
+                unbiased = var * (n / (n - 1))
+            else:
+                unbiased = var * (count / (count - 1).clamp_min(1))
+            rm, rv = norm.running_mean, norm.running_var
+            rm.copy_(mean.to(rm.dtype) * momentum + rm * (1 - momentum))
+            rv.copy_(unbiased.to(rv.dtype) * momentum + rv * (1 - momentum))
+    return mean, invstd, count
+
+
+def _coefficients(gamma, beta, mean, invstd):
+    scale = gamma.to(mean.dtype) * invstd
+    return scale, beta.to(mean.dtype) - mean * scale
+
+
+# ---------------------------------------------------------------------------------------------- elementwise passes
+def _prologue(y, scale, shift):
+    """relu(y * scale + shift) in y's dtype, computed exactly as the backend running ops.bn_relu_conv computes its
+    prologue (so that backward's recomputation is the forward's activation)."""
+    name = _backend_name("bn_relu_conv", y.device)
+    if name == "backend_cuda":
+        return torch.ops.fastres._bn_act_forward(y, scale, shift, None, True)
+    if name == "backend_triton" and y.dtype != torch.float64:
+        from fastres.kernels import bn
+        return bn.bn_act(y, scale, shift, None, True)
+    z = y.to(scale.dtype) * _channel_view(scale, y) + _channel_view(shift, y)
+    return torch.relu(z).to(y.dtype).contiguous(memory_format=memory_format(y))
+
+
+def _bn_apply(y, mean, invstd, gamma, beta, residual, relu):
+    """relu?(bn(y) + residual) with the given statistics, in y's dtype and memory format."""
+    fmt = memory_format(y)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=fmt)
+    scale, shift = _coefficients(gamma, beta, mean, invstd)
+    if y.dim() == 4:
+        name = _backend_name("conv_bn_act_forward", y.device)
+        if name == "backend_cuda":
+            return torch.ops.fastres._bn_act_forward(y, scale, shift, residual, relu)
+        if name == "backend_triton" and y.dtype != torch.float64:
+            from fastres.kernels import bn
+            return bn.bn_act(y, scale, beta.to(scale.dtype), residual, relu, center=mean)
+    acc = scale.dtype
+    z = (y.to(acc) - _channel_view(mean, y)) * _channel_view(scale, y) + _channel_view(beta.to(acc), y)
+    if residual is not None:
+        z = z + residual.to(acc)
+    if relu:
+        z = torch.relu(z)
+    return z.to(y.dtype).contiguous(memory_format=fmt)
+
+
+def _bn_backward(grad_out, out, y, mean, invstd, gamma, relu, count, group, residual_grad):
+    """Backward of out = relu?(bn(y) + residual) with batch statistics -> (grad_y, grad_residual or None,
+    grad_gamma, grad_beta); the last two are this process's sums (DistributedDataParallel averages them like
+    every other parameter gradient). Over a group, sum(dz) and sum(dz * xhat) are all-reduced in one collective."""
+    if group is None and y.dim() == 4:
+        backend = _backend.select("bn_act_backward", y.device)
+        return backend.bn_act_backward(grad_out, out if relu else grad_out, y, mean, invstd, gamma, relu, True,
+                                       residual_grad)
+    acc = mean.dtype
+    dims = _reduce_dims(y)
+    dz = grad_out.to(acc)
+    if relu:
+        dz = torch.where(out > 0, dz, torch.zeros_like(dz))
+    xhat = (y.to(acc) - _channel_view(mean, y)) * _channel_view(invstd, y)
+    sums = torch.stack([dz.sum(dims), (dz * xhat).sum(dims)])
+    grad_beta, grad_gamma = sums[0].clone(), sums[1].clone()
+    if group is not None:
+        sync_bn.all_reduce_sums(sums, group)
+        total = count[0]
+    else:
+        total = y.numel() // y.shape[1]
+    mean_dz, mean_dz_xhat = (sums / total).unbind(0)
+    k = gamma.to(acc) * invstd
+    grad_y = _channel_view(k, y) * (dz - _channel_view(mean_dz, y) - xhat * _channel_view(mean_dz_xhat, y))
+    fmt = memory_format(y)
+    grad_y = grad_y.to(y.dtype).contiguous(memory_format=fmt)
+    grad_residual = dz.to(grad_out.dtype).contiguous(memory_format=fmt) if residual_grad else None
+    return grad_y, grad_residual, grad_gamma, grad_beta
+
+
+def _conv_grads(grad, x, weight, stride, padding, need_x, need_w):
+    grad = grad.contiguous(memory_format=memory_format(x))
+    backend = _backend.select("conv_bias_act", x.device)
+    conv_backward = getattr(backend, "conv_backward", None)
+    if conv_backward is not None:
+        gx, gw, _ = conv_backward(grad, x, weight, stride, padding, [need_x, need_w, False])
+        return gx, gw
+    gx, gw, _ = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, [1, 1], False, [0, 0],
+                                                    1, [need_x, need_w, False])
+    return gx, gw
+
+
+def _param_grad(g, like, needed):
+    return g.to(like.dtype) if needed and g is not None else None
+
+
+# ---------------------------------------------------------------------------------------------- autograd functions
+class _BnReluConv(torch.autograd.Function):
+    """conv2d(relu(bn(y)), weight) with bn's batch statistics given: keeps y, not relu(bn(y))."""
+
+    @staticmethod
+    def forward(ctx, y, gamma, beta, weight, mean, invstd, count, stride, padding, group):
+        scale, shift = _coefficients(gamma, beta, mean, invstd)
+        out = ops.bn_relu_conv(y, scale, shift, weight, stride, padding, True)
+        ctx.conv = (list(stride), list(padding))
+        ctx.group = group
+        ctx.save_for_backward(y, gamma, beta, weight, mean, invstd, count)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        y, gamma, beta, weight, mean, invstd, count = ctx.saved_tensors
+        need_y = any(ctx.needs_input_grad[:3])
+        need_w = ctx.needs_input_grad[3]
+        grad_y = grad_gamma = grad_beta = grad_w = None
+        with _no_autocast(y.device.type):
+            scale, shift = _coefficients(gamma, beta, mean, invstd)
+            a = _prologue(y, scale, shift)
+            grad_a, grad_w = _conv_grads(grad, a, weight, *ctx.conv, need_y, need_w)
+            if need_y:
+                grad_y, _, grad_gamma, grad_beta = _bn_backward(grad_a, a, y, mean, invstd, gamma, True, count,
+                                                                ctx.group, False)
+        return (grad_y, _param_grad(grad_gamma, gamma, ctx.needs_input_grad[1]),
+                _param_grad(grad_beta, beta, ctx.needs_input_grad[2]), grad_w, None, None, None, None, None, None)
+
+
+class _BnAddRelu(torch.autograd.Function):
+    """relu?(bn(y) + shortcut) where the shortcut is a tensor (`residual`) or bn_d(yd), a projection's BN applied
+    here; keeps y, yd and (for the ReLU mask) the output."""
+
+    @staticmethod
+    def forward(ctx, y, gamma, beta, mean, invstd, count, residual, yd, gamma_d, beta_d, mean_d, invstd_d, count_d,
+                relu, group, group_d):
+        shortcut = residual
+        if yd is not None:
+            shortcut = _bn_apply(yd, mean_d, invstd_d, gamma_d, beta_d, None, False)
+        out = _bn_apply(y, mean, invstd, gamma, beta, shortcut, relu)
+        ctx.relu, ctx.group, ctx.group_d = relu, group, group_d
+        ctx.save_for_backward(y, gamma, mean, invstd, count, out if relu else None, yd, gamma_d, mean_d, invstd_d,
+                              count_d)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        y, gamma, mean, invstd, count, out, yd, gamma_d, mean_d, invstd_d, count_d = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_shortcut = need[6] or any(need[7:10])
+        grad_yd = grad_gamma_d = grad_beta_d = None
+        with _no_autocast(y.device.type):
+            grad_y, dz, grad_gamma, grad_beta = _bn_backward(grad, out, y, mean, invstd, gamma, ctx.relu, count,
+                                                             ctx.group, need_shortcut)
+            if yd is not None and need_shortcut:
+                grad_yd, _, grad_gamma_d, grad_beta_d = _bn_backward(dz, None, yd, mean_d, invstd_d, gamma_d, False,
+                                                                     count_d, ctx.group_d, False)
+        return (grad_y if need[0] else None, _param_grad(grad_gamma, gamma, need[1]),
+                _param_grad(grad_beta, gamma, need[2]), None, None, None,
+                dz if need[6] else None, grad_yd if need[7] else None, _param_grad(grad_gamma_d, gamma_d, need[8]),
+                _param_grad(grad_beta_d, gamma_d, need[9]), None, None, None, None, None, None)
+
+
+class _TailSpec:
+    """The non-tensor half of a recomputed block tail: conv geometry, the BN modules (for their running
+    statistics), process groups."""
+
+    def __init__(self, conv, norm, group_prev, ds_conv=None, ds_norm=None):
+        self.conv = (list(conv.stride), list(conv.padding))
+        self.norm, self.group_prev = norm, group_prev
+        self.group = sync_bn.group_of(norm)
+        self.ds_conv = None if ds_conv is None else (list(ds_conv.stride), list(ds_conv.padding))
+        self.ds_norm = ds_norm
+        self.group_d = None if ds_norm is None else sync_bn.group_of(ds_norm)
+
+
+class _RecomputedTail(torch.autograd.Function):
+    """relu(bn(conv(relu(bn_prev(y_prev)))) + shortcut), the shortcut a tensor or bn_d(conv_d(x)): the block's last
+    conv (and its projection) is run again in backward instead of keeping its raw output. Keeps y_prev, the output
+    and per-channel statistics (x is the block input, kept by its first conv anyway)."""
+
+    @staticmethod
+    def forward(ctx, y_prev, gamma_p, beta_p, mean_p, invstd_p, count_p, weight, gamma, beta, residual, x, weight_d,
+                gamma_d, beta_d, spec):
+        scale_p, shift_p = _coefficients(gamma_p, beta_p, mean_p, invstd_p)
+        y = ops.bn_relu_conv(y_prev, scale_p, shift_p, weight, *spec.conv, True)
+        mean, invstd, count = batch_stats(y, spec.norm, spec.group)
+        shortcut = residual
+        mean_d = invstd_d = count_d = None
+        if weight_d is not None:
+            yd = ops.conv_bias_act(x, weight_d, None, *spec.ds_conv, None, False)
+            mean_d, invstd_d, count_d = batch_stats(yd, spec.ds_norm, spec.group_d)
+            shortcut = _bn_apply(yd, mean_d, invstd_d, gamma_d, beta_d, None, False)
+            del yd
+        out = _bn_apply(y, mean, invstd, gamma, beta, shortcut, True)
+        ctx.spec = spec
+        ctx.save_for_backward(y_prev, gamma_p, beta_p, mean_p, invstd_p, count_p, weight, gamma, beta, mean, invstd,
+                              count, out, x if weight_d is not None else None, weight_d, gamma_d, mean_d, invstd_d,
+                              count_d)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (y_prev, gamma_p, beta_p, mean_p, invstd_p, count_p, weight, gamma, beta, mean, invstd, count, out, x,
+         weight_d, gamma_d, mean_d, invstd_d, count_d) = ctx.saved_tensors
+        spec, need = ctx.spec, ctx.needs_input_grad
+        grads = [None] * 15
+        with _no_autocast(y_prev.device.type):
+            scale_p, shift_p = _coefficients(gamma_p, beta_p, mean_p, invstd_p)
+            y = ops.bn_relu_conv(y_prev, scale_p, shift_p, weight, *spec.conv, True)  # the forward's, again
+            need_shortcut = need[9] or (weight_d is not None and any(need[10:14]))
+            grad_y, dz, g_gamma, g_beta = _bn_backward(grad, out, y, mean, invstd, gamma, True, count, spec.group,
+                                                       need_shortcut)
+            del y
+            grads[7], grads[8] = _param_grad(g_gamma, gamma, need[7]), _param_grad(g_beta, beta, need[8])
+            if need[9]:
+                grads[9] = dz
+            if weight_d is not None and any(need[10:14]):
+                yd = ops.conv_bias_act(x, weight_d, None, *spec.ds_conv, None, False)
+                grad_yd, _, g_gamma_d, g_beta_d = _bn_backward(dz, None, yd, mean_d, invstd_d, gamma_d, False,
+                                                               count_d, spec.group_d, False)
+                del yd
+                grads[10], grads[11] = _conv_grads(grad_yd, x, weight_d, *spec.ds_conv, need[10], need[11])
+                grads[12] = _param_grad(g_gamma_d, gamma_d, need[12])
+                grads[13] = _param_grad(g_beta_d, gamma_d, need[13])
+            a = _prologue(y_prev, scale_p, shift_p)
+            need_prev = any(need[:3])
+            grad_a, grads[6] = _conv_grads(grad_y, a, weight, *spec.conv, need_prev, need[6])
+            if need_prev:
+                grads[0], _, g_gamma_p, g_beta_p = _bn_backward(grad_a, a, y_prev, mean_p, invstd_p, gamma_p, True,
+                                                                count_p, spec.group_prev, False)
+                grads[1], grads[2] = _param_grad(g_gamma_p, gamma_p, need[1]), _param_grad(g_beta_p, beta_p, need[2])
+        return tuple(grads)
+
+
+# ---------------------------------------------------------------------------------------------- units and blocks
+class _Unit:
+    """A conv's raw output with its BN's parameters and batch statistics."""
+
+    def __init__(self, y, norm):
+        self.y = y
+        self.group = sync_bn.group_of(norm)
+        self.mean, self.invstd, self.count = batch_stats(y, norm, self.group)
+        self.gamma, self.beta = _affine(norm, self.mean)
+
+
+def _raw_conv(x, conv):
+    return ops.conv_bias_act(x, conv.weight, None, conv.stride, conv.padding, None, relu=False)
+
+
+def _bn_relu_conv(unit, conv):
+    weight = _autocast(conv.weight, unit.y.device.type)
+    return _BnReluConv.apply(unit.y, unit.gamma, unit.beta, weight, unit.mean, unit.invstd, unit.count,
+                             list(conv.stride), list(conv.padding), unit.group)
+
+
+def _finish(unit, relu, residual=None, shortcut=None):
+    """relu?(bn(unit) + residual or bn_d(shortcut))."""
+    if residual is not None and residual.dtype != unit.y.dtype:
+        residual = residual.to(unit.y.dtype)  # as `out += identity` would under autocast
+    d = (shortcut.y, shortcut.gamma, shortcut.beta, shortcut.mean, shortcut.invstd, shortcut.count,
+         shortcut.group) if shortcut is not None else (None,) * 7
+    return _BnAddRelu.apply(unit.y, unit.gamma, unit.beta, unit.mean, unit.invstd, unit.count, residual, *d[:6],
+                            relu, unit.group, d[6])
+
+
+def conv_bn_relu(x, conv, norm, relu, residual=None):
+    """relu?(norm(conv(x)) + residual) for a training-mode (Sync)BatchNorm: the unit on its own (a stem)."""
+    unit = _Unit(_raw_conv(x, conv), norm)
+    return _finish(unit, relu, residual=residual)
+
+
+def sync_batch_norm(x, norm, group):
+    """A SyncBatchNorm layer on its own, with batch statistics over `group`."""
+    mean, invstd, count = batch_stats(x, norm, group)
+    gamma, beta = _affine(norm, mean)
+    return _BnAddRelu.apply(x, gamma, beta, mean, invstd, count, None, None, None, None, None, None, None, False,
+                            group, None)
+
+
+def _lean_unit(conv, norm):
+    return unit_fusable(conv, norm) and norm_kind(norm) == "bn_train"
+
+
+MEMORY_MODES = ("lean", "recompute")
+
+
+def _is_1x1(conv):
+    return tuple(conv.kernel_size) == (1, 1) and tuple(conv.padding) == (0, 0)
+
+
+def block_forward(block, x):
+    """The lean training forward of a fastres BasicBlock / Bottleneck, or None where it does not apply (a unit is
+    not a plain conv + training BatchNorm, or under torch.compile, whose own partitioner decides what to keep and
+    which runs the per-unit custom ops instead).
+
+    block.memory_mode "lean" keeps every conv's raw output; "recompute" also runs the block's last conv and its
+    projection again in backward when they are 1x1 convs (a Bottleneck's expanding conv3: its raw output is the
+    block's largest), about 1/4 more forward conv work for the smallest saved set."""
+    units = block._units()
+    if not all(_lean_unit(conv, norm) for conv, norm in units):
+        return None
+    synced = any(sync_bn.group_of(norm) is not None for _, norm in units)
+    if torch.compiler.is_compiling() and not synced:
+        return None
+    ds = block.downsample if block.residual else None
+    fused_ds = (ds is not None and type(ds) is nn.Sequential and len(ds) == 2 and not has_hooks(ds)
+                and _lean_unit(ds[0], ds[1]))
+    recompute = (getattr(block, "memory_mode", "lean") == "recompute" and len(units) > 1
+                 and _is_1x1(units[-1][0]) and (not fused_ds or _is_1x1(ds[0])))
+    conv, norm = units[0]
+    unit = _Unit(_raw_conv(x, conv), norm)
+    for conv, norm in units[1:-1] if recompute else units[1:]:
+        unit = _Unit(_bn_relu_conv(unit, conv), norm)
+    if recompute:
+        return _recomputed_tail(unit, *units[-1], x, ds if block.residual else None, fused_ds, block.residual)
+    if not block.residual:
+        return _finish(unit, True)
+    if fused_ds:
+        return _finish(unit, True, shortcut=_Unit(_raw_conv(x, ds[0]), ds[1]))
+    return _finish(unit, True, residual=x if ds is None else ds(x))
+
+
+def _recomputed_tail(unit, conv, norm, x, ds, fused_ds, residual):
+    device_type = unit.y.device.type
+    weight = _autocast(conv.weight, device_type)
+    gamma, beta = _affine(norm, unit.mean)
+    shortcut = x_d = weight_d = gamma_d = beta_d = None
+    spec = _TailSpec(conv, norm, unit.group)
+    if fused_ds:
+        spec = _TailSpec(conv, norm, unit.group, ds[0], ds[1])
+        x_d, weight_d = _autocast(x, device_type), _autocast(ds[0].weight, device_type)
+        gamma_d, beta_d = _affine(ds[1], unit.mean)
+    elif residual:
+        shortcut = x if ds is None else ds(x)
+        if shortcut.dtype != unit.y.dtype:
+            shortcut = shortcut.to(unit.y.dtype)
+    return _RecomputedTail.apply(unit.y, unit.gamma, unit.beta, unit.mean, unit.invstd, unit.count, weight, gamma,
+                                 beta, shortcut, x_d, weight_d, gamma_d, beta_d, spec)
+
+
+def set_memory_mode(model, mode):
+    """Sets how every fastres block in `model` (the root included) trains: "lean" (default: each conv's raw output
+    is kept, BN + ReLU recomputed in backward) or "recompute" (also a Bottleneck's last 1x1 conv and its projection
+    run again in backward: the least memory, for about 1/4 more forward conv work). Returns the model."""
+    if mode not in MEMORY_MODES:
+        raise ValueError(f"set_memory_mode: mode must be one of {', '.join(map(repr, MEMORY_MODES))}, got {mode!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"set_memory_mode: model must be an nn.Module, got {type(model).__name__}")
+    from fastres.nn.blocks import _FusedBlock  # blocks imports this module
+    for m in model.modules():
+        if isinstance(m, _FusedBlock):
+            m.memory_mode = mode
+    return model
