@@ -21,6 +21,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import fastres
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
@@ -99,6 +101,8 @@ def parse_args(argv=None):
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated, from fastres,eager")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory-mode", choices=("lean", "recompute"), default="lean",
+                   help="fastres.nn.set_memory_mode for the fastres model (default lean)")
     C.add_output_args(p)
     args = p.parse_args(argv)
     try:
@@ -138,6 +142,7 @@ def main(argv=None):
     env = C.environment(device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     fast, ref = C.build_pair(arch, seed=args.seed)
+    fastres.nn.set_memory_mode(fast, args.memory_mode)
     models = {"fastres": fast, "eager": ref}
     gen = torch.Generator().manual_seed(args.seed + 1)
     rows = []
