@@ -119,7 +119,14 @@ class ResNet(FusedModuleMixin, nn.Module):
             return conv_norm_act(x, self.conv1, self.bn1, relu=True, cache=self.fold_cache, name="stem")
         return self.relu(self.bn1(self.conv1(x)))
 
+    # The kernels are NHWC-first (oneDNN and cuDNN run their fused convolutions fastest on channels_last, and the
+    # Triton kernels are written for it), so the network runs channels_last inside whatever layout the input has;
+    # the output (logits) has no spatial layout. Set to False to keep the input's layout throughout.
+    channels_last = True
+
     def _forward_impl(self, x):
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = keep_memory_format(self._stem(x), x)
         x = self.maxpool(x)
         x = self.layer1(x)
