@@ -1,8 +1,10 @@
-// CPU kernels of the forward-only ops: _fold_bn, _add_relu, _bn_act_forward.
+// CPU kernels of the elementwise forward ops: _fold_bn, _add_relu, _bn_apply (and _bn_act_forward,
+// its form without the dual residual and the mask).
 #include "cpu_common.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 namespace fastres {
 namespace cpu {
@@ -60,68 +62,107 @@ void add_relu_kernel(const AddReluArgs& a) {
   });
 }
 
-// One NHWC row: channel c of the row uses scale[c], shift[c].
-template <typename scalar_t, bool kResidual, bool kRelu>
-void bn_act_row(const scalar_t* __restrict y, const scalar_t* __restrict res,
-                scalar_t* __restrict out, const acc_type_t<scalar_t>* __restrict scale,
-                const acc_type_t<scalar_t>* __restrict shift, int64_t C) {
+// The per-channel coefficients of one apply call, and its flags as template parameters so the
+// inner loops compile without branches.
+template <typename scalar_t>
+struct ApplyParams {
   using acc_t = acc_type_t<scalar_t>;
-  for (int64_t c = 0; c < C; ++c) {
-    const acc_t yv = static_cast<acc_t>(y[c]);
-    acc_t v;
-    if constexpr (kResidual) {
-      v = bn_act_value(yv, scale[c], shift[c], static_cast<acc_t>(res[c]), kRelu);
-    } else {
-      v = bn_act_value(yv, scale[c], shift[c], kRelu);
-    }
-    out[c] = static_cast<scalar_t>(v);
-  }
-}
+  const acc_t *scale, *shift, *r_scale, *r_shift;
+};
 
-// A run of one NCHW plane: every element has the same channel.
-template <typename scalar_t, bool kResidual, bool kRelu>
-void bn_act_run(const scalar_t* __restrict y, const scalar_t* __restrict res,
-                scalar_t* __restrict out, acc_type_t<scalar_t> scale, acc_type_t<scalar_t> shift,
-                int64_t n) {
+// out[i] for n elements; channel coefficients from `coef(i)` (a row's channel c = i in NHWC, a
+// constant in an NCHW run).
+template <typename scalar_t, bool kResidual, bool kDual, bool kRelu, typename Coef>
+FASTRES_INLINE void apply_values(const scalar_t* __restrict y, const scalar_t* __restrict res,
+                         scalar_t* __restrict out, int64_t n, Coef coef) {
   using acc_t = acc_type_t<scalar_t>;
   for (int64_t i = 0; i < n; ++i) {
     const acc_t yv = static_cast<acc_t>(y[i]);
     acc_t v;
-    if constexpr (kResidual) {
-      v = bn_act_value(yv, scale, shift, static_cast<acc_t>(res[i]), kRelu);
+    if constexpr (kDual) {
+      v = bn_dual_act_value(yv, coef.scale(i), coef.shift(i), static_cast<acc_t>(res[i]), coef.r_scale(i),
+                            coef.r_shift(i), kRelu);
+    } else if constexpr (kResidual) {
+      v = bn_act_value(yv, coef.scale(i), coef.shift(i), static_cast<acc_t>(res[i]), kRelu);
     } else {
-      v = bn_act_value(yv, scale, shift, kRelu);
+      v = bn_act_value(yv, coef.scale(i), coef.shift(i), kRelu);
     }
     out[i] = static_cast<scalar_t>(v);
   }
 }
 
-template <typename scalar_t, bool kResidual, bool kRelu>
-void bn_act_forward_kernel(const BnActForwardArgs& a) {
+template <typename acc_t>
+struct RowCoef {  // NHWC: element i of a row is channel i
+  const acc_t *__restrict s, *__restrict t, *__restrict rs, *__restrict rt;
+  acc_t scale(int64_t i) const { return s[i]; }
+  acc_t shift(int64_t i) const { return t[i]; }
+  acc_t r_scale(int64_t i) const { return rs[i]; }
+  acc_t r_shift(int64_t i) const { return rt[i]; }
+};
+
+template <typename acc_t>
+struct RunCoef {  // NCHW: one channel for the whole run
+  acc_t s, t, rs, rt;
+  acc_t scale(int64_t) const { return s; }
+  acc_t shift(int64_t) const { return t; }
+  acc_t r_scale(int64_t) const { return rs; }
+  acc_t r_shift(int64_t) const { return rt; }
+};
+
+// One unit of work (csrc/cpu_common.h); compiled per CPU feature level.
+template <typename scalar_t, bool kResidual, bool kDual, bool kRelu>
+FASTRES_CPU_CLONES void bn_apply_unit(const BnApplyArgs& a, const Units& units, int64_t u) {
   using acc_t = acc_type_t<scalar_t>;
-  const Units units(a.shape);
   const int64_t C = a.shape.C;
+  const int64_t mask_stride = mask_bytes_per_row(a.shape);
   const scalar_t* y = a.y.const_data_ptr<scalar_t>();
   const scalar_t* res = kResidual ? a.residual.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* out = a.out.mutable_data_ptr<scalar_t>();
+  uint8_t* mask = a.write_mask ? a.mask.mutable_data_ptr<uint8_t>() : nullptr;
   const acc_t* scale = a.scale.const_data_ptr<acc_t>();
   const acc_t* shift = a.shift.const_data_ptr<acc_t>();
-  at::parallel_for(0, units.count, 1, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
-      if (units.shape.channels_last) {
-        for (int64_t row = units.row_begin(u); row < units.row_end(u); ++row) {
-          const int64_t i = row * C;
-          bn_act_row<scalar_t, kResidual, kRelu>(y + i, kResidual ? res + i : nullptr, out + i,
-                                                 scale, shift, C);
-        }
-      } else {
-        const auto run = units.run(u);
-        const int64_t i = run.offset;
-        bn_act_run<scalar_t, kResidual, kRelu>(y + i, kResidual ? res + i : nullptr, out + i,
-                                               scale[run.channel], shift[run.channel], run.length);
-      }
+  const acc_t* r_scale = kDual ? a.residual_scale.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* r_shift = kDual ? a.residual_shift.const_data_ptr<acc_t>() : nullptr;
+  if (units.shape.channels_last) {
+    const RowCoef<acc_t> coef{scale, shift, r_scale, r_shift};
+    for (int64_t row = units.row_begin(u); row < units.row_end(u); ++row) {
+      const int64_t i = row * C;
+      apply_values<scalar_t, kResidual, kDual, kRelu>(y + i, kResidual ? res + i : nullptr, out + i, C, coef);
+      // The mask from the row just written (still in L1), so its bits match the stored values.
+      if (mask != nullptr) pack_relu_mask(out + i, mask + row * mask_stride, C);
     }
+  } else {
+    const auto run = units.run(u);
+    const int64_t i = run.offset, c = run.channel;
+    const RunCoef<acc_t> coef{scale[c], shift[c], kDual ? r_scale[c] : acc_t(1), kDual ? r_shift[c] : acc_t(0)};
+    apply_values<scalar_t, kResidual, kDual, kRelu>(y + i, kResidual ? res + i : nullptr, out + i, run.length,
+                                                    coef);
+    if (mask != nullptr) {
+      // Tiles start at multiples of kPlaneTile (a multiple of 8) within their plane (mask row).
+      const int64_t plane = run.offset / a.shape.HW, start = run.offset % a.shape.HW;
+      pack_relu_mask(out + i, mask + plane * mask_stride + start / 8, run.length);
+    }
+  }
+}
+
+template <typename scalar_t, bool kResidual, bool kDual, bool kRelu>
+void bn_apply_kernel(const BnApplyArgs& a) {
+  const Units units(a.shape);
+  at::parallel_for(0, units.count, units.grain(), [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) bn_apply_unit<scalar_t, kResidual, kDual, kRelu>(a, units, u);
   });
+}
+
+template <typename scalar_t>
+void bn_apply_dispatch(const BnApplyArgs& a) {
+  with_flags(
+      [&](auto residual, auto dual, auto relu) {
+        constexpr bool kResidual = decltype(residual)::value, kDual = decltype(dual)::value;
+        if constexpr (!kDual || kResidual) {  // prepare_bn_apply rules out a dual form without residual
+          bn_apply_kernel<scalar_t, kResidual, kDual, decltype(relu)::value>(a);
+        }
+      },
+      a.residual.defined(), a.residual_affine, a.relu);
 }
 
 void check_cpu(const at::Tensor& t, const char* op, const char* name) {
@@ -156,19 +197,30 @@ at::Tensor add_relu_cpu(const at::Tensor& x, const at::Tensor& residual) {
   return a.out;
 }
 
+std::tuple<at::Tensor, at::Tensor> bn_apply_cpu(const at::Tensor& y, const std::optional<at::Tensor>& scale,
+                                                const std::optional<at::Tensor>& shift,
+                                                const std::optional<at::Tensor>& residual,
+                                                const std::optional<at::Tensor>& residual_scale,
+                                                const std::optional<at::Tensor>& residual_shift, bool relu,
+                                                bool mask) {
+  auto a = prepare_bn_apply(y, scale, shift, residual, residual_scale, residual_shift, relu, mask, "_bn_apply");
+  cpu::check_cpu(y, "_bn_apply", "y");
+  if (a.out.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.y.scalar_type(), "fastres::_bn_apply",
+                                    [&] { cpu::bn_apply_dispatch<scalar_t>(a); });
+  }
+  return {a.out, a.write_mask ? a.mask : at::empty({0}, y.options().dtype(at::kByte))};
+}
+
 at::Tensor bn_act_forward_cpu(const at::Tensor& y, const std::optional<at::Tensor>& scale,
                               const std::optional<at::Tensor>& shift,
                               const std::optional<at::Tensor>& residual, bool relu) {
-  auto a = prepare_bn_act_forward(y, scale, shift, residual, relu);
+  auto a = prepare_bn_apply(y, scale, shift, residual, std::nullopt, std::nullopt, relu, false,
+                            "_bn_act_forward");
   cpu::check_cpu(y, "_bn_act_forward", "y");
   if (a.out.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.y.scalar_type(), "fastres::_bn_act_forward", [&] {
-      cpu::with_flags(
-          [&](auto has_residual, auto relu_flag) {
-            cpu::bn_act_forward_kernel<scalar_t, decltype(has_residual)::value, decltype(relu_flag)::value>(a);
-          },
-          a.residual.defined(), a.relu);
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.y.scalar_type(), "fastres::_bn_act_forward",
+                                    [&] { cpu::bn_apply_dispatch<scalar_t>(a); });
   }
   return a.out;
 }

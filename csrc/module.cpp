@@ -16,6 +16,19 @@ TORCH_LIBRARY_FRAGMENT(fastres, m) {
       "_bn_act_backward(Tensor grad_out, Tensor out, Tensor y, Tensor mean, Tensor invstd, "
       "Tensor? weight, bool relu, bool training, bool residual_grad) -> "
       "(Tensor grad_y, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "_bn_stats(Tensor y, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
+      "float momentum, float eps) -> (Tensor mean, Tensor invstd, Tensor scale, Tensor shift, "
+      "Tensor new_running_mean, Tensor new_running_var)");
+  m.def(
+      "_bn_apply(Tensor y, Tensor? scale, Tensor? shift, Tensor? residual, Tensor? residual_scale, "
+      "Tensor? residual_shift, bool relu, bool mask) -> (Tensor out, Tensor mask)");
+  m.def(
+      "_bn_apply_backward(Tensor grad_out, Tensor? out, Tensor? mask, Tensor y, Tensor mean, "
+      "Tensor invstd, Tensor? weight, Tensor? residual, Tensor? residual_mean, "
+      "Tensor? residual_invstd, Tensor? residual_weight, bool relu, bool training, "
+      "bool residual_grad) -> (Tensor grad_y, Tensor grad_residual, Tensor grad_weight, "
+      "Tensor grad_bias, Tensor grad_residual_weight, Tensor grad_residual_bias)");
 }
 
 TORCH_LIBRARY_IMPL(fastres, CPU, m) {
@@ -23,6 +36,9 @@ TORCH_LIBRARY_IMPL(fastres, CPU, m) {
   m.impl("_add_relu", &fastres::add_relu_cpu);
   m.impl("_bn_act_forward", &fastres::bn_act_forward_cpu);
   m.impl("_bn_act_backward", &fastres::bn_act_backward_cpu);
+  m.impl("_bn_stats", &fastres::bn_stats_cpu);
+  m.impl("_bn_apply", &fastres::bn_apply_cpu);
+  m.impl("_bn_apply_backward", &fastres::bn_apply_backward_cpu);
 }
 
 namespace {

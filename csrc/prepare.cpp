@@ -4,6 +4,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 
@@ -57,6 +58,8 @@ at::Tensor channel_vector(const at::Tensor& t, int64_t channels, const at::Tenso
               " must have shape [", channels, "] (", size_of, "), got ", t.sizes());
   return t.to(acc).contiguous();
 }
+
+bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 ActivationShape activation_shape(const at::Tensor& t, at::MemoryFormat format) {
   ActivationShape s;
@@ -124,68 +127,169 @@ AddReluArgs prepare_add_relu(const at::Tensor& x, const at::Tensor& residual) {
   return a;
 }
 
-BnActForwardArgs prepare_bn_act_forward(const at::Tensor& y, const std::optional<at::Tensor>& scale,
-                                        const std::optional<at::Tensor>& shift,
-                                        const std::optional<at::Tensor>& residual, bool relu) {
-  const char* op = "_bn_act_forward";
+BnApplyArgs prepare_bn_apply(const at::Tensor& y, const std::optional<at::Tensor>& scale,
+                             const std::optional<at::Tensor>& shift,
+                             const std::optional<at::Tensor>& residual,
+                             const std::optional<at::Tensor>& residual_scale,
+                             const std::optional<at::Tensor>& residual_shift, bool relu, bool mask,
+                             const char* op) {
   check_activation(y, op, "y");
   const auto format = y.suggest_memory_format();
   const auto acc = at::toOpMathType(y.scalar_type());
-  BnActForwardArgs a;
+  BnApplyArgs a;
   a.shape = activation_shape(y, format);
   a.relu = relu;
   a.y = y.contiguous(format);
   const int64_t C = a.shape.C;
   const char* ref = "y";
   const char* what = "y.size(1)";
-  a.scale = scale.has_value() && scale->defined()
-                ? channel_vector(*scale, C, y, acc, op, "scale", ref, what)
-                : at::ones({C}, y.options().dtype(acc));
-  a.shift = shift.has_value() && shift->defined()
-                ? channel_vector(*shift, C, y, acc, op, "shift", ref, what)
-                : at::zeros({C}, y.options().dtype(acc));
-  if (residual.has_value() && residual->defined()) {
+  auto vector_or = [&](const std::optional<at::Tensor>& t, const char* name, double fill) {
+    return present(t) ? channel_vector(*t, C, y, acc, op, name, ref, what)
+                      : at::full({C}, fill, y.options().dtype(acc));
+  };
+  a.scale = vector_or(scale, "scale", 1.0);
+  a.shift = vector_or(shift, "shift", 0.0);
+  if (present(residual)) {
     check_like(*residual, y, op, "residual", "y");
     a.residual = residual->contiguous(format);
   }
+  a.residual_affine = present(residual_scale) || present(residual_shift);
+  if (a.residual_affine) {
+    TORCH_CHECK(a.residual.defined(), "fastres::", op,
+                ": residual_scale and residual_shift need a residual");
+    a.residual_scale = vector_or(residual_scale, "residual_scale", 1.0);
+    a.residual_shift = vector_or(residual_shift, "residual_shift", 0.0);
+  }
   a.out = at::empty(y.sizes(), y.options().memory_format(format));
+  a.write_mask = mask;
+  if (mask) {
+    TORCH_CHECK(relu, "fastres::", op, ": a ReLU mask needs relu=True");
+    a.mask = at::empty({mask_rows(a.shape), mask_bytes_per_row(a.shape)}, y.options().dtype(at::kByte));
+  }
   return a;
 }
 
-BnActBackwardArgs prepare_bn_act_backward(const at::Tensor& grad_out, const at::Tensor& out,
-                                          const at::Tensor& y, const at::Tensor& mean,
-                                          const at::Tensor& invstd,
-                                          const std::optional<at::Tensor>& weight, bool relu,
-                                          bool training, bool residual_grad) {
-  const char* op = "_bn_act_backward";
+BnStatsArgs prepare_bn_stats(const at::Tensor& y, const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& running_mean,
+                             const std::optional<at::Tensor>& running_var, double momentum, double eps) {
+  const char* op = "_bn_stats";
+  check_activation(y, op, "y");
+  TORCH_CHECK(present(running_mean) == present(running_var), "fastres::_bn_stats: running_mean and "
+              "running_var must be given together");
+  TORCH_CHECK(eps > 0, "fastres::_bn_stats: eps must be > 0, got ", eps);
+  const auto format = y.suggest_memory_format();
+  const auto acc = at::toOpMathType(y.scalar_type());
+  BnStatsArgs a;
+  a.shape = activation_shape(y, format);
+  a.y = y.contiguous(format);
+  a.momentum = momentum;
+  a.eps = eps;
+  a.update_running = present(running_mean);
+  const int64_t C = a.shape.C;
+  const char* ref = "y";
+  const char* what = "y.size(1)";
+  auto vector_or = [&](const std::optional<at::Tensor>& t, const char* name, double fill) {
+    return present(t) ? channel_vector(*t, C, y, acc, op, name, ref, what)
+                      : at::full({C}, fill, y.options().dtype(acc));
+  };
+  a.weight = vector_or(weight, "weight", 1.0);
+  a.bias = vector_or(bias, "bias", 0.0);
+  a.running_mean = vector_or(running_mean, "running_mean", 0.0);
+  a.running_var = vector_or(running_var, "running_var", 1.0);
+  if (a.update_running) {
+    const int64_t count = a.shape.N * a.shape.HW;
+    TORCH_CHECK(count != 1, "fastres::_bn_stats: expected more than 1 value per channel to update the "
+                "running statistics, got y of shape ", y.sizes());
+  }
+  const auto options = y.options().dtype(acc);
+  a.mean = at::empty({C}, options);
+  a.invstd = at::empty({C}, options);
+  a.scale = at::empty({C}, options);
+  a.shift = at::empty({C}, options);
+  a.new_running_mean = at::empty({C}, options);
+  a.new_running_var = at::empty({C}, options);
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_bn_stats(
+    const BnStatsArgs& a, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var) {
+  if (!a.update_running) {
+    return {a.mean, a.invstd, a.scale, a.shift, at::empty({0}, a.mean.options()), at::empty({0}, a.mean.options())};
+  }
+  // Computed in the math dtype; given back in the dtype the caller keeps its running stats in.
+  return {a.mean, a.invstd, a.scale, a.shift, a.new_running_mean.to(running_mean->scalar_type()),
+          a.new_running_var.to(running_var->scalar_type())};
+}
+
+BnBackwardArgs prepare_bn_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& out,
+                                   const std::optional<at::Tensor>& mask, const at::Tensor& y,
+                                   const at::Tensor& mean, const at::Tensor& invstd,
+                                   const std::optional<at::Tensor>& weight,
+                                   const std::optional<at::Tensor>& residual,
+                                   const std::optional<at::Tensor>& residual_mean,
+                                   const std::optional<at::Tensor>& residual_invstd,
+                                   const std::optional<at::Tensor>& residual_weight, bool relu,
+                                   bool training, bool residual_grad, const char* op) {
   check_activation(y, op, "y");
   check_like(grad_out, y, op, "grad_out", "y");
   const auto format = y.suggest_memory_format();
   const auto acc = at::toOpMathType(y.scalar_type());
-  BnActBackwardArgs a;
+  BnBackwardArgs a;
   a.shape = activation_shape(y, format);
   a.relu = relu;
   a.training = training;
   a.residual_grad = residual_grad;
   a.y = y.contiguous(format);
   a.grad_out = grad_out.contiguous(format);
-  if (relu) {  // only the relu mask reads the forward output
-    check_like(out, y, op, "out", "y");
-    a.out = out.contiguous(format);
+  a.use_mask = relu && present(mask);
+  if (a.use_mask) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.device() == y.device(), "fastres::", op, ": mask must be on y's device ", y.device(),
+                ", got ", m.device());
+    TORCH_CHECK(m.scalar_type() == at::kByte, "fastres::", op, ": mask must be uint8, got ",
+                m.scalar_type());
+    const int64_t rows = mask_rows(a.shape), bytes = mask_bytes_per_row(a.shape);
+    TORCH_CHECK(m.dim() == 2 && m.size(0) == rows && m.size(1) == bytes, "fastres::", op,
+                ": mask must have shape [", rows, ", ", bytes, "] (the mask of y's layout), got ", m.sizes());
+    a.mask = m.contiguous();
+  } else if (relu) {  // only the relu mask reads the forward output
+    TORCH_CHECK(present(out), "fastres::", op, ": relu=True needs out or mask");
+    check_like(*out, y, op, "out", "y");
+    a.out = out->contiguous(format);
   }
   const int64_t C = a.shape.C;
   const char* ref = "y";
   const char* what = "y.size(1)";
+  auto vector_or_ones = [&](const std::optional<at::Tensor>& t, const char* name) {
+    return present(t) ? channel_vector(*t, C, y, acc, op, name, ref, what)
+                      : at::ones({C}, y.options().dtype(acc));
+  };
   a.mean = channel_vector(mean, C, y, acc, op, "mean", ref, what);
   a.invstd = channel_vector(invstd, C, y, acc, op, "invstd", ref, what);
-  a.weight = weight.has_value() && weight->defined()
-                 ? channel_vector(*weight, C, y, acc, op, "weight", ref, what)
-                 : at::ones({C}, y.options().dtype(acc));
+  a.weight = vector_or_ones(weight, "weight");
+  a.dual = present(residual);
+  const auto stat_options = y.options().dtype(acc);
+  if (a.dual) {
+    check_like(*residual, y, op, "residual", "y");
+    TORCH_CHECK(present(residual_mean) && present(residual_invstd), "fastres::", op,
+                ": a residual needs residual_mean and residual_invstd (the residual's own BN)");
+    a.r = residual->contiguous(format);
+    a.r_mean = channel_vector(*residual_mean, C, y, acc, op, "residual_mean", ref, what);
+    a.r_invstd = channel_vector(*residual_invstd, C, y, acc, op, "residual_invstd", ref, what);
+    a.r_weight = vector_or_ones(residual_weight, "residual_weight");
+    a.grad_r_weight = at::empty({C}, stat_options);
+    a.grad_r_bias = at::empty({C}, stat_options);
+  } else {
+    a.grad_r_weight = at::empty({0}, stat_options);
+    a.grad_r_bias = at::empty({0}, stat_options);
+  }
   a.grad_y = at::empty(y.sizes(), y.options().memory_format(format));
   a.grad_residual = residual_grad ? at::empty(y.sizes(), y.options().memory_format(format))
                                   : at::empty({0}, y.options());
-  a.grad_weight = at::empty({C}, y.options().dtype(acc));
-  a.grad_bias = at::empty({C}, y.options().dtype(acc));
+  a.grad_weight = at::empty({C}, stat_options);
+  a.grad_bias = at::empty({C}, stat_options);
   return a;
 }
 

@@ -293,6 +293,226 @@ def opcheck_samples(device):
     yield ops._fold_bn.default, (w.contiguous(), p, p, p, p, p, EPS)
 
 
+# ---- statistics, dual apply, mask ---------------------------------------------------------------------------
+
+def bn_stats_reference(y, weight, bias, running_mean, running_var, momentum, dtype):
+    """(mean, invstd, scale, shift, new_running_mean, new_running_var) of y's values, computed in `dtype`."""
+    var, mean = torch.var_mean(y.to(dtype), dim=(0, 2, 3), correction=0)
+    n = y.numel() // y.shape[1]
+    invstd = torch.rsqrt(var + EPS)
+    scale = weight.to(dtype) * invstd
+    shift = bias.to(dtype) - mean * scale
+    new_rm = momentum * mean + (1 - momentum) * running_mean.to(dtype)
+    new_rv = momentum * var * (n / (n - 1)) + (1 - momentum) * running_var.to(dtype)
+    return mean, invstd, scale, shift, new_rm, new_rv
+
+
+def bn_stats_aten(y, weight, bias, running_mean, running_var, momentum):
+    """The same quantities from ATen's own training batch norm in y's dtype (statistics in fp32 or fp64)."""
+    rm, rv = running_mean.clone(), running_var.clone()
+    _, mean, invstd = torch.ops.aten.native_batch_norm(y, weight, bias, rm, rv, True, momentum, EPS)
+    scale = weight.to(mean.dtype) * invstd
+    return mean, invstd, scale, bias.to(mean.dtype) - mean * scale, rm, rv
+
+
+def check_bn_stats(device, dtype, layout, shape, momentum=0.1, running_dtype=None):
+    c = shape[1]
+    stat = stat_dtype(dtype)
+    running_dtype = running_dtype or stat
+    # An offset mean: a one-pass sum of squares would lose digits here, Welford and Chan's merge do not.
+    y = to_layout((torch.randn(shape, dtype=torch.float64, device=device) * 2 + 3).to(dtype), layout)
+    weight = torch.rand(c, dtype=stat, device=device) + 0.5
+    bias = torch.randn(c, dtype=stat, device=device)
+    running_mean = torch.randn(c, device=device).to(running_dtype)
+    running_var = (torch.rand(c, device=device) + 0.5).to(running_dtype)
+    snap = snapshot(y, weight, bias, running_mean, running_var)
+    got = ops._bn_stats(y, weight, bias, running_mean, running_var, momentum, EPS)
+    assert_unchanged(snap)
+    names = ("mean", "invstd", "scale", "shift", "running_mean", "running_var")
+    for name, t in zip(names, got):
+        want = running_dtype if name.startswith("running") else stat
+        assert t.dtype == want and t.shape == (c,) and t.device == y.device, name
+    ref = bn_stats_reference(y, weight, bias, running_mean, running_var, momentum, torch.float64)
+    aten = bn_stats_aten(y, weight.to(running_dtype), bias.to(running_dtype), running_mean, running_var, momentum)
+    for name, g, r, a in zip(names, got, ref, aten):
+        check_close(f"{name}(momentum={momentum})", g, r, a.to(g.dtype))
+    # Without affine parameters and running statistics.
+    mean, invstd, scale, shift, rm, rv = ops._bn_stats(y, None, None, None, None, momentum, EPS)
+    torch.testing.assert_close(mean, got[0], rtol=0, atol=0)
+    torch.testing.assert_close(scale, invstd, rtol=0, atol=0)
+    torch.testing.assert_close(shift, -mean * invstd, rtol=0, atol=0)
+    assert rm.numel() == 0 and rv.numel() == 0
+
+
+def reference_dual_apply(y, scale, shift, r, r_scale, r_shift, relu, dtype):
+    z = y.to(dtype) * per_channel(scale.to(dtype)) + per_channel(shift.to(dtype)) + (
+        r.to(dtype) * per_channel(r_scale.to(dtype)) + per_channel(r_shift.to(dtype)))
+    return torch.relu(z) if relu else z
+
+
+def memory_order_matrix(t):
+    """t's values as the [rows, cols] matrix of its memory layout (see _compiled.relu_mask_shape)."""
+    n, c, h, w = t.shape
+    if _compiled.suggest_memory_format(t) == torch.channels_last:
+        return t.permute(0, 2, 3, 1).reshape(n * h * w, c)
+    return t.reshape(n * c, h * w)
+
+
+def unpack_mask(mask, cols):
+    bits = (mask.long().unsqueeze(-1) >> torch.arange(8, device=mask.device)) & 1
+    bits = bits.reshape(mask.shape[0], -1)
+    return bits[:, :cols].bool(), bits[:, cols:]
+
+
+def check_relu_mask(out, mask):
+    """The mask holds exactly threshold_backward's pass-through set of the stored output: !(out <= 0)."""
+    matrix = memory_order_matrix(out)
+    assert mask.dtype == torch.uint8 and tuple(mask.shape) == _compiled.relu_mask_shape(out)
+    bits, padding = unpack_mask(mask, matrix.shape[1])
+    assert torch.equal(bits, ~(matrix <= 0)), "mask bits differ from the output's sign"
+    assert not padding.any(), "bits past a row's end must be 0"
+
+
+def check_bn_apply(device, dtype, layout, shape):
+    c = shape[1]
+    stat = stat_dtype(dtype)
+    y = randn(shape, dtype, device, layout)
+    r = randn(shape, dtype, device, layout)
+    scale, shift, r_scale, r_shift = (torch.randn(c, dtype=stat, device=device) for _ in range(4))
+    for relu, mask in ((True, True), (True, False), (False, False)):
+        snap = snapshot(y, r, scale, shift, r_scale, r_shift)
+        out, bits = ops._bn_apply(y, scale, shift, r, r_scale, r_shift, relu, mask)
+        assert_unchanged(snap)
+        name = f"dual out(relu={relu}, mask={mask})"
+        assert out.dtype == dtype and out.shape == y.shape
+        assert_format(name, out, expected_format(layout))
+        check_close(name, out, reference_dual_apply(y, scale, shift, r, r_scale, r_shift, relu, torch.float64),
+                    reference_dual_apply(y, scale, shift, r, r_scale, r_shift, relu, dtype))
+        if mask:
+            check_relu_mask(out, bits)
+        else:
+            assert bits.numel() == 0 and bits.dtype == torch.uint8
+        # The plain form through _bn_apply is _bn_act_forward, bit for bit, and writes the same mask.
+        plain, plain_bits = ops._bn_apply(y, scale, shift, r, None, None, relu, mask)
+        assert torch.equal(plain, ops._bn_act_forward(y, scale, shift, r, relu))
+        if mask:
+            check_relu_mask(plain, plain_bits)
+
+
+def dual_graph(y, weight, bias, r, r_weight, r_bias, relu, training, stats):
+    """act(bn(y) + bn_r(r)); in training each BN uses its input's batch statistics, else `stats`."""
+    def bn(v, w, b, mean, invstd):
+        if training:
+            var, mean = torch.var_mean(v, dim=(0, 2, 3), correction=0)
+            invstd = torch.rsqrt(var + EPS)
+        return (v - per_channel(mean)) * per_channel(invstd) * per_channel(w) + per_channel(b)
+    z = bn(y, weight, bias, stats[0], stats[1]) + bn(r, r_weight, r_bias, stats[2], stats[3])
+    return torch.relu(z) if relu else z
+
+
+def check_bn_apply_backward_dual(device, dtype, layout, shape):
+    c = shape[1]
+    stat = stat_dtype(dtype)
+    for training, relu, residual_grad in itertools.product([True, False], repeat=3):
+        y, r, g = (randn(shape, dtype, device, layout) for _ in range(3))
+        weight, r_weight = (torch.rand(c, dtype=stat, device=device) + 0.5 for _ in range(2))
+        bias, r_bias = (torch.randn(c, dtype=stat, device=device) for _ in range(2))
+        if training:
+            var, mean = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
+            r_var, r_mean = torch.var_mean(r.double(), dim=(0, 2, 3), correction=0)
+            stats = [mean, torch.rsqrt(var + EPS), r_mean, torch.rsqrt(r_var + EPS)]
+        else:
+            stats = [torch.randn(c, dtype=torch.float64, device=device),
+                     torch.rsqrt(torch.rand(c, dtype=torch.float64, device=device) + 0.25)] * 2
+        stats = [s.to(stat) for s in stats]
+        leaves64 = [t.double().requires_grad_() for t in (y, r, weight, bias, r_weight, r_bias)]
+        y64, r64, w64, b64, rw64, rb64 = leaves64
+        out64 = dual_graph(y64, w64, b64, r64, rw64, rb64, relu, training, [s.double() for s in stats])
+        ref = torch.autograd.grad(out64, leaves64, g.double())
+        # ATen in the test dtype: F.batch_norm's own training kernels (fp32 affine), eval formula in the dtype.
+        leaves = [t.detach().clone().requires_grad_() for t in (y, r, weight, bias, r_weight, r_bias)]
+        if training:
+            z = (F.batch_norm(leaves[0], None, None, leaves[2], leaves[3], True, 0.0, EPS)
+                 + F.batch_norm(leaves[1], None, None, leaves[4], leaves[5], True, 0.0, EPS))
+            aten_out = torch.relu(z) if relu else z
+        else:
+            aten_out = dual_graph(leaves[0], leaves[2].to(dtype), leaves[3].to(dtype), leaves[1], leaves[4].to(dtype),
+                                  leaves[5].to(dtype), relu, False, [s.to(dtype) for s in stats])
+        aten = torch.autograd.grad(aten_out, leaves, g)
+        out = to_layout(out64.detach().to(dtype), layout)
+        args = (g, out, None, y, stats[0], stats[1], weight, r, stats[2], stats[3], r_weight)
+        snap = snapshot(g, out, y, r, *stats, weight, r_weight)
+        gy, gr, gw, gb, grw, grb = ops._bn_apply_backward(*args, relu, training, residual_grad)
+        assert_unchanged(snap)
+        tag = f"(training={training}, relu={relu}, residual_grad={residual_grad})"
+        assert_format("grad_y" + tag, gy, expected_format(layout))
+        low = dtype in (torch.float16, torch.bfloat16) and relu  # see test_ops._outputs_to_compare
+        named = [("grad_y", gy, ref[0], aten[0]), ("grad_weight", gw, ref[2], aten[2]),
+                 ("grad_bias", gb, ref[3], aten[3]), ("grad_r_weight", grw, ref[4], aten[4]),
+                 ("grad_r_bias", grb, ref[5], aten[5])]
+        if residual_grad:
+            assert_format("grad_r" + tag, gr, expected_format(layout))
+            named.append(("grad_r", gr, ref[1], aten[1]))
+        else:
+            assert gr.numel() == 0
+        if not low:
+            for name, got, r64, a in named:
+                check_close(name + tag, got, r64, a.to(got.dtype))
+        # The mask gives the same gradients as the output, bit for bit.
+        if relu:
+            _, bits = ops._bn_apply(out, None, None, None, None, None, True, True)  # relu(out) == out
+            masked = ops._bn_apply_backward(g, None, bits, *args[3:], relu, training, residual_grad)
+            for a, b in zip(masked, (gy, gr, gw, gb, grw, grb)):
+                assert torch.equal(a, b), "the mask and the output give different gradients"
+
+
+def check_mask_backward_plain(device, dtype, layout, shape):
+    """Non-dual _bn_apply_backward with a mask == _bn_act_backward with the output, bit for bit."""
+    for training, residual_grad in itertools.product([True, False], repeat=2):
+        grad_out, y, weight, bias, residual, mean, invstd = bn_backward_inputs(device, dtype, layout, shape, training)
+        scale = weight * invstd
+        out, bits = ops._bn_apply(y, scale, bias - mean * scale, residual, None, None, True, True)
+        want = ops._bn_act_backward(grad_out, out, y, mean, invstd, weight, True, training, residual_grad)
+        got = ops._bn_apply_backward(grad_out, None, bits, y, mean, invstd, weight, None, None, None, None, True,
+                                     training, residual_grad)
+        for a, b in zip(got[:4], want):
+            assert torch.equal(a, b)
+        assert got[4].numel() == 0 and got[5].numel() == 0
+
+
+def new_kernel_outputs(device, layout, shape, dtype=torch.float32):
+    """Every new kernel once on fixed inputs (drawn on the CPU, so every device gets the same): for the determinism
+    and CPU/GPU agreement checks."""
+    c = shape[1]
+    y, r, g = (randn(shape, dtype, "cpu", layout).to(device) for _ in range(3))
+    w, b = (torch.rand(c) + 0.5).to(device, stat_dtype(dtype)), torch.randn(c).to(device, stat_dtype(dtype))
+    rm, rv = torch.zeros_like(w), torch.ones_like(w)
+
+    def run():
+        mean, invstd, scale, shift, nrm, nrv = ops._bn_stats(y, w, b, rm, rv, 0.1, EPS)
+        out, bits = ops._bn_apply(y, scale, shift, r, scale, shift, True, True)
+        grads = ops._bn_apply_backward(g, None, bits, y, mean, invstd, w, r, mean, invstd, w, True, True, True)
+        return (mean, invstd, scale, shift, nrm, nrv, out, bits) + tuple(grads)
+    return run
+
+
+def opcheck_new_samples(device):
+    shape = (2, 5, 3, 3)
+    for layout in ("contiguous", "channels_last"):
+        y = randn(shape, torch.float32, device, layout)
+        r = randn(shape, torch.float32, device, "contiguous")
+        s, b = torch.rand(5, device=device) + 0.5, torch.randn(5, device=device)
+        yield ops._bn_stats.default, (y, s, b, b.clone(), s.clone(), 0.1, EPS)
+        yield ops._bn_stats.default, (y, None, None, None, None, 0.1, EPS)
+        yield ops._bn_stats.default, (y.bfloat16(), s, b, b.clone(), s.clone(), 0.5, EPS)
+        yield ops._bn_apply.default, (y, s, b, r, s, b, True, True)
+        yield ops._bn_apply.default, (y, s, b, None, None, None, False, False)
+        _, bits = ops._bn_apply(y, s, b, r, s, b, True, True)
+        yield ops._bn_apply_backward.default, (r, None, bits, y, b, s, s, r, b, s, s, True, True, True)
+        yield ops._bn_apply_backward.default, (r, y, None, y, b, s, None, None, None, None, None, True, False, True)
+        yield ops._bn_apply_backward.default, (r, None, None, y, b, s, s, y, b, s, None, False, True, False)
+
+
 # ---- CPU tests ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -451,6 +671,134 @@ def test_without_relu_out_is_not_read():
         assert torch.equal(a, b)
 
 
+STAT_SHAPES = SHAPES + LARGE_SHAPES + [(1, 8, 1, 2)]  # the last: two values per channel, the fewest training allows
+
+
+@pytest.mark.parametrize("layout, shape", LAYOUT_SHAPES + [(layout, shape) for layout in ("contiguous", "channels_last")
+                                                              for shape in LARGE_SHAPES + [(1, 8, 1, 2)]], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bn_stats(dtype, layout, shape):
+    check_bn_stats("cpu", dtype, layout, shape)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 1 / 3, 1.0])  # 1/3: momentum=None's cumulative average at the third batch
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bn_stats_momentum(layout, momentum):
+    check_bn_stats("cpu", torch.float32, layout, (2, 13, 5, 7), momentum)
+
+
+@pytest.mark.parametrize("dtype, running_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                                  (torch.float16, torch.float32)], ids=str)
+def test_bn_stats_running_stats_dtype(dtype, running_dtype):
+    """The running statistics come back in the dtype they are kept in (a .half() model keeps them in fp16)."""
+    check_bn_stats("cpu", dtype, "channels_last", (2, 13, 5, 7), running_dtype=running_dtype)
+
+
+def test_bn_stats_matches_batch_norm_over_steps():
+    """Three training steps of running statistics: as nn.BatchNorm2d's, with momentum and with momentum=None
+    (the caller passes 1 / num_batches_tracked)."""
+    for momentum in (0.1, None):
+        bn = torch.nn.BatchNorm2d(13, momentum=momentum)
+        rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+        for step in range(1, 4):
+            y = torch.randn(3, 13, 6, 5).contiguous(memory_format=torch.channels_last) * step + step
+            bn(y)
+            factor = 1.0 / step if momentum is None else momentum
+            ref = bn_stats_reference(y, bn.weight, bn.bias, rm, rv, factor, torch.float64)
+            _, _, _, _, rm, rv = ops._bn_stats(y, bn.weight.detach(), bn.bias.detach(), rm, rv, factor, bn.eps)
+            assert_within(f"running_mean(step {step}, momentum={momentum})", rm, ref[4], bn.running_mean)
+            assert_within(f"running_var(step {step}, momentum={momentum})", rv, ref[5], bn.running_var)
+
+
+def test_bn_stats_empty_batch():
+    """No values: the running statistics are left as they are (as BatchNorm2d does on an empty batch)."""
+    y = torch.empty(0, 4, 3, 3)
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    mean, invstd, scale, shift, nrm, nrv = ops._bn_stats(y, None, None, rm, rv, 0.1, EPS)
+    assert torch.equal(nrm, rm) and torch.equal(nrv, rv) and torch.equal(mean, torch.zeros(4))
+
+
+@pytest.mark.parametrize("layout, shape", LAYOUT_SHAPES + [("channels_last", LARGE_SHAPES[0]),
+                                                           ("contiguous", LARGE_SHAPES[1])], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bn_apply(dtype, layout, shape):
+    check_bn_apply("cpu", dtype, layout, shape)
+
+
+def test_relu_mask_of_special_values():
+    """NaN passes the gradient (threshold_backward does), zero and negative values do not; tails of rows whose
+    length is not a multiple of 8."""
+    y = torch.tensor([0.0, -0.0, 1e-30, -1e-30, float("nan"), float("inf"), -float("inf"), 2.0, -3.0, 5.0, 0.0])
+    for dtype in DTYPES:
+        for layout in ("contiguous", "channels_last"):
+            t = to_layout(y.to(dtype).repeat(2, 3, 1).view(2, 3, 1, 11), layout)
+            out, bits = ops._bn_apply(t, None, None, None, None, None, True, True)
+            check_relu_mask(out, bits)
+
+
+@pytest.mark.parametrize("layout, shape", LAYOUT_SHAPES + [("channels_last", LARGE_SHAPES[0]),
+                                                           ("contiguous", LARGE_SHAPES[1])], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bn_apply_backward_dual(dtype, layout, shape):
+    check_bn_apply_backward_dual("cpu", dtype, layout, shape)
+
+
+@pytest.mark.parametrize("layout, shape", [("contiguous", SHAPES[0]), ("channels_last", SHAPES[1]),
+                                           ("channels_last", LARGE_SHAPES[0]), ("contiguous", LARGE_SHAPES[1])],
+                         ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mask_backward_equals_output_backward(dtype, layout, shape):
+    check_mask_backward_plain("cpu", dtype, layout, shape)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_new_kernels_deterministic_and_thread_independent(layout):
+    run = new_kernel_outputs("cpu", layout, (4, 13, 45, 47))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 2, 3):
+            torch.set_num_threads(n)
+            results.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b), "results differ between runs or thread counts"
+
+
+def test_new_kernels_bad_arguments():
+    y = torch.randn(2, 4, 3, 3)
+    c4 = torch.ones(4)
+    with pytest.raises(RuntimeError, match="y must be 4-D"):
+        ops._bn_stats(y[0], None, None, None, None, 0.1, EPS)
+    with pytest.raises(RuntimeError, match=r"running_var must have shape \[4\]"):
+        ops._bn_stats(y, None, None, c4, torch.ones(3), 0.1, EPS)
+    with pytest.raises(RuntimeError, match="running_mean and running_var must be given together"):
+        ops._bn_stats(y, None, None, c4, None, 0.1, EPS)
+    with pytest.raises(RuntimeError, match="expected more than 1 value per channel"):
+        ops._bn_stats(torch.randn(1, 4, 1, 1), None, None, c4, c4, 0.1, EPS)
+    with pytest.raises(RuntimeError, match="eps must be > 0"):
+        ops._bn_stats(y, None, None, None, None, 0.1, 0.0)
+    with pytest.raises(RuntimeError, match="a ReLU mask needs relu=True"):
+        ops._bn_apply(y, c4, c4, None, None, None, False, True)
+    with pytest.raises(RuntimeError, match="residual_scale and residual_shift need a residual"):
+        ops._bn_apply(y, c4, c4, None, c4, None, True, False)
+    with pytest.raises(RuntimeError, match=r"residual_shift must have shape \[4\]"):
+        ops._bn_apply(y, c4, c4, y, c4, torch.ones(5), True, False)
+    _, bits = ops._bn_apply(y, c4, c4, None, None, None, True, True)
+    with pytest.raises(RuntimeError, match="mask must have shape"):
+        ops._bn_apply_backward(y, None, bits[:1], y, c4, c4, None, None, None, None, None, True, True, False)
+    with pytest.raises(RuntimeError, match="mask must be uint8"):
+        ops._bn_apply_backward(y, None, bits.int(), y, c4, c4, None, None, None, None, None, True, True, False)
+    with pytest.raises(RuntimeError, match="relu=True needs out or mask"):
+        ops._bn_apply_backward(y, None, None, y, c4, c4, None, None, None, None, None, True, True, False)
+    with pytest.raises(RuntimeError, match="a residual needs residual_mean and residual_invstd"):
+        ops._bn_apply_backward(y, y, None, y, c4, c4, None, y, c4, None, None, True, True, False)
+    with pytest.raises(RuntimeError, match="residual must have y's shape"):
+        ops._bn_apply_backward(y, y, None, y, c4, c4, None, y[:1], c4, c4, None, True, True, False)
+
+
 def test_compiled_module():
     assert _compiled.available() and _compiled.load_error() is None
     for name in _compiled.KERNEL_OPS:
@@ -462,6 +810,11 @@ def test_compiled_module():
 
 def test_opcheck():
     for op, args in opcheck_samples("cpu"):
+        torch.library.opcheck(op, args)
+
+
+def test_opcheck_new_kernels():
+    for op, args in opcheck_new_samples("cpu"):
         torch.library.opcheck(op, args)
 
 
@@ -548,3 +901,59 @@ class TestCUDA:
     def test_opcheck(self):
         for op, args in opcheck_samples("cuda"):
             torch.library.opcheck(op, args)
+        for op, args in opcheck_new_samples("cuda"):
+            torch.library.opcheck(op, args)
+
+    @pytest.mark.parametrize("shape", STAT_SHAPES + [(8, 64, 56, 56)], ids=str)
+    @pytest.mark.parametrize("layout", LAYOUTS)
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_bn_stats(self, dtype, layout, shape):
+        check_bn_stats("cuda", dtype, layout, shape)
+
+    @pytest.mark.parametrize("momentum", [0.0, 1 / 3, 1.0])
+    def test_bn_stats_momentum(self, momentum):
+        check_bn_stats("cuda", torch.float32, "channels_last", (2, 13, 5, 7), momentum)
+
+    def test_bn_stats_empty_batch(self):
+        rm, rv = torch.randn(4, device="cuda"), torch.rand(4, device="cuda") + 0.5
+        out = ops._bn_stats(torch.empty(0, 4, 3, 3, device="cuda"), None, None, rm, rv, 0.1, EPS)
+        assert torch.equal(out[4], rm) and torch.equal(out[5], rv)
+
+    @pytest.mark.parametrize("shape", SHAPES + LARGE_SHAPES, ids=str)
+    @pytest.mark.parametrize("layout", LAYOUTS)
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_bn_apply(self, dtype, layout, shape):
+        check_bn_apply("cuda", dtype, layout, shape)
+
+    @pytest.mark.parametrize("shape", SHAPES + LARGE_SHAPES + [(8, 64, 28, 28)], ids=str)
+    @pytest.mark.parametrize("layout", LAYOUTS)
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_bn_apply_backward_dual(self, dtype, layout, shape):
+        check_bn_apply_backward_dual("cuda", dtype, layout, shape)
+
+    @pytest.mark.parametrize("shape", SHAPES + LARGE_SHAPES, ids=str)
+    @pytest.mark.parametrize("layout", LAYOUTS)
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_mask_backward_equals_output_backward(self, dtype, layout, shape):
+        check_mask_backward_plain("cuda", dtype, layout, shape)
+
+    @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+    def test_new_kernels_deterministic(self, layout):
+        run = new_kernel_outputs("cuda", layout, (8, 64, 28, 28))
+        first, second = run(), run()
+        for a, b in zip(first, second):
+            assert torch.equal(a, b), "two runs differ"
+
+    def test_new_kernels_match_cpu(self):
+        """Same float64 inputs on both devices: statistics, dual apply and its backward agree to rounding, and the
+        masks are identical."""
+        for layout in ("contiguous", "channels_last"):
+            torch.manual_seed(0)
+            want = new_kernel_outputs("cpu", layout, (4, 13, 9, 11), torch.float64)()
+            torch.manual_seed(0)
+            got = new_kernel_outputs("cuda", layout, (4, 13, 9, 11), torch.float64)()
+            for a, b in zip(want, got):
+                if a.dtype == torch.uint8:
+                    assert torch.equal(b.cpu(), a)
+                else:
+                    torch.testing.assert_close(b.cpu(), a, rtol=1e-12, atol=1e-12)

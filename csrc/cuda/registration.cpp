@@ -73,25 +73,126 @@ at::Tensor add_relu_cuda(const at::Tensor& x, const at::Tensor& residual) {
   return a.out;
 }
 
+namespace {
+
+template <typename T>
+T* mutable_or_null(at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.mutable_data_ptr<T>() : nullptr;
+}
+
+void run_bn_apply(BnApplyArgs& a) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.y.scalar_type(), "fastres::_bn_apply", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    cuda::BnApplyParams<scalar_t> p{matrix_of(a.shape),
+                                    a.y.const_data_ptr<scalar_t>(),
+                                    data_or_null<scalar_t>(a.residual),
+                                    a.out.mutable_data_ptr<scalar_t>(),
+                                    a.scale.const_data_ptr<acc_t>(),
+                                    a.shift.const_data_ptr<acc_t>(),
+                                    data_or_null<acc_t>(a.residual_scale),
+                                    data_or_null<acc_t>(a.residual_shift),
+                                    a.write_mask ? mutable_or_null<uint8_t>(a.mask) : nullptr,
+                                    mask_bytes_per_row(a.shape),
+                                    a.relu};
+    cuda::launch_bn_apply<scalar_t>(p, stream);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_bn_backward(
+    BnBackwardArgs& a) {
+  if (a.shape.numel() == 0) {
+    for (at::Tensor* t : {&a.grad_weight, &a.grad_bias, &a.grad_r_weight, &a.grad_r_bias}) t->zero_();
+    return {a.grad_y, a.grad_residual, a.grad_weight, a.grad_bias, a.grad_r_weight, a.grad_r_bias};
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const cuda::Matrix m = matrix_of(a.shape);
+  at::Tensor workspace = at::empty({cuda::bn_backward_workspace_size(m)}, a.grad_weight.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.y.scalar_type(), "fastres::_bn_apply_backward", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    cuda::BnBackwardParams<scalar_t> p{m,
+                                       a.grad_out.const_data_ptr<scalar_t>(),
+                                       a.relu && !a.use_mask ? a.out.const_data_ptr<scalar_t>() : nullptr,
+                                       a.use_mask ? a.mask.const_data_ptr<uint8_t>() : nullptr,
+                                       mask_bytes_per_row(a.shape),
+                                       a.y.const_data_ptr<scalar_t>(),
+                                       a.mean.const_data_ptr<acc_t>(),
+                                       a.invstd.const_data_ptr<acc_t>(),
+                                       a.weight.const_data_ptr<acc_t>(),
+                                       a.dual ? a.r.const_data_ptr<scalar_t>() : nullptr,
+                                       data_or_null<acc_t>(a.r_mean),
+                                       data_or_null<acc_t>(a.r_invstd),
+                                       data_or_null<acc_t>(a.r_weight),
+                                       a.grad_y.mutable_data_ptr<scalar_t>(),
+                                       a.residual_grad ? a.grad_residual.mutable_data_ptr<scalar_t>() : nullptr,
+                                       a.grad_weight.mutable_data_ptr<acc_t>(),
+                                       a.grad_bias.mutable_data_ptr<acc_t>(),
+                                       mutable_or_null<acc_t>(a.grad_r_weight),
+                                       mutable_or_null<acc_t>(a.grad_r_bias),
+                                       workspace.mutable_data_ptr<acc_t>(),
+                                       acc_t(1) / static_cast<acc_t>(a.shape.N * a.shape.HW),
+                                       a.relu,
+                                       a.training};
+    cuda::launch_bn_backward<scalar_t>(p, stream);
+  });
+  return {a.grad_y, a.grad_residual, a.grad_weight, a.grad_bias, a.grad_r_weight, a.grad_r_bias};
+}
+
+}  // namespace
+
 at::Tensor bn_act_forward_cuda(const at::Tensor& y, const std::optional<at::Tensor>& scale,
                                const std::optional<at::Tensor>& shift,
                                const std::optional<at::Tensor>& residual, bool relu) {
   check_cuda(y, "_bn_act_forward", "y");
   const c10::cuda::CUDAGuard guard(y.device());
-  auto a = prepare_bn_act_forward(y, scale, shift, residual, relu);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.y.scalar_type(), "fastres::_bn_act_forward", [&] {
-    using acc_t = acc_type_t<scalar_t>;
-    cuda::BnActForwardParams<scalar_t> p{matrix_of(a.shape),
-                                         a.y.const_data_ptr<scalar_t>(),
-                                         data_or_null<scalar_t>(a.residual),
-                                         a.out.mutable_data_ptr<scalar_t>(),
-                                         a.scale.const_data_ptr<acc_t>(),
-                                         a.shift.const_data_ptr<acc_t>(),
-                                         a.relu};
-    cuda::launch_bn_act_forward<scalar_t>(p, stream);
-  });
+  auto a = prepare_bn_apply(y, scale, shift, residual, std::nullopt, std::nullopt, relu, false, "_bn_act_forward");
+  run_bn_apply(a);
   return a.out;
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_apply_cuda(const at::Tensor& y, const std::optional<at::Tensor>& scale,
+                                                 const std::optional<at::Tensor>& shift,
+                                                 const std::optional<at::Tensor>& residual,
+                                                 const std::optional<at::Tensor>& residual_scale,
+                                                 const std::optional<at::Tensor>& residual_shift, bool relu,
+                                                 bool mask) {
+  check_cuda(y, "_bn_apply", "y");
+  const c10::cuda::CUDAGuard guard(y.device());
+  auto a = prepare_bn_apply(y, scale, shift, residual, residual_scale, residual_shift, relu, mask, "_bn_apply");
+  run_bn_apply(a);
+  return {a.out, a.write_mask ? a.mask : at::empty({0}, y.options().dtype(at::kByte))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_stats_cuda(
+    const at::Tensor& y, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, double momentum,
+    double eps) {
+  check_cuda(y, "_bn_stats", "y");
+  const c10::cuda::CUDAGuard guard(y.device());
+  auto a = prepare_bn_stats(y, weight, bias, running_mean, running_var, momentum, eps);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const cuda::Matrix m = matrix_of(a.shape);
+  at::Tensor workspace = at::empty({std::max<int64_t>(1, cuda::bn_stats_workspace_size(m))}, a.mean.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.y.scalar_type(), "fastres::_bn_stats", [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    cuda::BnStatsParams<scalar_t> p{m,
+                                    a.y.const_data_ptr<scalar_t>(),
+                                    a.weight.const_data_ptr<acc_t>(),
+                                    a.bias.const_data_ptr<acc_t>(),
+                                    a.running_mean.const_data_ptr<acc_t>(),
+                                    a.running_var.const_data_ptr<acc_t>(),
+                                    a.mean.mutable_data_ptr<acc_t>(),
+                                    a.invstd.mutable_data_ptr<acc_t>(),
+                                    a.scale.mutable_data_ptr<acc_t>(),
+                                    a.shift.mutable_data_ptr<acc_t>(),
+                                    a.new_running_mean.mutable_data_ptr<acc_t>(),
+                                    a.new_running_var.mutable_data_ptr<acc_t>(),
+                                    workspace.mutable_data_ptr<acc_t>(),
+                                    static_cast<acc_t>(a.momentum),
+                                    static_cast<acc_t>(a.eps)};
+    cuda::launch_bn_stats<scalar_t>(p, stream);
+  });
+  return finish_bn_stats(a, running_mean, running_var);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
@@ -100,35 +201,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
     bool residual_grad) {
   check_cuda(y, "_bn_act_backward", "y");
   const c10::cuda::CUDAGuard guard(y.device());
-  auto a = prepare_bn_act_backward(grad_out, out, y, mean, invstd, weight, relu, training, residual_grad);
-  if (a.shape.numel() == 0) {
-    a.grad_weight.zero_();
-    a.grad_bias.zero_();
-    return {a.grad_y, a.grad_residual, a.grad_weight, a.grad_bias};
-  }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const cuda::Matrix m = matrix_of(a.shape);
-  at::Tensor workspace = at::empty({cuda::bn_act_backward_workspace_size(m)}, a.grad_weight.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.y.scalar_type(), "fastres::_bn_act_backward", [&] {
-    using acc_t = acc_type_t<scalar_t>;
-    cuda::BnActBackwardParams<scalar_t> p{m,
-                                          a.grad_out.const_data_ptr<scalar_t>(),
-                                          relu ? a.out.const_data_ptr<scalar_t>() : nullptr,
-                                          a.y.const_data_ptr<scalar_t>(),
-                                          a.mean.const_data_ptr<acc_t>(),
-                                          a.invstd.const_data_ptr<acc_t>(),
-                                          a.weight.const_data_ptr<acc_t>(),
-                                          a.grad_y.mutable_data_ptr<scalar_t>(),
-                                          residual_grad ? a.grad_residual.mutable_data_ptr<scalar_t>() : nullptr,
-                                          a.grad_weight.mutable_data_ptr<acc_t>(),
-                                          a.grad_bias.mutable_data_ptr<acc_t>(),
-                                          workspace.mutable_data_ptr<acc_t>(),
-                                          acc_t(1) / static_cast<acc_t>(a.shape.N * a.shape.HW),
-                                          relu,
-                                          training};
-    cuda::launch_bn_act_backward<scalar_t>(p, stream);
-  });
-  return {a.grad_y, a.grad_residual, a.grad_weight, a.grad_bias};
+  auto a = prepare_bn_backward(grad_out, out, std::nullopt, y, mean, invstd, weight, std::nullopt, std::nullopt,
+                               std::nullopt, std::nullopt, relu, training, residual_grad, "_bn_act_backward");
+  auto r = run_bn_backward(a);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_apply_backward_cuda(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& mask,
+    const at::Tensor& y, const at::Tensor& mean, const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& residual_mean,
+    const std::optional<at::Tensor>& residual_invstd, const std::optional<at::Tensor>& residual_weight, bool relu,
+    bool training, bool residual_grad) {
+  check_cuda(y, "_bn_apply_backward", "y");
+  const c10::cuda::CUDAGuard guard(y.device());
+  auto a = prepare_bn_backward(grad_out, out, mask, y, mean, invstd, weight, residual, residual_mean,
+                               residual_invstd, residual_weight, relu, training, residual_grad,
+                               "_bn_apply_backward");
+  return run_bn_backward(a);
 }
 
 }  // namespace fastres
@@ -138,4 +228,7 @@ TORCH_LIBRARY_IMPL(fastres, CUDA, m) {
   m.impl("_add_relu", &fastres::add_relu_cuda);
   m.impl("_bn_act_forward", &fastres::bn_act_forward_cuda);
   m.impl("_bn_act_backward", &fastres::bn_act_backward_cuda);
+  m.impl("_bn_stats", &fastres::bn_stats_cuda);
+  m.impl("_bn_apply", &fastres::bn_apply_cuda);
+  m.impl("_bn_apply_backward", &fastres::bn_apply_backward_cuda);
 }

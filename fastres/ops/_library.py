@@ -2,7 +2,7 @@
 autograd and autocast. Each op's math lives in the backends (backend_torch is the reference)."""
 import torch
 
-from . import _backend, _checks
+from . import _backend, _checks, backend_torch
 from ._checks import memory_format
 
 _SCHEMAS = {
@@ -18,6 +18,17 @@ _SCHEMAS = {
                            "Tensor running_var, bool training, float momentum=0.1, float eps=1e-05, "
                            "int[2] stride=1, int[2] padding=0, Tensor? residual=None, bool relu=True) "
                            "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    # act(bn(y) + bn_r(r)): a bottleneck's last BN and its downsample branch's BN, added and activated in one pass
+    # (y and r are the two convs' raw outputs). Functional like conv_bn_act_forward: it returns what backward needs
+    # (the ReLU's 1-bit mask, empty without relu, instead of the output; both BNs' mean and inverse std) and, in
+    # training, both BNs' updated running statistics (empty in eval):
+    # -> (out, relu_mask, save_mean, save_invstd, r_save_mean, r_save_invstd, new_running_mean, new_running_var,
+    #     r_new_running_mean, r_new_running_var)
+    "dual_bn_act_forward": "(Tensor y, Tensor bn_weight, Tensor bn_bias, Tensor running_mean, Tensor running_var, "
+                           "Tensor r, Tensor r_bn_weight, Tensor r_bn_bias, Tensor r_running_mean, "
+                           "Tensor r_running_var, bool training, float momentum=0.1, float eps=1e-05, "
+                           "float r_momentum=0.1, float r_eps=1e-05, bool relu=True) "
+                           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     # The previous layer's BN apply (+ ReLU) as this conv's prologue: in training the normalized activation is
     # recomputed from the previous conv's raw output instead of being kept.
     "bn_relu_conv": "(Tensor x, Tensor scale, Tensor shift, Tensor weight, int[2] stride=1, int[2] padding=0, "
@@ -32,6 +43,11 @@ _SCHEMAS = {
                        "-> (Tensor, Tensor, Tensor, Tensor)",
     "bn_relu_conv_backward": "(Tensor grad, Tensor x, Tensor scale, Tensor shift, Tensor weight, int[2] stride, "
                              "int[2] padding, bool relu, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
+    # -> (grad_y, grad_r (empty unless r_grad), grad_bn_weight, grad_bn_bias, grad_r_bn_weight, grad_r_bn_bias)
+    "dual_bn_act_backward": "(Tensor grad_out, Tensor relu_mask, Tensor y, Tensor save_mean, Tensor save_invstd, "
+                            "Tensor? bn_weight, Tensor r, Tensor r_save_mean, Tensor r_save_invstd, "
+                            "Tensor? r_bn_weight, bool relu, bool training, bool r_grad) "
+                            "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 }
 
 
@@ -252,6 +268,96 @@ def _conv_bn_act_composite(x, weight, bn_weight, bn_bias, running_mean, running_
 _lib.impl("conv_bn_act", _conv_bn_act_composite, "CompositeImplicitAutograd")
 
 
+# ---------------------------------------------------------------- dual_bn_act
+def _check_dual_bn(y, bn_weight, bn_bias, running_mean, running_var, r, r_bn_weight, r_bn_bias, r_running_mean,
+                   r_running_var, training):
+    op = "dual_bn_act"
+    _checks._tensor(op, "y", y, ndim=4)
+    _checks._tensor(op, "r", r, ndim=4)
+    _checks._same_device(op, "y", y, "r", r)
+    _checks._same_dtype(op, "y", y, "r", r)
+    if r.shape != y.shape:
+        raise ValueError(f"fastres.{op}: r has shape {tuple(r.shape)} but y has shape {tuple(y.shape)}")
+    _checks.check_channel_params(op, y.shape[1], y.device, bn_weight=bn_weight, bn_bias=bn_bias,
+                                 running_mean=running_mean, running_var=running_var, r_bn_weight=r_bn_weight,
+                                 r_bn_bias=r_bn_bias, r_running_mean=r_running_mean, r_running_var=r_running_var)
+    if training:
+        _checks.check_batch_for_training(tuple(y.shape))
+
+
+@torch.library.custom_op("fastres::dual_bn_act_forward", mutates_args=(), schema=_SCHEMAS["dual_bn_act_forward"])
+def dual_bn_act_forward(y, bn_weight, bn_bias, running_mean, running_var, r, r_bn_weight, r_bn_bias, r_running_mean,
+                        r_running_var, training, momentum=0.1, eps=1e-5, r_momentum=0.1, r_eps=1e-5, relu=True):
+    _check_dual_bn(y, bn_weight, bn_bias, running_mean, running_var, r, r_bn_weight, r_bn_bias, r_running_mean,
+                   r_running_var, training)
+    return _backend.select("dual_bn_act_forward", y.device).dual_bn_act_forward(
+        y, bn_weight, bn_bias, running_mean, running_var, r, r_bn_weight, r_bn_bias, r_running_mean, r_running_var,
+        training, momentum, eps, r_momentum, r_eps, relu)
+
+
+@dual_bn_act_forward.register_fake
+def _(y, bn_weight, bn_bias, running_mean, running_var, r, r_bn_weight, r_bn_bias, r_running_mean, r_running_var,
+      training, momentum=0.1, eps=1e-5, r_momentum=0.1, r_eps=1e-5, relu=True):
+    _check_dual_bn(y, bn_weight, bn_bias, running_mean, running_var, r, r_bn_weight, r_bn_bias, r_running_mean,
+                   r_running_var, training)
+    acc = _stat_dtype(y)
+    stats = [y.new_empty((y.shape[1],), dtype=acc) for _ in range(4)]
+    running = (y.shape[1] if training else 0,)
+    relu_mask = y.new_empty(backend_torch.relu_mask_shape(y) if relu else (0,), dtype=torch.uint8)
+    return (_empty(y.shape, y, memory_format(y)), relu_mask, *stats, running_mean.new_empty(running),
+            running_var.new_empty(running), r_running_mean.new_empty(running), r_running_var.new_empty(running))
+
+
+def _dual_bn_act_setup(ctx, inputs, output):
+    _record_requires_grad(ctx, inputs)
+    y, bn_weight, _, _, _, r, r_bn_weight = inputs[:7]
+    training, relu = inputs[10], inputs[15]
+    relu_mask, mean, invstd, r_mean, r_invstd = output[1:6]
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.training, ctx.relu = training, relu
+    # The ReLU's mask (1 bit per element), not its output: backward reads 1/16 to 1/32 of the bytes.
+    ctx.save_for_backward(y, r, bn_weight, r_bn_weight, relu_mask, mean, invstd, r_mean, r_invstd)
+
+
+def _dual_bn_act_backward(ctx, grad_out, *_grads_of_saved_outputs):
+    y, r, bn_weight, r_bn_weight, relu_mask, mean, invstd, r_mean, r_invstd = ctx.saved_tensors
+    grad_y, grad_r, gw, gb, grw, grb = torch.ops.fastres.dual_bn_act_backward(
+        grad_out, relu_mask, y, mean, invstd, bn_weight, r, r_mean, r_invstd, r_bn_weight, ctx.relu, ctx.training,
+        ctx.req[5])
+    req = ctx.req
+    return (grad_y if req[0] else None, gw.to(bn_weight.dtype) if req[1] else None,
+            gb.to(bn_weight.dtype) if req[2] else None, None, None, grad_r if req[5] else None,
+            grw.to(r_bn_weight.dtype) if req[6] else None, grb.to(r_bn_weight.dtype) if req[7] else None,
+            None, None, None, None, None, None, None, None)
+
+
+dual_bn_act_forward.register_autograd(_dual_bn_act_backward, setup_context=_dual_bn_act_setup)
+
+# The public dual_bn_act: the same decomposition as conv_bn_act's,, updating both BNs' running statistics in place.
+_lib.define("dual_bn_act(Tensor y, Tensor bn_weight, Tensor bn_bias, Tensor(a!) running_mean, "
+            "Tensor(b!) running_var, Tensor r, Tensor r_bn_weight, Tensor r_bn_bias, Tensor(c!) r_running_mean, "
+            "Tensor(d!) r_running_var, bool training, float momentum=0.1, float eps=1e-05, float r_momentum=0.1, "
+            "float r_eps=1e-05, bool relu=True) -> Tensor")
+
+
+def _dual_bn_act_composite(y, bn_weight, bn_bias, running_mean, running_var, r, r_bn_weight, r_bn_bias,
+                           r_running_mean, r_running_var, training, momentum=0.1, eps=1e-5, r_momentum=0.1,
+                           r_eps=1e-5, relu=True):
+    out, _, _, _, _, _, new_rm, new_rv, r_new_rm, r_new_rv = torch.ops.fastres.dual_bn_act_forward(
+        y, bn_weight, bn_bias, running_mean, running_var, r, r_bn_weight, r_bn_bias, r_running_mean, r_running_var,
+        training, momentum, eps, r_momentum, r_eps, relu)
+    if training:
+        with torch.no_grad():
+            running_mean.copy_(new_rm)
+            running_var.copy_(new_rv)
+            r_running_mean.copy_(r_new_rm)
+            r_running_var.copy_(r_new_rv)
+    return out
+
+
+_lib.impl("dual_bn_act", _dual_bn_act_composite, "CompositeImplicitAutograd")
+
+
 # ---------------------------------------------------------------- bn_relu_conv
 def _check_bn_relu_conv(x, scale, shift, weight, stride, padding):
     stride, padding, out_shape = _checks.check_conv("bn_relu_conv", x, weight, None, stride, padding, None)
@@ -342,6 +448,28 @@ def _(grad, x, scale, shift, weight, stride, padding, relu, output_mask):
     likes = (torch.empty_like(x, memory_format=memory_format(x)), torch.empty_like(scale), torch.empty_like(shift),
              torch.empty_like(weight, memory_format=memory_format(weight)))
     return tuple(t if m else x.new_empty(0) for t, m in zip(likes, output_mask))
+
+
+@torch.library.custom_op("fastres::dual_bn_act_backward", mutates_args=(), schema=_SCHEMAS["dual_bn_act_backward"])
+def dual_bn_act_backward(grad_out, relu_mask, y, save_mean, save_invstd, bn_weight, r, r_save_mean, r_save_invstd,
+                         r_bn_weight, relu, training, r_grad):
+    fmt = memory_format(y)
+    grad_y, grad_r, *rest = _backend.select("dual_bn_act_backward", y.device).dual_bn_act_backward(
+        grad_out.contiguous(memory_format=fmt), relu_mask, y, save_mean, save_invstd, bn_weight, r, r_save_mean,
+        r_save_invstd, r_bn_weight, relu, training, r_grad)
+    # Gradients are laid out like what they are gradients of.
+    grad_y = grad_y.contiguous(memory_format=fmt)
+    grad_r = None if grad_r is None else grad_r.contiguous(memory_format=memory_format(r))
+    return tuple(_or_empty(g, y) for g in (grad_y, grad_r, *rest))
+
+
+@dual_bn_act_backward.register_fake
+def _(grad_out, relu_mask, y, save_mean, save_invstd, bn_weight, r, r_save_mean, r_save_invstd, r_bn_weight, relu,
+      training, r_grad):
+    return (torch.empty_like(y, memory_format=memory_format(y)),
+            torch.empty_like(r, memory_format=memory_format(r)) if r_grad else y.new_empty(0),
+            torch.empty_like(save_mean), torch.empty_like(save_mean), torch.empty_like(r_save_mean),
+            torch.empty_like(r_save_mean))
 
 
 # ---------------------------------------------------------------- autocast

@@ -5,6 +5,8 @@ Each returns its output in the memory format of its main input (see _checks.memo
 """
 import torch
 import torch.nn.functional as F
+# The Python twin of Tensor.suggest_memory_format(), which fastres._C's kernels lay their outputs out by.
+from torch._prims_common import suggest_memory_format
 
 from ._checks import memory_format
 
@@ -41,16 +43,12 @@ def conv_bias_act(x, weight, bias, stride, padding, residual, relu):
     return y.contiguous(memory_format=memory_format(x))
 
 
-def conv_bn_act_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride,
-                        padding, residual, relu):
-    """-> (out, conv_out, save_mean, save_invstd, new_running_mean, new_running_var): the output, the raw conv
-    output, the per-channel statistics that normalized it (the batch's in training, the running ones in eval), and
-    in training the updated running statistics (empty tensors in eval). Nothing is mutated."""
-    fmt = memory_format(x)
-    y = F.conv2d(x, weight, None, stride, padding).contiguous(memory_format=fmt)
+def _batch_norm(y, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps):
+    """-> (normalized y, save_mean, save_invstd, new_running_mean, new_running_var) with aten's own batch norm: in
+    training the batch statistics and the updated running statistics (computed on copies, so they come out exactly
+    as nn.BatchNorm2d's), in eval the running statistics and empty tensors. Nothing is mutated."""
     acc = stat_dtype(y)
     if training:
-        # aten's own batch norm on copies: the running statistics come out exactly as nn.BatchNorm2d's.
         new_running_mean, new_running_var = running_mean.clone(), running_var.clone()
         z, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
             y, bn_weight, bn_bias, new_running_mean, new_running_var, True, momentum, eps)
@@ -60,12 +58,81 @@ def conv_bn_act_forward(x, weight, bn_weight, bn_bias, running_mean, running_var
         save_mean = running_mean.to(acc, copy=True)
         save_invstd = torch.rsqrt(running_var.to(acc) + eps)
         new_running_mean, new_running_var = running_mean.new_empty(0), running_var.new_empty(0)
+    return z, save_mean.to(acc), save_invstd.to(acc), new_running_mean, new_running_var
+
+
+def conv_bn_act_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride,
+                        padding, residual, relu):
+    """-> (out, conv_out, save_mean, save_invstd, new_running_mean, new_running_var): the output, the raw conv
+    output, the per-channel statistics that normalized it (the batch's in training, the running ones in eval), and
+    in training the updated running statistics (empty tensors in eval). Nothing is mutated."""
+    fmt = memory_format(x)
+    y = F.conv2d(x, weight, None, stride, padding).contiguous(memory_format=fmt)
+    z, save_mean, save_invstd, new_running_mean, new_running_var = _batch_norm(
+        y, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
     if residual is not None:
         z = z + residual
     if relu:
         z = torch.relu(z)
-    return (z.contiguous(memory_format=fmt), y, save_mean.to(acc), save_invstd.to(acc), new_running_mean,
-            new_running_var)
+    return z.contiguous(memory_format=fmt), y, save_mean, save_invstd, new_running_mean, new_running_var
+
+
+def relu_mask_shape(y):
+    """Shape of the ReLU mask of an activation like y: uint8 [rows, ceil(cols / 8)] of y's [rows, cols] matrix in
+    memory order (NHWC: rows = N*H*W, cols = C; NCHW: rows = N*C, cols = H*W); bit j of byte b of a row is the
+    element at column 8b + j, set where the gradient passes the ReLU (not out <= 0, as threshold_backward has it).
+    The layout follows torch's suggest_memory_format, as fastres._C's kernels do."""
+    n, c, h, w = y.shape
+    if suggest_memory_format(y) == torch.channels_last:
+        return (n * h * w, (c + 7) // 8)
+    return (n * c, (h * w + 7) // 8)
+
+
+def _memory_order_matrix(t):
+    n, c, h, w = t.shape
+    if suggest_memory_format(t) == torch.channels_last:
+        return t.permute(0, 2, 3, 1).reshape(n * h * w, c)
+    return t.reshape(n * c, h * w)
+
+
+def pack_relu_mask(out):
+    """The ReLU mask of a stored output (see relu_mask_shape)."""
+    passes = _memory_order_matrix(~(out <= 0))
+    rows, cols = passes.shape
+    padded = torch.zeros(rows, relu_mask_shape(out)[1] * 8, dtype=torch.uint8, device=out.device)
+    padded[:, :cols] = passes
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=out.device)
+    return (padded.view(rows, -1, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def apply_relu_mask(grad, relu_mask):
+    """grad where the mask's bit is set, else 0: threshold_backward(grad, out, 0) from the mask of out."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=grad.device)
+    bits = ((relu_mask.unsqueeze(-1) >> shifts) & 1).reshape(relu_mask.shape[0], -1)
+    passes = torch.empty(grad.shape, dtype=torch.bool, device=grad.device,
+                         memory_format=suggest_memory_format(grad))
+    matrix = _memory_order_matrix(passes)  # a view of passes
+    matrix.copy_(bits[:, :matrix.shape[1]].bool())
+    return torch.where(passes, grad, torch.zeros_like(grad))
+
+
+def dual_bn_act_forward(y, bn_weight, bn_bias, running_mean, running_var, r, r_bn_weight, r_bn_bias, r_running_mean,
+                        r_running_var, training, momentum, eps, r_momentum, r_eps, relu):
+    """act(bn(y) + bn_r(r)) -> (out, save_mean, save_invstd, r_save_mean, r_save_invstd, new_running_mean,
+    new_running_var, r_new_running_mean, r_new_running_var), each BN as in conv_bn_act_forward. Nothing is
+    mutated."""
+    fmt = memory_format(y)
+    z, mean, invstd, new_rm, new_rv = _batch_norm(y, bn_weight, bn_bias, running_mean, running_var, training,
+                                                  momentum, eps)
+    zr, r_mean, r_invstd, r_new_rm, r_new_rv = _batch_norm(r, r_bn_weight, r_bn_bias, r_running_mean,
+                                                           r_running_var, training, r_momentum, r_eps)
+    out = (z + zr).contiguous(memory_format=fmt)
+    if relu:
+        out = torch.relu(out)
+        relu_mask = pack_relu_mask(out)
+    else:
+        relu_mask = out.new_empty(0, dtype=torch.uint8)
+    return out, relu_mask, mean, invstd, r_mean, r_invstd, new_rm, new_rv, r_new_rm, r_new_rv
 
 
 def conv_backward(grad, x, weight, stride, padding, output_mask):
@@ -99,6 +166,19 @@ def bn_act_backward(grad_out, out, conv_out, save_mean, save_invstd, bn_weight, 
     grad_residual = (dz.clone(memory_format=fmt) if dz is grad_out else dz.contiguous(memory_format=fmt)) \
         if residual_grad else None
     return grad_y, grad_residual, grad_weight, grad_bias
+
+
+def dual_bn_act_backward(grad_out, relu_mask, y, save_mean, save_invstd, bn_weight, r, r_save_mean, r_save_invstd,
+                         r_bn_weight, relu, training, need_r):
+    """Backward of out = act(bn(y) + bn_r(r)) -> (grad_y, grad_r or None, grad_bn_weight, grad_bn_bias,
+    grad_r_bn_weight, grad_r_bn_bias), the BN gradients in the statistics dtype; the ReLU's gradient from its
+    mask (see relu_mask_shape)."""
+    dz = apply_relu_mask(grad_out, relu_mask) if relu else grad_out
+    grad_y, dz, grad_weight, grad_bias = bn_act_backward(dz, None, y, save_mean, save_invstd, bn_weight, False,
+                                                         training, True)
+    grad_r, _, grad_r_weight, grad_r_bias = bn_act_backward(dz, None, r, r_save_mean, r_save_invstd, r_bn_weight,
+                                                            False, training, False)
+    return grad_y, (grad_r if need_r else None), grad_weight, grad_bias, grad_r_weight, grad_r_bias
 
 
 def _bn_relu(x, scale, shift, relu):

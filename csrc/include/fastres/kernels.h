@@ -45,27 +45,75 @@ struct ActivationShape {
   int64_t numel() const { return N * C * HW; }
 };
 
-struct BnActForwardArgs {
+// The BN apply: out = act(y * scale[c] + shift[c] + residual), or in its dual form
+// act(y * scale[c] + shift[c] + residual * residual_scale[c] + residual_shift[c]); optionally
+// also the ReLU mask, one bit per element (see mask_bytes_per_row).
+struct BnApplyArgs {
   ActivationShape shape;
-  at::Tensor y, scale, shift, residual, out;  // residual undefined when absent
+  at::Tensor y, scale, shift, residual, residual_scale, residual_shift, out, mask;
   bool relu = false;
+  bool residual_affine = false;  // the dual form (residual_scale, residual_shift defined)
+  bool write_mask = false;       // mask defined
 };
-BnActForwardArgs prepare_bn_act_forward(const at::Tensor& y, const std::optional<at::Tensor>& scale,
-                                        const std::optional<at::Tensor>& shift,
-                                        const std::optional<at::Tensor>& residual, bool relu);
+BnApplyArgs prepare_bn_apply(const at::Tensor& y, const std::optional<at::Tensor>& scale,
+                             const std::optional<at::Tensor>& shift,
+                             const std::optional<at::Tensor>& residual,
+                             const std::optional<at::Tensor>& residual_scale,
+                             const std::optional<at::Tensor>& residual_shift, bool relu, bool mask,
+                             const char* op);
 
-struct BnActBackwardArgs {
+// The ReLU mask of an activation seen as its [rows, cols] matrix in memory order (NHWC: rows =
+// N*H*W, cols = C; NCHW: rows = N*C, cols = H*W) is a uint8 [rows, ceil(cols / 8)] tensor: bit j
+// of byte b of a row is the element at column 8*b + j. Rows start on a byte, so a kernel can
+// give whole bytes to threads without crossing rows.
+inline int64_t mask_bytes_per_row(const ActivationShape& s) {
+  const int64_t cols = s.channels_last ? s.C : s.HW;
+  return (cols + 7) / 8;
+}
+inline int64_t mask_rows(const ActivationShape& s) { return s.channels_last ? s.N * s.HW : s.N * s.C; }
+
+// Batch statistics of y per channel and what follows from them: mean, invstd = 1/sqrt(var+eps)
+// (biased variance), the apply coefficients scale = weight*invstd and shift = bias - mean*scale,
+// and, when running statistics are given, their updated values (new tensors; the inputs are not
+// written).
+struct BnStatsArgs {
   ActivationShape shape;
-  at::Tensor grad_out, out, y;      // out undefined when relu is false (it is not read then)
-  at::Tensor mean, invstd, weight;  // [C], math dtype
-  at::Tensor grad_y, grad_residual, grad_weight, grad_bias;
-  bool relu = false, training = false, residual_grad = false;
+  at::Tensor y;
+  at::Tensor weight, bias, running_mean, running_var;  // [C], math dtype (ones/zeros/zeros/ones if absent)
+  at::Tensor mean, invstd, scale, shift;               // [C], math dtype
+  at::Tensor new_running_mean, new_running_var;        // [C], math dtype; returned only with running stats
+  double momentum = 0, eps = 0;
+  bool update_running = false;
 };
-BnActBackwardArgs prepare_bn_act_backward(const at::Tensor& grad_out, const at::Tensor& out,
-                                          const at::Tensor& y, const at::Tensor& mean,
-                                          const at::Tensor& invstd,
-                                          const std::optional<at::Tensor>& weight, bool relu,
-                                          bool training, bool residual_grad);
+BnStatsArgs prepare_bn_stats(const at::Tensor& y, const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& running_mean,
+                             const std::optional<at::Tensor>& running_var, double momentum, double eps);
+// The op's outputs: the new running statistics cast to the given running statistics' dtypes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_bn_stats(
+    const BnStatsArgs& args, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var);
+
+// Backward of out = act(xhat * weight + bias + res), xhat = (y - mean) * invstd, where res is
+// the residual r itself or, in the dual form, a second BN of it: (r - r_mean) * r_invstd *
+// r_weight + r_bias. The ReLU's gradient mask comes from `mask` when given, else from `out`.
+struct BnBackwardArgs {
+  ActivationShape shape;
+  at::Tensor grad_out, out, mask, y;          // out undefined unless relu without mask
+  at::Tensor mean, invstd, weight;            // [C], math dtype
+  at::Tensor r, r_mean, r_invstd, r_weight;   // dual form only
+  at::Tensor grad_y, grad_residual, grad_weight, grad_bias, grad_r_weight, grad_r_bias;
+  bool relu = false, training = false, residual_grad = false, dual = false, use_mask = false;
+};
+BnBackwardArgs prepare_bn_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& out,
+                                   const std::optional<at::Tensor>& mask, const at::Tensor& y,
+                                   const at::Tensor& mean, const at::Tensor& invstd,
+                                   const std::optional<at::Tensor>& weight,
+                                   const std::optional<at::Tensor>& residual,
+                                   const std::optional<at::Tensor>& residual_mean,
+                                   const std::optional<at::Tensor>& residual_invstd,
+                                   const std::optional<at::Tensor>& residual_weight, bool relu,
+                                   bool training, bool residual_grad, const char* op);
 
 // ---- entry points -------------------------------------------------------------------------
 #define FASTRES_DECLARE_KERNELS(suffix)                                                          \
@@ -77,10 +125,30 @@ BnActBackwardArgs prepare_bn_act_backward(const at::Tensor& grad_out, const at::
   at::Tensor bn_act_forward_##suffix(const at::Tensor& y, const std::optional<at::Tensor>& scale, \
                                      const std::optional<at::Tensor>& shift,                     \
                                      const std::optional<at::Tensor>& residual, bool relu);       \
+  std::tuple<at::Tensor, at::Tensor> bn_apply_##suffix(                                          \
+      const at::Tensor& y, const std::optional<at::Tensor>& scale,                               \
+      const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& residual,          \
+      const std::optional<at::Tensor>& residual_scale,                                           \
+      const std::optional<at::Tensor>& residual_shift, bool relu, bool mask);                    \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>            \
+      bn_stats_##suffix(const at::Tensor& y, const std::optional<at::Tensor>& weight,            \
+                        const std::optional<at::Tensor>& bias,                                   \
+                        const std::optional<at::Tensor>& running_mean,                           \
+                        const std::optional<at::Tensor>& running_var, double momentum, double eps); \
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_##suffix(           \
       const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& y,                    \
       const at::Tensor& mean, const at::Tensor& invstd, const std::optional<at::Tensor>& weight,  \
-      bool relu, bool training, bool residual_grad);
+      bool relu, bool training, bool residual_grad);                                             \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>            \
+      bn_apply_backward_##suffix(                                                                \
+          const at::Tensor& grad_out, const std::optional<at::Tensor>& out,                      \
+          const std::optional<at::Tensor>& mask, const at::Tensor& y, const at::Tensor& mean,    \
+          const at::Tensor& invstd, const std::optional<at::Tensor>& weight,                     \
+          const std::optional<at::Tensor>& residual,                                             \
+          const std::optional<at::Tensor>& residual_mean,                                        \
+          const std::optional<at::Tensor>& residual_invstd,                                      \
+          const std::optional<at::Tensor>& residual_weight, bool relu, bool training,            \
+          bool residual_grad);
 
 FASTRES_DECLARE_KERNELS(cpu)
 #ifdef FASTRES_WITH_CUDA

@@ -96,6 +96,87 @@ FASTRES_HOST_DEVICE V bn_act_value(V y, V scale, V shift, V residual, bool relu)
   return relu ? Select<V>::relu(v) : v;
 }
 
+// The dual form act(y * scale + shift + r * r_scale + r_shift): a block's last BN plus its
+// downsample branch's BN, added and activated in one pass.
+template <typename V>
+FASTRES_HOST_DEVICE V bn_dual_act_value(V y, V scale, V shift, V r, V r_scale, V r_shift, bool relu) {
+  V v = y * scale + shift + (r * r_scale + r_shift);
+  return relu ? Select<V>::relu(v) : v;
+}
+
+// The ReLU mask bit of a stored output: 1 where the gradient passes. Taken from the output as
+// stored (rounded to its dtype), so it agrees with ATen's threshold_backward(grad, out, 0)
+// exactly, NaN included (NaN <= 0 is false: the gradient passes).
+template <typename V>
+FASTRES_HOST_DEVICE bool relu_mask_bit(V out) {
+  return !(out <= V(0));
+}
+
+// ---- batch statistics: Welford per element, Chan's merge of partial results --------------
+// A partial result over `count` values: their mean and the sum of squared deviations m2.
+template <typename acc_t>
+struct Welford {
+  acc_t count, mean, m2;
+};
+
+// One more value (inv_count = 1 / the new count, shared by the lanes that advance together).
+template <typename acc_t>
+FASTRES_HOST_DEVICE void welford_add(acc_t x, acc_t inv_count, acc_t& mean, acc_t& m2) {
+  const acc_t delta = x - mean;
+  mean += delta * inv_count;
+  m2 += delta * (x - mean);
+}
+
+// Chan et al.'s merge of (count_b, mean_b, m2_b) into (count_a, mean, m2), given the two weights that
+// depend on the counts alone: b_share = count_b / (count_a + count_b), cross = count_a * b_share.
+// (Many channels with the same counts share the weights: the CPU kernels hoist them.)
+template <typename acc_t>
+FASTRES_HOST_DEVICE void chan_merge(acc_t& mean, acc_t& m2, acc_t mean_b, acc_t m2_b, acc_t b_share,
+                                    acc_t cross) {
+  const acc_t delta = mean_b - mean;
+  mean += delta * b_share;
+  m2 += m2_b + delta * delta * cross;
+}
+
+// Chan's merge of two partial results; either may be empty.
+template <typename acc_t>
+FASTRES_HOST_DEVICE Welford<acc_t> welford_combine(Welford<acc_t> a, Welford<acc_t> b) {
+  const acc_t count = a.count + b.count;
+  if (b.count == acc_t(0)) return a;
+  if (a.count == acc_t(0)) return b;
+  const acc_t b_share = b.count / count;
+  chan_merge(a.mean, a.m2, b.mean, b.m2, b_share, a.count * b_share);
+  return {count, a.mean, a.m2};
+}
+
+// From a channel's statistics to what the apply and backward kernels need, and the running
+// statistics (BatchNorm2d's update: biased variance normalizes, the unbiased one is averaged in).
+template <typename acc_t>
+struct BnFinal {
+  acc_t mean, invstd, scale, shift, running_mean, running_var;
+};
+
+template <typename acc_t>
+FASTRES_HOST_DEVICE BnFinal<acc_t> bn_finalize(Welford<acc_t> s, acc_t weight, acc_t bias,
+                                               acc_t running_mean, acc_t running_var,
+                                               acc_t momentum, acc_t eps) {
+  BnFinal<acc_t> r;
+  const acc_t var = s.count > acc_t(0) ? s.m2 / s.count : acc_t(0);
+  r.mean = s.mean;
+  r.invstd = reciprocal_sqrt(var + eps);
+  r.scale = weight * r.invstd;
+  r.shift = bias - s.mean * r.scale;
+  if (s.count > acc_t(0)) {  // an empty batch leaves the running statistics alone, as ATen does
+    const acc_t unbiased = s.m2 / (s.count - acc_t(1));
+    r.running_mean = momentum * s.mean + (acc_t(1) - momentum) * running_mean;
+    r.running_var = momentum * unbiased + (acc_t(1) - momentum) * running_var;
+  } else {
+    r.running_mean = running_mean;
+    r.running_var = running_var;
+  }
+  return r;
+}
+
 // ---- backward of out = act(xhat * weight + bias + residual), xhat = (y - mean) * invstd ----
 // Gradient at the pre-activation value z.
 template <typename V>
