@@ -61,6 +61,14 @@ at::Tensor channel_vector(const at::Tensor& t, int64_t channels, const at::Tenso
 
 bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// An optional per-channel vector of activation y: checked as channel_vector, or `fill` when absent.
+at::Tensor channel_vector_or(const std::optional<at::Tensor>& t, const at::Tensor& y, at::ScalarType acc,
+                             const char* op, const char* name, double fill) {
+  const int64_t channels = y.size(1);
+  return present(t) ? channel_vector(*t, channels, y, acc, op, name, "y", "y.size(1)")
+                    : at::full({channels}, fill, y.options().dtype(acc));
+}
+
 ActivationShape activation_shape(const at::Tensor& t, at::MemoryFormat format) {
   ActivationShape s;
   s.N = t.size(0);
@@ -140,15 +148,8 @@ BnApplyArgs prepare_bn_apply(const at::Tensor& y, const std::optional<at::Tensor
   a.shape = activation_shape(y, format);
   a.relu = relu;
   a.y = y.contiguous(format);
-  const int64_t C = a.shape.C;
-  const char* ref = "y";
-  const char* what = "y.size(1)";
-  auto vector_or = [&](const std::optional<at::Tensor>& t, const char* name, double fill) {
-    return present(t) ? channel_vector(*t, C, y, acc, op, name, ref, what)
-                      : at::full({C}, fill, y.options().dtype(acc));
-  };
-  a.scale = vector_or(scale, "scale", 1.0);
-  a.shift = vector_or(shift, "shift", 0.0);
+  a.scale = channel_vector_or(scale, y, acc, op, "scale", 1.0);
+  a.shift = channel_vector_or(shift, y, acc, op, "shift", 0.0);
   if (present(residual)) {
     check_like(*residual, y, op, "residual", "y");
     a.residual = residual->contiguous(format);
@@ -157,8 +158,8 @@ BnApplyArgs prepare_bn_apply(const at::Tensor& y, const std::optional<at::Tensor
   if (a.residual_affine) {
     TORCH_CHECK(a.residual.defined(), "fastres::", op,
                 ": residual_scale and residual_shift need a residual");
-    a.residual_scale = vector_or(residual_scale, "residual_scale", 1.0);
-    a.residual_shift = vector_or(residual_shift, "residual_shift", 0.0);
+    a.residual_scale = channel_vector_or(residual_scale, y, acc, op, "residual_scale", 1.0);
+    a.residual_shift = channel_vector_or(residual_shift, y, acc, op, "residual_shift", 0.0);
   }
   a.out = at::empty(y.sizes(), y.options().memory_format(format));
   a.write_mask = mask;
@@ -187,16 +188,10 @@ BnStatsArgs prepare_bn_stats(const at::Tensor& y, const std::optional<at::Tensor
   a.eps = eps;
   a.update_running = present(running_mean);
   const int64_t C = a.shape.C;
-  const char* ref = "y";
-  const char* what = "y.size(1)";
-  auto vector_or = [&](const std::optional<at::Tensor>& t, const char* name, double fill) {
-    return present(t) ? channel_vector(*t, C, y, acc, op, name, ref, what)
-                      : at::full({C}, fill, y.options().dtype(acc));
-  };
-  a.weight = vector_or(weight, "weight", 1.0);
-  a.bias = vector_or(bias, "bias", 0.0);
-  a.running_mean = vector_or(running_mean, "running_mean", 0.0);
-  a.running_var = vector_or(running_var, "running_var", 1.0);
+  a.weight = channel_vector_or(weight, y, acc, op, "weight", 1.0);
+  a.bias = channel_vector_or(bias, y, acc, op, "bias", 0.0);
+  a.running_mean = channel_vector_or(running_mean, y, acc, op, "running_mean", 0.0);
+  a.running_var = channel_vector_or(running_var, y, acc, op, "running_var", 1.0);
   if (a.update_running) {
     const int64_t count = a.shape.N * a.shape.HW;
     TORCH_CHECK(count != 1, "fastres::_bn_stats: expected more than 1 value per channel to update the "
@@ -262,13 +257,9 @@ BnBackwardArgs prepare_bn_backward(const at::Tensor& grad_out, const std::option
   const int64_t C = a.shape.C;
   const char* ref = "y";
   const char* what = "y.size(1)";
-  auto vector_or_ones = [&](const std::optional<at::Tensor>& t, const char* name) {
-    return present(t) ? channel_vector(*t, C, y, acc, op, name, ref, what)
-                      : at::ones({C}, y.options().dtype(acc));
-  };
   a.mean = channel_vector(mean, C, y, acc, op, "mean", ref, what);
   a.invstd = channel_vector(invstd, C, y, acc, op, "invstd", ref, what);
-  a.weight = vector_or_ones(weight, "weight");
+  a.weight = channel_vector_or(weight, y, acc, op, "weight", 1.0);
   a.dual = present(residual);
   const auto stat_options = y.options().dtype(acc);
   if (a.dual) {
@@ -278,7 +269,7 @@ BnBackwardArgs prepare_bn_backward(const at::Tensor& grad_out, const std::option
     a.r = residual->contiguous(format);
     a.r_mean = channel_vector(*residual_mean, C, y, acc, op, "residual_mean", ref, what);
     a.r_invstd = channel_vector(*residual_invstd, C, y, acc, op, "residual_invstd", ref, what);
-    a.r_weight = vector_or_ones(residual_weight, "residual_weight");
+    a.r_weight = channel_vector_or(residual_weight, y, acc, op, "residual_weight", 1.0);
     a.grad_r_weight = at::empty({C}, stat_options);
     a.grad_r_bias = at::empty({C}, stat_options);
   } else {
