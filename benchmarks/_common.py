@@ -300,6 +300,16 @@ def results_dir(path=None):
     return os.path.abspath(path or os.path.join(REPO_ROOT, "benchmarks", "results"))
 
 
+def parse_device(parser, name, supported=("cpu", "cuda")):
+    """--device's value (default: cuda if available, else cpu) as a torch.device, or a parser error naming it."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type not in supported:
+        parser.error(f"--device must be {' or '.join(supported)}, got {device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    return device
+
+
 def add_output_args(parser):
     """The result-file flags every benchmark command shares."""
     g = parser.add_argument_group("results (appended, never overwritten)")

@@ -197,11 +197,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="append the run as one JSON line (nothing is written without it)")
     args = p.parse_args(argv)
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.device.type not in DEFAULTS:
-        p.error(f"--device must be cpu or cuda, got {args.device}")
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
+    args.device = C.parse_device(p, args.device, tuple(DEFAULTS))
     d = DEFAULTS[args.device.type]
     args.dtype = args.dtype or d["dtype"]
     args.batch_size = args.batch_size or d["batch_size"]

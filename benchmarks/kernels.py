@@ -402,11 +402,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     C.add_output_args(p)
     args = p.parse_args(argv)
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.device.type not in DEFAULTS:
-        p.error(f"--device must be cpu or cuda, got {args.device}")
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
+    args.device = C.parse_device(p, args.device, tuple(DEFAULTS))
     d = DEFAULTS[args.device.type]
     args.ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
     if not args.ops or any(o not in OPS for o in args.ops):

@@ -109,11 +109,7 @@ def parse_args(argv=None):
         args.arch_spec = C.parse_arch(args.arch, args.variant)
     except ValueError as e:
         p.error(f"--arch: {e}")
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.device.type not in DEFAULTS:
-        p.error(f"--device must be cpu or cuda, got {args.device}")
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
+    args.device = C.parse_device(p, args.device, tuple(DEFAULTS))
     d = DEFAULTS[args.device.type]
     try:
         args.batch_sizes = (tuple(int(b) for b in args.batch_sizes.split(",") if b.strip())

@@ -554,11 +554,7 @@ def parse_args(argv=None):
         arch = C.parse_arch(args.arch, args.variant)
     except ValueError as e:
         p.error(f"--arch: {e}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type not in DEFAULTS:
-        p.error(f"--device must be cpu or cuda, got {args.device}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
+    device = C.parse_device(p, args.device, tuple(DEFAULTS))
     if args.providers is None:
         providers = DEFAULT_PROVIDERS[device.type]
     else:
