@@ -257,55 +257,6 @@ def test_running_stats_follow_batchnorm2d(backend, momentum, fmt):
             assert_within(f"running_var step {step}", v, ref_v, bn.running_var)
 
 
-# ------------------------------------------------------------------------------------------- the bottleneck recipe
-def bottleneck_tail(out, x, block):
-    """The last unit of a Bottleneck with a projection shortcut through dual_bn_act, as fastres.nn's blocks run it
-    in training (the recipe handed to the nn layer): conv3 and the downsample conv as plain convolutions, then
-    both BNs, the add and the ReLU in one op; num_batches_tracked and momentum=None handled as the nn layer does."""
-    from fastres.nn._fused import _affine, _bn_momentum
-    conv, norm = block.conv3, block.bn3
-    ds_conv, ds_norm = block.downsample
-    y = fastres.ops.conv_bias_act(out, conv.weight, None, conv.stride, conv.padding, None, relu=False)
-    r = fastres.ops.conv_bias_act(x, ds_conv.weight, None, ds_conv.stride, ds_conv.padding, None, relu=False)
-    w, b = _affine(norm, norm.running_var)
-    wd, bd = _affine(ds_norm, ds_norm.running_var)
-    return fops.dual_bn_act(y, w, b, norm.running_mean, norm.running_var, r, wd, bd, ds_norm.running_mean,
-                            ds_norm.running_var, True, _bn_momentum(norm), norm.eps, _bn_momentum(ds_norm),
-                            ds_norm.eps, True)
-
-
-@pytest.mark.parametrize("momentum", [0.1, None])
-def test_bottleneck_tail_matches_torchvision(backend, momentum):
-    from torchvision.models.resnet import Bottleneck
-
-    def block():
-        ds = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1, stride=2, bias=False),
-                                 torch.nn.BatchNorm2d(16, momentum=momentum))
-        b = Bottleneck(8, 4, stride=2, downsample=ds).train()
-        b.bn3.momentum = momentum
-        return b
-
-    torch.manual_seed(0)
-    theirs, ours = block(), block()
-    ours.load_state_dict(theirs.state_dict())
-    for step in range(2):
-        x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last) * (step + 1)
-        want = theirs(x)
-        out = ours.relu(ours.bn2(ours.conv2(ours.relu(ours.bn1(ours.conv1(x))))))
-        got = bottleneck_tail(out, x, ours)
-        assert got.is_contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-        g = torch.randn_like(want)
-        for a, b in zip(torch.autograd.grad(got, list(ours.parameters()), g),
-                        torch.autograd.grad(want, list(theirs.parameters()), g)):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-        for (name, a), b in zip(ours.named_buffers(), theirs.buffers()):
-            if a.dtype.is_floating_point:
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
-            else:
-                assert torch.equal(a, b), name  # num_batches_tracked
-
-
 # ------------------------------------------------------------------------------------------- CUDA
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

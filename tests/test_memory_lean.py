@@ -16,6 +16,7 @@ from torchvision.models import resnet as tvr
 import fastres.models as fm
 import fastres.nn as fnn
 from fastres.nn import _lean
+from fastres.ops import _compiled
 from test_nn import BLOCK_CASES, assert_runs_match, make_blocks, set_mode
 from tolerance import assert_within
 
@@ -94,22 +95,29 @@ def test_block_saves_only_raw_conv_outputs_and_its_output(case, mode):
     fnn.set_memory_mode(block, mode)
     out_shape = (n, raw[-1][1], ho, ho)
     shortcut = [] if ds is None else [out_shape]
-    kept_raw, kept_shortcut = raw, shortcut
-    if mode == "recompute" and case.startswith("bottleneck"):
+    kept_raw, kept_shortcut, kept_out = raw, shortcut, [out_shape]
+    recomputed_tail = mode == "recompute" and case.startswith("bottleneck")
+    if recomputed_tail:
         kept_raw, kept_shortcut = raw[:-1], []
+    # A projection's BN, the add and the ReLU as fastres._C's dual apply keep the ReLU's 1-bit mask (per NCHW plane:
+    # ceil(H*W / 8) bytes) instead of the output.
+    dual = ds is not None and not recomputed_tail and _compiled.has_kernel("_bn_apply", "cpu")
+    mask_bytes = n * out_shape[1] * ((ho * ho + 7) // 8) if dual else 0
+    if dual:
+        kept_out = []
     x = torch.randn(n, c, h, h)
     threshold = min(nbytes(*raw))  # per-channel statistics are far smaller
     lean, out = saved_by(block, x)
     tv, tv_out = saved_by(ref, x)
     torch.testing.assert_close(out, tv_out, rtol=1e-4, atol=1e-4)
-    assert lean.sizes(threshold) == nbytes(*kept_raw, *kept_shortcut, out_shape)
+    assert lean.sizes(threshold) == nbytes(*kept_raw, *kept_shortcut, *kept_out)
     assert tv.sizes(threshold) == nbytes(*raw, *normalized, *shortcut, out_shape)
     if case == "bottleneck":  # W + W + 4W + 4W (recompute: W + W + 4W) against W + W + W + W + 4W + 4W
         assert lean.total(threshold) / tv.total(threshold) == pytest.approx(10 / 12 if mode == "lean" else 6 / 12)
-    # Besides: each BN's batch mean and inverse std (fp32 per channel), nothing else.
+    # Besides: each BN's batch mean and inverse std (fp32 per channel), and the mask, nothing else.
     stats = 2 * 4 * sum(m.num_features for m in block.modules() if isinstance(m, nn.BatchNorm2d))
-    assert max(stats, 1) < threshold
-    assert lean.total() - lean.total(threshold) == stats
+    assert max(stats + mask_bytes, 1) < threshold
+    assert lean.total() - lean.total(threshold) == stats + mask_bytes
 
 
 def test_resnet50_saves_less_than_torchvision():

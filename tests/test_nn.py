@@ -11,11 +11,13 @@ import pytest
 import torch
 from torch import nn
 from torchvision.models import resnet as tvr
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBN
 
 import fastres.nn as fnn
 from fastres import ops
 from fastres._convert import convert
+from fastres.ops import _compiled
 from fastres.nn import BasicBlock, Bottleneck, FrozenBatchNorm2d, fold_bn, freeze_bn
 from tolerance import assert_within
 
@@ -146,6 +148,51 @@ def test_block_train_matches_torchvision(case, momentum, device):
         x = torch.randn(2, fr.conv1.in_channels, 9, 9, device=device)
         assert_runs_match(fr, tv, ref, x, f"{case} step {step}")
     assert fr.bn1.num_batches_tracked.item() == 3 + 3
+
+
+class OpLog(TorchDispatchMode):
+    """The fastres ops a region calls (outermost only: a mode does not see the ops inside a custom op's kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fastres":
+            self.calls.append((func.__name__.split(".")[0], args))
+        return func(*args, **(kwargs or {}))
+
+    def count(self, name, test=lambda args: True):
+        return sum(1 for n, args in self.calls if n == name and test(args))
+
+
+@pytest.mark.skipif(not _compiled.has_kernel("_bn_apply", "cpu"), reason="fastres._C not built")
+@pytest.mark.parametrize("path", ["lean", "per-unit"])
+@pytest.mark.parametrize("case", ["bottleneck-stride2", "basic-stride2"])
+def test_projection_block_trains_through_one_dual_apply(case, path, monkeypatch):
+    """In training, a block with a projection shortcut runs its last BN, the shortcut's BN, the add and the ReLU as
+    one dual apply forward and one kernel backward, on the default (lean) path and on the per-unit path that
+    torch.compile takes; every BN's statistics come from the statistics kernel; and the results stay torchvision's."""
+    if path == "per-unit":
+        monkeypatch.setattr(fnn.blocks._lean, "block_forward", lambda block, x: None)
+    fr, tv, ref = make_blocks(**BLOCK_CASES[case])
+    set_mode(True, fr, tv, ref)
+    x = torch.randn(2, fr.conv1.in_channels, 9, 9, requires_grad=True)
+    forward, backward = OpLog(), OpLog()
+    with forward:
+        out = copy.deepcopy(fr)(x)  # a copy: the parity steps below start from the same running statistics
+    with backward:
+        out.sum().backward()
+    n_bn = len(fr._units()) + 1
+    if path == "lean":
+        assert forward.count("_bn_apply", lambda a: a[4] is not None) == 1, forward.calls
+        assert forward.count("_bn_stats") == n_bn
+        assert backward.count("_bn_apply_backward", lambda a: a[7] is not None) == 1, backward.calls
+    else:
+        assert forward.count("dual_bn_act_forward") == 1 and forward.count("conv_bn_act_forward") == n_bn - 2
+        assert backward.count("dual_bn_act_backward") == 1
+    for step in range(2):
+        assert_runs_match(fr, tv, ref, torch.randn(2, fr.conv1.in_channels, 9, 9), f"{case} {path} step {step}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

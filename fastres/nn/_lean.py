@@ -25,8 +25,10 @@ its projection) _RecomputedTail: y3 and yd are recomputed in backward from y2 (a
 for conv3 and the projection (about a quarter of a Bottleneck's multiply-adds) running once more in backward:
 some 8% more conv work per training step (forward + backward is about three forwards).
 
-The batch statistics are computed once in forward (torch.var_mean in fp32, or merged over a process group by
-fastres.nn.sync_bn in one collective); backward uses the training-mode BatchNorm formula (through the mean and the
+The batch statistics are computed once in forward (fastres._C's statistics kernel, torch.var_mean in fp32 where a
+forced backend or a missing kernel rules it out, or merged over a process group by fastres.nn.sync_bn in one
+collective). A projection shortcut's BN, the residual add and the ReLU are one pass of fastres._C's dual apply,
+which keeps the ReLU's 1-bit mask instead of the output for its one backward kernel. Backward uses the training-mode BatchNorm formula (through the mean and the
 variance), in one collective per BN layer when synchronized. Nothing here writes into an input or a saved tensor.
 """
 import torch
@@ -34,7 +36,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from fastres import ops
-from fastres.ops import _backend
+from fastres.ops import _backend, _compiled
 from fastres.ops._checks import memory_format
 from fastres.nn import sync_bn
 from fastres.nn._fused import _affine, _bn_momentum, has_hooks, norm_kind, unit_fusable
@@ -83,6 +85,19 @@ def batch_stats(y, norm, group=None):
     n = y.numel() // y.shape[1]
     if group is None and n <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {y.shape}")
+    if group is None and y.dim() == 4 and _compiled_bn(y.device):
+        # fastres._C's statistics kernel: one read of y (Chan merge, fp32 accumulation, no fp32 copy of a bf16
+        # y), the running statistics finalized on the device without a host synchronization.
+        with torch.no_grad():
+            if _tracks_running_stats(norm):
+                rm, rv = norm.running_mean, norm.running_var
+                mean, invstd, _, _, new_rm, new_rv = torch.ops.fastres._bn_stats(
+                    y, None, None, rm, rv, _bn_momentum(norm), norm.eps)
+                rm.copy_(new_rm)
+                rv.copy_(new_rv)
+            else:
+                mean, invstd = torch.ops.fastres._bn_stats(y, None, None, None, None, 0.0, norm.eps)[:2]
+        return mean, invstd, None
     with torch.no_grad():
         if n > 0:
             var, mean = torch.var_mean(y.to(acc), dim=_reduce_dims(y), correction=0)
@@ -92,8 +107,7 @@ def batch_stats(y, norm, group=None):
         if group is not None:
             mean, var, count = sync_bn.gather_stats(mean, var, n, group)
         invstd = torch.rsqrt(var + norm.eps)
-        if norm.training and norm.track_running_stats and norm.running_mean is not None \
-                and norm.running_var is not None:
+        if _tracks_running_stats(norm):
             momentum = _bn_momentum(norm)
             if count is None:
                 unbiased = var * (n / (n - 1))
@@ -103,6 +117,17 @@ def batch_stats(y, norm, group=None):
             rm.copy_(mean.to(rm.dtype) * momentum + rm * (1 - momentum))
             rv.copy_(unbiased.to(rv.dtype) * momentum + rv * (1 - momentum))
     return mean, invstd, count
+
+
+def _tracks_running_stats(norm):
+    return (norm.training and norm.track_running_stats and norm.running_mean is not None
+            and norm.running_var is not None)
+
+
+def _compiled_bn(device):
+    """Whether the BN statistics and apply run on fastres._C's kernels: the auto or the "cuda" backend, with the
+    kernels built for this device (a forced "torch" or "triton" backend keeps its own math)."""
+    return _backend.forced_backend() in (None, "cuda") and _compiled.has_kernel("_bn_stats", device.type)
 
 
 def _coefficients(gamma, beta, mean, invstd):
@@ -230,11 +255,23 @@ class _BnAddRelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, gamma, beta, mean, invstd, count, residual, yd, gamma_d, beta_d, mean_d, invstd_d, count_d,
                 relu, group, group_d):
+        ctx.relu, ctx.group, ctx.group_d = relu, group, group_d
+        ctx.dual = (yd is not None and group is None and group_d is None and y.dim() == 4
+                    and _compiled_bn(y.device))
+        if ctx.dual:
+            # Both BNs, the add and the ReLU in one pass of fastres._C's dual apply, which also writes the ReLU's
+            # 1-bit mask: kept instead of the output, and one backward kernel serves both BNs.
+            fmt = memory_format(y)
+            y, yd = y.contiguous(memory_format=fmt), yd.contiguous(memory_format=fmt)
+            scale, shift = _coefficients(gamma, beta, mean, invstd)
+            scale_d, shift_d = _coefficients(gamma_d, beta_d, mean_d, invstd_d)
+            out, mask = torch.ops.fastres._bn_apply(y, scale, shift, yd, scale_d, shift_d, relu, relu)
+            ctx.save_for_backward(y, gamma, mean, invstd, mask, yd, gamma_d, mean_d, invstd_d)
+            return out
         shortcut = residual
         if yd is not None:
             shortcut = _bn_apply(yd, mean_d, invstd_d, gamma_d, beta_d, None, False)
         out = _bn_apply(y, mean, invstd, gamma, beta, shortcut, relu)
-        ctx.relu, ctx.group, ctx.group_d = relu, group, group_d
         ctx.save_for_backward(y, gamma, mean, invstd, count, out if relu else None, yd, gamma_d, mean_d, invstd_d,
                               count_d)
         return out
@@ -242,6 +279,8 @@ class _BnAddRelu(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
+        if ctx.dual:
+            return _BnAddRelu._dual_backward(ctx, grad)
         y, gamma, mean, invstd, count, out, yd, gamma_d, mean_d, invstd_d, count_d = ctx.saved_tensors
         need = ctx.needs_input_grad
         need_shortcut = need[6] or any(need[7:10])
@@ -256,6 +295,20 @@ class _BnAddRelu(torch.autograd.Function):
                 _param_grad(grad_beta, gamma, need[2]), None, None, None,
                 dz if need[6] else None, grad_yd if need[7] else None, _param_grad(grad_gamma_d, gamma_d, need[8]),
                 _param_grad(grad_beta_d, gamma_d, need[9]), None, None, None, None, None, None)
+
+
+    @staticmethod
+    def _dual_backward(ctx, grad):
+        y, gamma, mean, invstd, mask, yd, gamma_d, mean_d, invstd_d = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        with _no_autocast(y.device.type):
+            grad = grad.contiguous(memory_format=memory_format(y))
+            grad_y, grad_yd, g_gamma, g_beta, g_gamma_d, g_beta_d = torch.ops.fastres._bn_apply_backward(
+                grad, None, mask if ctx.relu else None, y, mean, invstd, gamma.to(mean.dtype), yd, mean_d, invstd_d,
+                gamma_d.to(mean.dtype), ctx.relu, True, need[7])
+        return (grad_y if need[0] else None, _param_grad(g_gamma, gamma, need[1]), _param_grad(g_beta, gamma, need[2]),
+                None, None, None, None, grad_yd if need[7] else None, _param_grad(g_gamma_d, gamma_d, need[8]),
+                _param_grad(g_beta_d, gamma_d, need[9]), None, None, None, None, None, None)
 
 
 class _TailSpec:

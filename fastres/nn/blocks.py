@@ -5,9 +5,11 @@ Same constructor arguments, `expansion`, submodule names and state_dict keys as 
 """
 from torch import nn
 
+from fastres import ops
 from fastres.nn import _lean
-from fastres.nn._fused import FusedModuleMixin, conv_norm_act, has_hooks, is_plain_relu, keep_memory_format, \
-    unit_fusable
+from fastres.nn._fused import FusedModuleMixin, _affine, _bn_momentum, conv_norm_act, has_hooks, is_plain_relu, \
+    keep_memory_format, norm_kind, unit_fusable
+from fastres.nn.sync_bn import group_of
 
 
 def conv3x3(in_planes, out_planes, stride=1, groups=1, dilation=1):
@@ -55,8 +57,12 @@ class _FusedBlock(FusedModuleMixin, nn.Module):
         out = x
         for i, (conv, norm) in enumerate(units[:-1]):
             out = conv_norm_act(out, conv, norm, relu=True, cache=self.fold_cache, name=str(i))
-        identity = self._shortcut(x) if self.residual else None
         conv, norm = units[-1]
+        if self.residual:
+            tail = _dual_tail(out, x, conv, norm, self.downsample)
+            if tail is not None:
+                return keep_memory_format(tail, x)
+        identity = self._shortcut(x) if self.residual else None
         out = conv_norm_act(out, conv, norm, relu=True, residual=identity, cache=self.fold_cache,
                             name=str(len(units) - 1))
         return keep_memory_format(out, x)
@@ -71,6 +77,28 @@ class _FusedBlock(FusedModuleMixin, nn.Module):
         if self.residual:
             out = out + (x if self.downsample is None else self.downsample(x))
         return self.relu(out)
+
+
+def _dual_tail(out, x, conv, norm, downsample):
+    """relu(norm(conv(out)) + ds_norm(ds_conv(x))) as one fastres.ops.dual_bn_act when both BatchNorms train
+    locally (the projection's BN, the residual add and the ReLU in one pass), else None. The per-unit path's form
+    of what the lean chain does (torch.compile runs this one)."""
+    if not (type(downsample) is nn.Sequential and len(downsample) == 2 and not has_hooks(downsample)):
+        return None
+    ds_conv, ds_norm = downsample
+    if not (unit_fusable(conv, norm) and unit_fusable(ds_conv, ds_norm)
+            and norm_kind(norm) == "bn_train" and norm_kind(ds_norm) == "bn_train"
+            and group_of(norm) is None and group_of(ds_norm) is None):
+        return None
+    y = ops.conv_bias_act(out, conv.weight, None, conv.stride, conv.padding, None, relu=False)
+    r = ops.conv_bias_act(x, ds_conv.weight, None, ds_conv.stride, ds_conv.padding, None, relu=False)
+    if r.dtype != y.dtype:
+        return None  # cannot happen with one autocast state for both convs; stay exact if it ever does
+    w, b = _affine(norm, norm.running_var)
+    wd, bd = _affine(ds_norm, ds_norm.running_var)
+    return ops.dual_bn_act(y, w, b, norm.running_mean, norm.running_var, r, wd, bd, ds_norm.running_mean,
+                           ds_norm.running_var, True, _bn_momentum(norm), norm.eps, _bn_momentum(ds_norm),
+                           ds_norm.eps, True)
 
 
 class BasicBlock(_FusedBlock):

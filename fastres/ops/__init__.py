@@ -6,6 +6,8 @@
     conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum=0.1, eps=1e-5,
                 stride=1, padding=0, residual=None, relu=True)
     bn_relu_conv(x, scale, shift, weight, stride=1, padding=0, relu=True)
+    dual_bn_act(y, bn_weight, bn_bias, running_mean, running_var, r, r_bn_weight, r_bn_bias, r_running_mean,
+                r_running_var, training, momentum=0.1, eps=1e-5, r_momentum=0.1, r_eps=1e-5, relu=True)
 
 The backend is chosen by device (see fastres.ops._backend); `fastres.backend(name)` or FASTRES_BACKEND force one.
 """
@@ -47,9 +49,19 @@ def bn_relu_conv(x, scale, shift, weight, stride=1, padding=0, relu=True):
     return torch.ops.fastres.bn_relu_conv(x, scale, shift, weight, _pair(stride), _pair(padding), relu)
 
 
+def dual_bn_act(y, bn_weight, bn_bias, running_mean, running_var, r, r_bn_weight, r_bn_bias, r_running_mean,
+                r_running_var, training, momentum=0.1, eps=1e-5, r_momentum=0.1, r_eps=1e-5, relu=True):
+    """relu(batch_norm(y, ...) + batch_norm(r, r_...)): a bottleneck's last BN and its projection shortcut's BN, the
+    add and the ReLU in one pass. F.batch_norm's semantics for each BN; in training both BNs' running statistics are
+    updated in place. The ReLU's 1-bit mask, not its output, is kept for backward."""
+    return torch.ops.fastres.dual_bn_act(y, bn_weight, bn_bias, running_mean, running_var, r, r_bn_weight,
+                                         r_bn_bias, r_running_mean, r_running_var, training, momentum, eps,
+                                         r_momentum, r_eps, relu)
+
+
 def _pair(v):
     return [v, v] if isinstance(v, int) else list(v)
 
 
-__all__ = ["fold_bn", "add_relu", "conv_bias_act", "conv_bn_act", "bn_relu_conv", "backend", "forced_backend", "select",
-           "BACKENDS", "BackendUnavailableError"]
+__all__ = ["fold_bn", "add_relu", "conv_bias_act", "conv_bn_act", "bn_relu_conv", "dual_bn_act", "backend",
+           "forced_backend", "select", "BACKENDS", "BackendUnavailableError"]
