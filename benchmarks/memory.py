@@ -101,8 +101,8 @@ def parse_args(argv=None):
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated, from fastres,eager")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--memory-mode", choices=("lean", "recompute"), default="lean",
-                   help="fastres.nn.set_memory_mode for the fastres model (default lean)")
+    p.add_argument("--memory-mode", choices=fastres.nn.MEMORY_MODES, default=fastres.nn.DEFAULT_MEMORY_MODE,
+                   help=f"fastres.nn.set_memory_mode for the fastres model (default {fastres.nn.DEFAULT_MEMORY_MODE})")
     C.add_output_args(p)
     args = p.parse_args(argv)
     try:

@@ -46,6 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
+import fastres.nn as fnn  # noqa: E402
 
 PROVIDERS = ("fastres", "eager", "compile", "compile-max-autotune")
 DEFAULT_PROVIDERS = {"cuda": PROVIDERS, "cpu": ("fastres", "eager")}
@@ -90,6 +91,7 @@ class Settings:
     compile_timeout: float
     seed: int
     progress: bool
+    memory_mode: str = None  # fastres.nn.set_memory_mode for the fastres model in train mode; None: the default
 
     @property
     def dtype_name(self):
@@ -105,6 +107,7 @@ class Settings:
                 "compile_modes": {p: COMPILE_MODES[(p, self.cuda_graphs)] for p in self.providers
                                   if p.startswith("compile")},
                 "seed": self.seed, "num_threads": torch.get_num_threads(), "num_inputs": NUM_INPUTS,
+                "memory_mode": self.memory_mode or fnn.DEFAULT_MEMORY_MODE,
                 **_backend_flags(self.device)}
 
 
@@ -221,6 +224,8 @@ def prepare(model, s):
 def build_providers(s):
     # BN statistics calibrated on a small random batch: keeps activations in range (fp16) like a trained net's.
     fast, ref = C.build_pair(s.arch, seed=s.seed, calibrate_shape=(4, 3, s.input_size, s.input_size))
+    if s.memory_mode is not None:
+        fnn.set_memory_mode(fast, s.memory_mode)
     models = {"fastres": fast, "eager": ref}
     for name in s.providers:
         if name.startswith("compile"):
@@ -548,6 +553,8 @@ def parse_args(argv=None):
                         "0: no limit (default: 60 CPU, 0 CUDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--memory-mode", choices=fnn.MEMORY_MODES,
+                   help="how fastres's blocks train (fastres.nn.set_memory_mode; default: the library's)")
     C.add_output_args(p)
     args = p.parse_args(argv)
     try:
@@ -562,6 +569,8 @@ def parse_args(argv=None):
     unknown = [n for n in providers if n not in PROVIDERS]
     if unknown or not providers or len(set(providers)) != len(providers):
         p.error(f"--providers must be distinct names from {','.join(PROVIDERS)}, got {args.providers!r}")
+    if args.memory_mode is not None and args.mode != "train":
+        p.error("--memory-mode applies to --mode train")
     if args.cuda_graphs and device.type != "cuda":
         p.error("--cuda-graphs needs a CUDA device")
     d = DEFAULTS[device.type]
@@ -588,7 +597,7 @@ def parse_args(argv=None):
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     return args, Settings(arch, args.mode, dtype, device, batch_size, input_size, channels_last, why,
                           iters, warmup, time_budget, providers, args.cuda_graphs, args.compile_timeout, args.seed,
-                          args.progress)
+                          args.progress, args.memory_mode)
 
 
 def main(argv=None):

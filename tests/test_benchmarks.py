@@ -62,7 +62,8 @@ def test_suite_runs_every_step(suite):
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     steps = {row["step"]: row for row in csv.DictReader(open(out / "steps.tsv"), delimiter="\t")}
     assert list(steps) == ["env", "build", "tune", "throughput_cifar_resnet20_infer", "pytest",
-                           "throughput_cifar_resnet20_train", "kernels", "memory", "flops", "plot", "bundle"]
+                           "throughput_cifar_resnet20_train", "kernels", "bn_kernels", "memory", "flops", "plot",
+                           "bundle"]
     assert steps["build"]["status"] == "skipped (smoke)" and steps["tune"]["status"].startswith("skipped")
     for name, row in steps.items():
         if name not in ("build", "tune"):
@@ -73,7 +74,7 @@ def test_suite_runs_every_step(suite):
     with tarfile.open(out / "bundle.tar.gz") as bundle:
         names = bundle.getnames()
     for path in ("./env.txt", "./steps.tsv", "./results/throughput.jsonl", "./results/kernels.csv",
-                 "./plots/summary.md"):
+                 "./results/bn_kernels.jsonl", "./plots/summary.md"):
         assert path in names
 
 

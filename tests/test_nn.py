@@ -167,15 +167,18 @@ class OpLog(TorchDispatchMode):
 
 
 @pytest.mark.skipif(not _compiled.has_kernel("_bn_apply", "cpu"), reason="fastres._C not built")
-@pytest.mark.parametrize("path", ["lean", "per-unit"])
+@pytest.mark.parametrize("path", ["recompute", "lean", "per-unit"])
 @pytest.mark.parametrize("case", ["bottleneck-stride2", "basic-stride2"])
 def test_projection_block_trains_through_one_dual_apply(case, path, monkeypatch):
     """In training, a block with a projection shortcut runs its last BN, the shortcut's BN, the add and the ReLU as
-    one dual apply forward and one kernel backward, on the default (lean) path and on the per-unit path that
-    torch.compile takes; every BN's statistics come from the statistics kernel; and the results stay torchvision's."""
+    one dual apply forward and one kernel backward: in both memory modes of the chained path and on the per-unit
+    path that torch.compile takes; every BN's statistics come from the statistics kernel; and the results stay
+    torchvision's."""
     if path == "per-unit":
         monkeypatch.setattr(fnn.blocks._lean, "block_forward", lambda block, x: None)
     fr, tv, ref = make_blocks(**BLOCK_CASES[case])
+    if path != "per-unit":
+        fnn.set_memory_mode(fr, path)
     set_mode(True, fr, tv, ref)
     x = torch.randn(2, fr.conv1.in_channels, 9, 9, requires_grad=True)
     forward, backward = OpLog(), OpLog()
@@ -184,7 +187,7 @@ def test_projection_block_trains_through_one_dual_apply(case, path, monkeypatch)
     with backward:
         out.sum().backward()
     n_bn = len(fr._units()) + 1
-    if path == "lean":
+    if path != "per-unit":
         assert forward.count("_bn_apply", lambda a: a[4] is not None) == 1, forward.calls
         assert forward.count("_bn_stats") == n_bn
         assert backward.count("_bn_apply_backward", lambda a: a[7] is not None) == 1, backward.calls

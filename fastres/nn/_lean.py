@@ -17,13 +17,15 @@ conv keeps anyway). x is the previous block's output. Per block that is 10 of to
 units for a Bottleneck (y1 + y2 + y3 + out = W + W + 4W + 4W against W + W + W + W + 4W + 4W) and 3 of 4 for a
 BasicBlock; over ResNet-50 (whose stem and classifier keep what torchvision keeps) 0.85x torchvision's bytes.
 
-Below that a conv has to run twice. set_memory_mode(model, "recompute") makes a Bottleneck's last 1x1 conv (and
-its projection) _RecomputedTail: y3 and yd are recomputed in backward from y2 (and x), so a block keeps
+Below that a conv has to run twice. The default memory mode, "recompute", makes a Bottleneck's last 1x1 conv
+(and its projection) _RecomputedTail: y3 and yd are recomputed in backward from y2 (and x), so a block keeps
 
     x, y1, y2, out                                          (6 of 12 units; ResNet-50: 0.52x)
 
 for conv3 and the projection (about a quarter of a Bottleneck's multiply-adds) running once more in backward:
-some 8% more conv work per training step (forward + backward is about three forwards).
+some 8% more conv work per training step (forward + backward is about three forwards); measured on CPU (ResNet-50,
+fp32, batch 8) a step takes about 7% longer than in "lean" mode, which set_memory_mode(model, "lean") selects.
+BasicBlocks (3x3 last conv: rerunning it would cost half the block) always train "lean".
 
 The batch statistics are computed once in forward (fastres._C's statistics kernel, torch.var_mean in fp32 where a
 forced backend or a missing kernel rules it out, or merged over a process group by fastres.nn.sync_bn in one
@@ -32,6 +34,7 @@ which keeps the ReLU's 1-bit mask instead of the output for its one backward ker
 variance), in one collective per BN layer when synchronized. Nothing here writes into an input or a saved tensor.
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -324,10 +327,21 @@ class _TailSpec:
         self.group_d = None if ds_norm is None else sync_bn.group_of(ds_norm)
 
 
+def _recompute_conv(y_prev, scale_p, shift_p, weight, conv):
+    """(y, a): bn_relu_conv(y_prev)'s output again, bit for bit, and its input a = relu(bn_prev(y_prev)) where
+    the backend materializes it anyway (then one prologue pass serves both the conv and its weight gradient), else
+    None (the Triton backend applies the prologue inside the conv)."""
+    if _backend_name("bn_relu_conv", y_prev.device) == "backend_triton":
+        return ops.bn_relu_conv(y_prev, scale_p, shift_p, weight, *conv, True), None
+    a = _prologue(y_prev, scale_p, shift_p)  # what the compiled and torch backends' bn_relu_conv convolve
+    return F.conv2d(a, weight, None, *conv).contiguous(memory_format=memory_format(y_prev)), a
+
+
 class _RecomputedTail(torch.autograd.Function):
     """relu(bn(conv(relu(bn_prev(y_prev)))) + shortcut), the shortcut a tensor or bn_d(conv_d(x)): the block's last
     conv (and its projection) is run again in backward instead of keeping its raw output. Keeps y_prev, the output
-    and per-channel statistics (x is the block input, kept by its first conv anyway)."""
+    (or, for a projection through the dual apply, the ReLU's 1-bit mask) and per-channel statistics (x is the block
+    input, kept by its first conv anyway)."""
 
     @staticmethod
     def forward(ctx, y_prev, gamma_p, beta_p, mean_p, invstd_p, count_p, weight, gamma, beta, residual, x, weight_d,
@@ -337,44 +351,65 @@ class _RecomputedTail(torch.autograd.Function):
         mean, invstd, count = batch_stats(y, spec.norm, spec.group)
         shortcut = residual
         mean_d = invstd_d = count_d = None
+        ctx.dual = False
         if weight_d is not None:
             yd = ops.conv_bias_act(x, weight_d, None, *spec.ds_conv, None, False)
             mean_d, invstd_d, count_d = batch_stats(yd, spec.ds_norm, spec.group_d)
-            shortcut = _bn_apply(yd, mean_d, invstd_d, gamma_d, beta_d, None, False)
+            ctx.dual = (spec.group is None and spec.group_d is None and y.dim() == 4 and _compiled_bn(y.device))
+            if ctx.dual:  # both BNs, the add and the ReLU in one pass; the 1-bit mask kept instead of the output
+                fmt = memory_format(y)
+                scale, shift = _coefficients(gamma, beta, mean, invstd)
+                scale_d, shift_d = _coefficients(gamma_d, beta_d, mean_d, invstd_d)
+                out, kept = torch.ops.fastres._bn_apply(y.contiguous(memory_format=fmt), scale, shift,
+                                                        yd.contiguous(memory_format=fmt), scale_d, shift_d, True, True)
+            else:
+                shortcut = _bn_apply(yd, mean_d, invstd_d, gamma_d, beta_d, None, False)
             del yd
-        out = _bn_apply(y, mean, invstd, gamma, beta, shortcut, True)
+        if not ctx.dual:
+            out = kept = _bn_apply(y, mean, invstd, gamma, beta, shortcut, True)
         ctx.spec = spec
         ctx.save_for_backward(y_prev, gamma_p, beta_p, mean_p, invstd_p, count_p, weight, gamma, beta, mean, invstd,
-                              count, out, x if weight_d is not None else None, weight_d, gamma_d, mean_d, invstd_d,
+                              count, kept, x if weight_d is not None else None, weight_d, gamma_d, mean_d, invstd_d,
                               count_d)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        (y_prev, gamma_p, beta_p, mean_p, invstd_p, count_p, weight, gamma, beta, mean, invstd, count, out, x,
+        (y_prev, gamma_p, beta_p, mean_p, invstd_p, count_p, weight, gamma, beta, mean, invstd, count, kept, x,
          weight_d, gamma_d, mean_d, invstd_d, count_d) = ctx.saved_tensors
         spec, need = ctx.spec, ctx.needs_input_grad
         grads = [None] * 15
         with _no_autocast(y_prev.device.type):
             scale_p, shift_p = _coefficients(gamma_p, beta_p, mean_p, invstd_p)
-            y = ops.bn_relu_conv(y_prev, scale_p, shift_p, weight, *spec.conv, True)  # the forward's, again
-            need_shortcut = need[9] or (weight_d is not None and any(need[10:14]))
-            grad_y, dz, g_gamma, g_beta = _bn_backward(grad, out, y, mean, invstd, gamma, True, count, spec.group,
-                                                       need_shortcut)
-            del y
-            grads[7], grads[8] = _param_grad(g_gamma, gamma, need[7]), _param_grad(g_beta, beta, need[8])
-            if need[9]:
-                grads[9] = dz
-            if weight_d is not None and any(need[10:14]):
+            y, a = _recompute_conv(y_prev, scale_p, shift_p, weight, spec.conv)  # the forward's y, again
+            need_d = weight_d is not None and any(need[10:14])
+            if ctx.dual:
                 yd = ops.conv_bias_act(x, weight_d, None, *spec.ds_conv, None, False)
-                grad_yd, _, g_gamma_d, g_beta_d = _bn_backward(dz, None, yd, mean_d, invstd_d, gamma_d, False,
-                                                               count_d, spec.group_d, False)
-                del yd
+                grad = grad.contiguous(memory_format=memory_format(y))
+                grad_y, grad_yd, g_gamma, g_beta, g_gamma_d, g_beta_d = torch.ops.fastres._bn_apply_backward(
+                    grad, None, kept, y, mean, invstd, gamma.to(mean.dtype), yd, mean_d, invstd_d,
+                    gamma_d.to(mean.dtype), True, True, need_d)
+                del y, yd
+            else:
+                need_shortcut = need[9] or need_d
+                grad_y, dz, g_gamma, g_beta = _bn_backward(grad, kept, y, mean, invstd, gamma, True, count,
+                                                           spec.group, need_shortcut)
+                del y
+                if need[9]:
+                    grads[9] = dz
+                if need_d:
+                    yd = ops.conv_bias_act(x, weight_d, None, *spec.ds_conv, None, False)
+                    grad_yd, _, g_gamma_d, g_beta_d = _bn_backward(dz, None, yd, mean_d, invstd_d, gamma_d, False,
+                                                                   count_d, spec.group_d, False)
+                    del yd
+            grads[7], grads[8] = _param_grad(g_gamma, gamma, need[7]), _param_grad(g_beta, beta, need[8])
+            if need_d:
                 grads[10], grads[11] = _conv_grads(grad_yd, x, weight_d, *spec.ds_conv, need[10], need[11])
                 grads[12] = _param_grad(g_gamma_d, gamma_d, need[12])
                 grads[13] = _param_grad(g_beta_d, gamma_d, need[13])
-            a = _prologue(y_prev, scale_p, shift_p)
+            if a is None:
+                a = _prologue(y_prev, scale_p, shift_p)
             need_prev = any(need[:3])
             grad_a, grads[6] = _conv_grads(grad_y, a, weight, *spec.conv, need_prev, need[6])
             if need_prev:
@@ -434,6 +469,8 @@ def _lean_unit(conv, norm):
 
 
 MEMORY_MODES = ("lean", "recompute")
+# The issue-6 budget (saved activations at most 0.6x torchvision's) holds by default; "lean" trades it for ~7%.
+DEFAULT_MEMORY_MODE = "recompute"
 
 
 def _is_1x1(conv):
@@ -457,7 +494,7 @@ def block_forward(block, x):
     ds = block.downsample if block.residual else None
     fused_ds = (ds is not None and type(ds) is nn.Sequential and len(ds) == 2 and not has_hooks(ds)
                 and _lean_unit(ds[0], ds[1]))
-    recompute = (getattr(block, "memory_mode", "lean") == "recompute" and len(units) > 1
+    recompute = (getattr(block, "memory_mode", DEFAULT_MEMORY_MODE) == "recompute" and len(units) > 1
                  and _is_1x1(units[-1][0]) and (not fused_ds or _is_1x1(ds[0])))
     conv, norm = units[0]
     unit = _Unit(_raw_conv(x, conv), norm)
@@ -491,9 +528,11 @@ def _recomputed_tail(unit, conv, norm, x, ds, fused_ds, residual):
 
 
 def set_memory_mode(model, mode):
-    """Sets how every fastres block in `model` (the root included) trains: "lean" (default: each conv's raw output
-    is kept, BN + ReLU recomputed in backward) or "recompute" (also a Bottleneck's last 1x1 conv and its projection
-    run again in backward: the least memory, for about 1/4 more forward conv work). Returns the model."""
+    """Sets how every fastres block in `model` (the root included) trains: "recompute" (the default: each conv's
+    raw output is kept, BN + ReLU recomputed in backward, and a Bottleneck's last 1x1 conv and its projection run
+    again in backward: the least memory, for about 1/4 more forward conv work) or "lean" (every conv's raw output
+    kept: about 7% faster steps, 0.85x instead of 0.52x of torchvision's activation memory for ResNet-50).
+    Returns the model."""
     if mode not in MEMORY_MODES:
         raise ValueError(f"set_memory_mode: mode must be one of {', '.join(map(repr, MEMORY_MODES))}, got {mode!r}")
     if not isinstance(model, nn.Module):

@@ -25,7 +25,7 @@ class _FusedBlock(FusedModuleMixin, nn.Module):
     """What BasicBlock and Bottleneck share: the shortcut and the choice between fused and plain forward."""
 
     # How training trades memory for compute: see fastres.nn.set_memory_mode.
-    memory_mode = "lean"
+    memory_mode = _lean.DEFAULT_MEMORY_MODE
 
     def _units(self):
         """[(conv, norm)] of the residual branch, in order."""
