@@ -20,6 +20,7 @@
 #   bn_kernels  the BN training kernels (statistics, apply, dual apply, backward) beside ATen on ResNet-50's
 #               activation shapes, with the copy bandwidth they are held to (benchmarks/bn_kernels.py)
 #   memory      training-step memory of ResNet-50 against batch size (benchmarks/memory.py)
+#   train_modes ResNet-50 training-step time in each memory mode beside eager (benchmarks/train_modes.py)
 #   flops       the paper's Table 1 beside the counts (benchmarks/flops.py)
 #   plot        PNG charts and summary.md (benchmarks/plot.py)
 # The ResNet-50 inference figures (the headline) come first; the correctness tests right after them (each
@@ -179,6 +180,7 @@ if [ "$SMOKE" = 1 ]; then
     KERNELS=(--device cpu --tiny --reps 2 --rounds 1 --layers l1.conv1,l2.conv2 --stages stage1)
     MEMORY=(--device cpu --arch cifar_resnet20 --batch-sizes 2,4)
     BN_KERNELS=(--device cpu --batch-size 2 --shapes 16x8 --reps 2 --rounds 1)
+    TRAIN_MODES=(--device cpu --arch cifar_resnet20 --batch-size 2 --rounds 1)
     declare -A TP_BUDGET=([cifar_resnet20:infer]=120 [cifar_resnet20:train]=120)
     declare -A COMPILE_TIMEOUT=([cifar_resnet20:infer]=0 [cifar_resnet20:train]=0)
     KERNELS_BUDGET=(120 100)   # step limit, kernels.py --time-budget
@@ -194,6 +196,7 @@ else
     KERNELS=(--dtype bf16 --batch-size 256)
     MEMORY=(--arch resnet50 --dtype bf16 --batch-sizes 32,64,128,256)
     BN_KERNELS=(--device cuda --dtype bf16 --batch-size 256)
+    TRAIN_MODES=(--device cuda --dtype bf16 --batch-size 256 --rounds 6)
     # seconds: the step's limit, and how long each compile provider's first batch (compilation) may take
     declare -A TP_BUDGET=([resnet50:infer]=130 [resnet50:train]=120 [resnet152:infer]=80 [resnet152:train]=90)
     declare -A COMPILE_TIMEOUT=([resnet50:infer]=45 [resnet50:train]=40 [resnet152:infer]=30 [resnet152:train]=35)
@@ -224,6 +227,7 @@ run_step kernels "${KERNELS_BUDGET[0]}" -- "$PY" benchmarks/kernels.py "${KERNEL
 run_step bn_kernels 40 -- "$PY" benchmarks/bn_kernels.py "${BN_KERNELS[@]}" --json "$OUT/results/bn_kernels.jsonl"
 for run in "${ORDER[@]:3}"; do throughput_step "$run"; done
 run_step memory 45 -- "$PY" benchmarks/memory.py "${MEMORY[@]}" "${RESULTS[@]}"
+run_step train_modes 40 -- "$PY" benchmarks/train_modes.py "${TRAIN_MODES[@]}" --json "$OUT/results/train_modes.jsonl"
 run_step flops 30 -- "$PY" benchmarks/flops.py "${RESULTS[@]}"
 run_step plot 20 final -- "$PY" benchmarks/plot.py --results-dir "$OUT/results" --out-dir "$OUT/plots"
 timeout 20 nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv \

@@ -22,6 +22,7 @@ sys.path.insert(0, BENCHMARKS)
 import _common as C  # noqa: E402
 import memory  # noqa: E402
 import throughput  # noqa: E402
+import train_modes  # noqa: E402
 
 # Small ceiling measurements: the smoke runs' figures mean nothing anyway.
 QUICK_ENV = {"FASTRES_BENCH_CEILING_SIZE": "256"}
@@ -62,8 +63,8 @@ def test_suite_runs_every_step(suite):
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     steps = {row["step"]: row for row in csv.DictReader(open(out / "steps.tsv"), delimiter="\t")}
     assert list(steps) == ["env", "build", "tune", "throughput_cifar_resnet20_infer", "pytest",
-                           "throughput_cifar_resnet20_train", "kernels", "bn_kernels", "memory", "flops", "plot",
-                           "bundle"]
+                           "throughput_cifar_resnet20_train", "kernels", "bn_kernels", "memory", "train_modes",
+                           "flops", "plot", "bundle"]
     assert steps["build"]["status"] == "skipped (smoke)" and steps["tune"]["status"].startswith("skipped")
     for name, row in steps.items():
         if name not in ("build", "tune"):
@@ -74,7 +75,7 @@ def test_suite_runs_every_step(suite):
     with tarfile.open(out / "bundle.tar.gz") as bundle:
         names = bundle.getnames()
     for path in ("./env.txt", "./steps.tsv", "./results/throughput.jsonl", "./results/kernels.csv",
-                 "./results/bn_kernels.jsonl", "./plots/summary.md"):
+                 "./results/bn_kernels.jsonl", "./results/train_modes.jsonl", "./plots/summary.md"):
         assert path in names
 
 
@@ -237,6 +238,8 @@ def test_throughput_compile_timeout_and_sigterm(tmp_path):
     (["--arch", "resnet18", "--providers", "eager,eager"], "--providers"),
     (["--arch", "resnet18", "--mode", "train", "--batch-size", "1"], "--batch-size"),
     (["--arch", "resnet18", "--compile-timeout", "-1"], "--compile-timeout"),
+    (["--arch", "resnet18", "--memory-mode", "lean"], "--memory-mode applies to --mode train"),
+    (["--arch", "resnet18", "--mode", "train", "--memory-mode", "checkpoint"], "--memory-mode"),
 ])
 def test_throughput_bad_arguments(args, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -257,6 +260,28 @@ def test_throughput_defaults():
     modes = throughput.COMPILE_MODES
     assert modes[("compile-max-autotune", True)] == "max-autotune"  # exactly torch.compile(mode="max-autotune")
     assert modes[("compile", False)] == "default"
+
+
+def test_suite_train_modes_results(suite):
+    out, _ = suite
+    runs = read_json_lines(out / "results" / "train_modes.jsonl")
+    assert len(runs) == 1 and ENV_FIELDS <= set(runs[0]) and runs[0]["benchmark"] == "train_modes"
+    results = runs[0]["results"]
+    assert set(results) == {"fastres lean", "fastres recompute", "eager"}
+    assert results["eager"]["eager_over_this"] == 1.0
+    assert all(r["ms"] > 0 and r["ms_p20"] <= r["ms"] <= r["ms_p80"] for r in results.values())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "1"], "--batch-size"),
+    (["--rounds", "0"], "--rounds"),
+    (["--arch", "resnet9000"], "--arch"),
+    (["--dtype", "int8"], "--dtype"),
+])
+def test_train_modes_bad_arguments(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_modes.parse_args(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ memory.py
