@@ -6,6 +6,7 @@ Result files: --json appends one JSON object per run (JSON Lines); --csv appends
 import csv
 import dataclasses
 import datetime
+import glob
 import json
 import os
 import platform
@@ -382,14 +383,33 @@ class Timer:
         return time.perf_counter() - t0
 
 
+def last_level_cache_bytes():
+    """The largest CPU cache of cpu0 as Linux reports it (e.g. 300 MiB of L3 on one development machine, 32 MiB on
+    another), or None where /sys does not say."""
+    sizes = []
+    for entry in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            text = open(entry).read().strip().upper()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * unit)
+    return max(sizes) if sizes else None
+
+
 class CacheFlusher:
     """Overwrites a buffer larger than the last-level cache, so that the next timed call reads its inputs from
-    memory rather than from a cache the previous call warmed (256 MiB on GPUs, whose L2 is at most 60 MB on an
-    H200; 64 MiB on CPUs, twice the 32 MiB L3 of the development machine)."""
+    memory rather than from a cache the previous call warmed: 256 MiB on GPUs (an H200's L2 is at most 60 MB);
+    on CPUs twice the last-level cache Linux reports, at least 64 MiB and at most 1 GiB."""
 
     def __init__(self, device):
         device = torch.device(device)
-        nbytes = (256 if device.type == "cuda" else 64) << 20
+        if device.type == "cuda":
+            nbytes = 256 << 20
+        else:
+            nbytes = min(max(2 * (last_level_cache_bytes() or 0), 64 << 20), 1 << 30)
         self.buffer = torch.empty(nbytes // 4, dtype=torch.int32, device=device)
 
     def __call__(self):

@@ -12,14 +12,14 @@ Rows per activation shape [N, C, H, W] (y: a conv's raw output, r: a residual, g
               native_batch_norm_backward)
   dual_fwd    relu(bn(y) + bn_r(r)), both BNs in training (the bottleneck's last BN + downsample BN): 2 x _bn_stats
               + the dual apply; against 2 x F.batch_norm + add + relu
-  dual_bwd    its backward: _bn_apply_backward in the dual form; against autograd's
+  dual_bwd    its backward: _bn_apply_backward in the dual form from the ReLU's 1-bit mask (what dual_bn_act and
+              the blocks keep), and from the output; against autograd's
   stats       _bn_stats alone (statistics + finalize); against torch.var_mean (ATen's own BN statistics are not a
               public op on CPU)
   apply       _bn_act_forward with residual and ReLU; with the mask; the dual apply; against the same elementwise
               math in ATen ops
 bytes: the fewest a kernel must move, each input read once and each output written once (stats: y; apply: y, r,
-out; train_fwd: y, r, out; train_bwd: g, out or mask, y, grad_y, grad_r; dual the same with both BNs' inputs and
-gradients). GB/s = bytes / median time; "share" = GB/s over a device-to-device copy's GB/s measured in the same
+out; train_fwd: y, r, out; train_bwd: g, out, y, grad_y, grad_r; dual_bwd: g, mask, y, r, grad_y, grad_r). GB/s = bytes / median time; "share" = GB/s over a device-to-device copy's GB/s measured in the same
 run (bytes read + written). A two-pass design (statistics, then apply; reductions, then the elementwise gradients)
 reads its inputs twice, so its share of that minimum is below 100% by construction.
 Timing: the providers of a row in rotating order over --rounds rounds (interleaved, so load changes on a shared
@@ -135,12 +135,14 @@ def build_rows(x, names):
         rows["dual_fwd"] = (nbytes(x.y, x.r, x.out), {"fastres": dual, "aten": aten_dual})
     if "dual_bwd" in names:
         leaves, out = aten_graph(x, dual=True)
-        rows["dual_bwd"] = (nbytes(x.g, x.out, x.y, x.r, x.y, x.r), {
-            "fastres": lambda: ops._bn_apply_backward(x.g, x.dual_out, None, x.y, x.mean, x.invstd, x.weight, x.r,
+        # "fastres" is what dual_bn_act and the blocks run: the backward from the 1-bit mask the forward kept.
+        rows["dual_bwd"] = (nbytes(x.g, x.mask, x.y, x.r, x.y, x.r), {
+            "fastres": lambda: ops._bn_apply_backward(x.g, None, x.dual_mask, x.y, x.mean, x.invstd, x.weight, x.r,
                                                       x.r_mean, x.r_invstd, x.r_weight, True, True, True),
             "aten": lambda: torch.autograd.grad(out, leaves, x.g, retain_graph=True),
-            "fastres+mask": lambda: ops._bn_apply_backward(x.g, None, x.dual_mask, x.y, x.mean, x.invstd, x.weight,
-                                                           x.r, x.r_mean, x.r_invstd, x.r_weight, True, True, True)})
+            "fastres from out": lambda: ops._bn_apply_backward(x.g, x.dual_out, None, x.y, x.mean, x.invstd,
+                                                               x.weight, x.r, x.r_mean, x.r_invstd, x.r_weight, True,
+                                                               True, True)})
     if "stats" in names:
         rows["stats"] = (nbytes(x.y), {
             "fastres": lambda: ops._bn_stats(x.y, x.weight, x.bias, *x.running, 0.1, EPS),
