@@ -20,6 +20,7 @@
 #   bn_kernels  the BN training kernels (statistics, apply, dual apply, backward) beside ATen on ResNet-50's
 #               activation shapes, with the copy bandwidth they are held to (benchmarks/bn_kernels.py)
 #   memory      training-step memory of ResNet-50 against batch size (benchmarks/memory.py)
+#   largest_batch  ResNet-50's largest bf16 training batch within 16 GiB, fastres and eager (memory.py)
 #   train_modes ResNet-50 training-step time in each memory mode beside eager (benchmarks/train_modes.py)
 #   flops       the paper's Table 1 beside the counts (benchmarks/flops.py)
 #   plot        PNG charts and summary.md (benchmarks/plot.py)
@@ -227,6 +228,10 @@ run_step kernels "${KERNELS_BUDGET[0]}" -- "$PY" benchmarks/kernels.py "${KERNEL
 run_step bn_kernels 40 -- "$PY" benchmarks/bn_kernels.py "${BN_KERNELS[@]}" --json "$OUT/results/bn_kernels.jsonl"
 for run in "${ORDER[@]:3}"; do throughput_step "$run"; done
 run_step memory 45 -- "$PY" benchmarks/memory.py "${MEMORY[@]}" "${RESULTS[@]}"
+if [ "$SMOKE" != 1 ]; then
+    run_step largest_batch 60 -- env FASTRES_AUTOTUNE=0 "$PY" benchmarks/memory.py --arch resnet50 --dtype bf16 \
+        --largest-batch 16 "${RESULTS[@]}"
+fi
 run_step train_modes 40 -- "$PY" benchmarks/train_modes.py "${TRAIN_MODES[@]}" --json "$OUT/results/train_modes.jsonl"
 run_step flops 30 -- "$PY" benchmarks/flops.py "${RESULTS[@]}"
 run_step plot 20 final -- "$PY" benchmarks/plot.py --results-dir "$OUT/results" --out-dir "$OUT/plots"

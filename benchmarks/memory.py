@@ -2,6 +2,7 @@
 
     python benchmarks/memory.py                                   # CPU: resnet50, fp32, batch 2,4,8
     python benchmarks/memory.py --arch resnet152 --dtype bf16 --batch-sizes 32,64,128,256 --save   # CUDA
+    python benchmarks/memory.py --largest-batch 16 --save         # CUDA: the largest batch under a 16 GiB cap
 
 Per batch size and provider, one training step (forward, cross-entropy, backward, SGD step with momentum) after
 one warm-up step at that batch size (which also creates the optimizer state), measuring:
@@ -13,8 +14,14 @@ one warm-up step at that batch size (which also creates the optimizer state), me
                 ops share a storage); "activations" leaves out the model's own parameters and buffers, which
                 are held anyway
 Both providers hold the same weights (fastres's state_dict loaded into the reference) and see the same batch.
+
+--largest-batch GIB (CUDA only) instead finds, per provider, the largest batch whose training step runs within GIB
+GiB of device memory (torch.cuda.set_per_process_memory_fraction; weights and optimizer state included, as in
+training): batch sizes doubled from 32 until a step runs out of memory, then bisected to within 1/64. cuDNN's
+benchmark mode is off for the search; FASTRES_AUTOTUNE=0 keeps fastres from autotuning every new batch size.
 """
 import argparse
+import gc
 import os
 import sys
 
@@ -34,6 +41,9 @@ CSV_FIELDS = C.ENV_CSV_FIELDS + ["arch", "variant", "dtype", "input_size", "chan
                                  "provider", "peak_memory_bytes", "saved_bytes", "saved_activation_bytes",
                                  "saved_storages", "saved_tensors", "param_bytes", "peak_vs_eager",
                                  "saved_activations_vs_eager"]
+
+LARGEST_CSV_FIELDS = C.ENV_CSV_FIELDS + ["arch", "dtype", "input_size", "cap_gib", "provider", "largest_batch",
+                                         "vs_eager"]
 
 
 class SavedTensorCounter:
@@ -87,6 +97,75 @@ def measure(model, optimizer, x, target, device):
     return peak, counter.summary()
 
 
+def largest_fitting(fits, start=32, limit=1 << 16, resolution=64):
+    """The largest batch b in [2, limit] with fits(b) True, fits being monotonic (True up to some size, False
+    beyond): b doubled from `start` (halved first while it does not fit) until fits(b) fails, then bisected until
+    the gap is at most b / resolution. 0 when not even a batch of 2 fits; `limit` when it fits."""
+    b = max(2, min(start, limit))
+    while not fits(b):
+        if b == 2:
+            return 0
+        b = max(2, b // 2)
+    lo = b
+    while True:
+        if lo == limit:
+            return lo
+        nxt = min(2 * lo, limit)
+        if not fits(nxt):
+            hi = nxt
+            break
+        lo = nxt
+    while hi - lo > max(1, lo // resolution):
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def step_fits(model, optimizer, batch, args, device, dtype, fmt):
+    """Whether one training step at `batch` runs without running out of device memory."""
+    gen = torch.Generator().manual_seed(args.seed + batch)
+    try:
+        x = torch.randn(batch, 3, args.input_size, args.input_size, generator=gen).to(
+            device, dtype).contiguous(memory_format=fmt)
+        target = torch.randint(0, args.arch_spec.num_classes, (batch,), generator=gen).to(device)
+        make_step(model, optimizer)(x, target)
+        C.synchronize(device)
+        ok = True
+    except torch.OutOfMemoryError:
+        ok = False
+    optimizer.zero_grad(set_to_none=True)
+    x = target = None
+    gc.collect()  # the failed step's frames held tensors
+    torch.cuda.empty_cache()
+    return ok
+
+
+def largest_batches(args, models, device, dtype, fmt):
+    """{provider: largest batch} under the --largest-batch cap, one provider's model on the device at a time."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = args.largest_batch * (1 << 30)
+    if cap > total:
+        raise SystemExit(f"memory.py: --largest-batch {args.largest_batch} GiB is more than the device's "
+                         f"{total / (1 << 30):.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    found = {}
+    for name in args.providers:
+        model = models[name].to(device=device, dtype=dtype, memory_format=fmt).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        found[name] = largest_fitting(lambda b: step_fits(model, optimizer, b, args, device, dtype, fmt))
+        print(f"{name:>8}: largest batch {found[name]} within {args.largest_batch:g} GiB", file=sys.stderr,
+              flush=True)
+        models[name] = model.to("cpu")
+        del optimizer
+        gc.collect()
+        torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(1.0, device)
+    return found
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,6 +180,8 @@ def parse_args(argv=None):
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated, from fastres,eager")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--largest-batch", type=float, metavar="GIB",
+                   help="CUDA: find each provider's largest batch within GIB GiB of device memory instead")
     p.add_argument("--memory-mode", choices=fastres.nn.MEMORY_MODES, default=fastres.nn.DEFAULT_MEMORY_MODE,
                    help=f"fastres.nn.set_memory_mode for the fastres model (default {fastres.nn.DEFAULT_MEMORY_MODE})")
     C.add_output_args(p)
@@ -125,6 +206,11 @@ def parse_args(argv=None):
         p.error(f"--providers must be distinct names from {','.join(PROVIDERS)}, got {args.providers!r}")
     args.dtype = args.dtype or d["dtype"]
     args.input_size = args.input_size or args.arch_spec.input_size
+    if args.largest_batch is not None:
+        if args.device.type != "cuda":
+            p.error("--largest-batch needs a CUDA device (on a CPU nothing runs out of memory in time)")
+        if not args.largest_batch > 0:
+            p.error(f"--largest-batch must be > 0 GiB, got {args.largest_batch}")
     if args.input_size < 8:
         p.error(f"--input-size must be >= 8, got {args.input_size}")
     return args
@@ -134,12 +220,21 @@ def main(argv=None):
     args = parse_args(argv)
     device, dtype, arch = args.device, DTYPES[args.dtype], args.arch_spec
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        # The largest-batch search steps through many batch sizes: no per-shape cuDNN autotuning (its workspace
+        # trials would also blur the memory bound); run it with FASTRES_AUTOTUNE=0 for fastres's default choices.
+        torch.backends.cudnn.benchmark = args.largest_batch is None
     env = C.environment(device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     fast, ref = C.build_pair(arch, seed=args.seed)
     fastres.nn.set_memory_mode(fast, args.memory_mode)
     models = {"fastres": fast, "eager": ref}
+    settings = {"arch": arch.name, "variant": arch.variant, "dtype": args.dtype, "device": str(device),
+                "input_size": args.input_size, "channels_last": args.channels_last,
+                "batch_sizes": list(args.batch_sizes), "providers": list(args.providers), "seed": args.seed,
+                "num_threads": torch.get_num_threads(), "optimizer": "SGD(momentum=0.9, weight_decay=1e-4)",
+                "memory_mode": args.memory_mode}
+    if args.largest_batch is not None:
+        return report_largest(args, env, settings, largest_batches(args, models, device, dtype, fmt))
     gen = torch.Generator().manual_seed(args.seed + 1)
     rows = []
     for name in args.providers:
@@ -183,16 +278,30 @@ def main(argv=None):
     print(f"* {C.memory_label(device)}; weights: "
           + ", ".join(f"{C.fmt_bytes(r['param_bytes'])} ({r['provider']})"
                       for r in rows if r["batch_size"] == args.batch_sizes[0]))
-    settings = {"arch": arch.name, "variant": arch.variant, "dtype": args.dtype, "device": str(device),
-                "input_size": args.input_size, "channels_last": args.channels_last,
-                "batch_sizes": list(args.batch_sizes), "providers": list(args.providers), "seed": args.seed,
-                "num_threads": torch.get_num_threads(), "optimizer": "SGD(momentum=0.9, weight_decay=1e-4)"}
     run = {"benchmark": "memory", **env, "settings": settings, "memory_measure": C.memory_label(device),
            "rows": rows}
     csv_rows = [{**C.env_csv_columns(env), "arch": arch.name, "variant": arch.variant, "dtype": args.dtype,
                  "input_size": args.input_size, "channels_last": args.channels_last,
                  **{k: r[k] for k in CSV_FIELDS[len(C.ENV_CSV_FIELDS) + 5:]}} for r in rows]
     for path in C.write_results(args, "memory", run, csv_rows, CSV_FIELDS):
+        print(f"appended to {path}")
+    return 0
+
+
+def report_largest(args, env, settings, found):
+    eager = found.get("eager")
+    print(f"{args.arch_spec.label} | largest training batch within {args.largest_batch:g} GiB | {args.dtype} | "
+          f"{args.input_size}x{args.input_size} | {'channels_last' if args.channels_last else 'NCHW'} | "
+          f"{env['device']}")
+    rows = [{"provider": n, "largest_batch": b, "vs_eager": b / eager if eager else None} for n, b in found.items()]
+    print(C.format_table(["provider", "largest batch", "vs eager"],
+                         [[r["provider"], r["largest_batch"], "-" if r["vs_eager"] is None else f"{r['vs_eager']:.2f}x"]
+                          for r in rows], align="lrr"))
+    run = {"benchmark": "memory_largest_batch", **env, "settings": {**settings, "cap_gib": args.largest_batch},
+           "rows": rows}
+    csv_rows = [{**C.env_csv_columns(env), "arch": args.arch_spec.name, "dtype": args.dtype,
+                 "input_size": args.input_size, "cap_gib": args.largest_batch, **r} for r in rows]
+    for path in C.write_results(args, "memory_largest_batch", run, csv_rows, LARGEST_CSV_FIELDS):
         print(f"appended to {path}")
     return 0
 

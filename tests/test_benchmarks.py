@@ -299,6 +299,57 @@ def test_saved_tensor_counter_counts_storages_once():
     torch.testing.assert_close(x.grad, w.detach().expand(4, 8) + torch.cat([torch.zeros(1, 8), 2 * x[1:].detach()]))
 
 
+@pytest.mark.parametrize("largest", [0, 1, 2, 3, 31, 32, 33, 100, 1000, 4095, 1 << 16, 1 << 20])
+def test_largest_fitting_finds_the_largest_batch_that_fits(largest):
+    tried = []
+
+    def fits(b):
+        tried.append(b)
+        return b <= largest
+
+    got = memory.largest_fitting(fits, limit=1 << 16)
+    want = min(largest, 1 << 16) if largest >= 2 else 0
+    assert want - max(1, want // 64) <= got <= want  # within the resolution, never above what fits
+    assert len(tried) <= 30 and all(b >= 2 for b in tried)
+
+
+def test_step_fits_reports_out_of_memory(monkeypatch):
+    args = memory.parse_args(["--device", "cpu", "--arch", "cifar_resnet20"])
+    model = C.build_fastres(args.arch_spec).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert memory.step_fits(model, optimizer, 2, args, torch.device("cpu"), torch.float32, torch.channels_last)
+    assert all(p.grad is None for p in model.parameters())
+
+    def out_of_memory(model, optimizer):
+        def step(x, target):
+            raise torch.OutOfMemoryError("simulated")
+        return step
+
+    monkeypatch.setattr(memory, "make_step", out_of_memory)
+    assert not memory.step_fits(model, optimizer, 2, args, torch.device("cpu"), torch.float32, torch.channels_last)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_memory_largest_batch_on_cuda(tmp_path, capsys):
+    path = tmp_path / "largest.jsonl"
+    assert memory.main(["--arch", "cifar_resnet20", "--largest-batch", "1", "--json", str(path)]) == 0
+    (run,) = read_json_lines(path)
+    rows = {r["provider"]: r for r in run["rows"]}
+    assert set(rows) == {"fastres", "eager"} and all(r["largest_batch"] >= 2 for r in rows.values())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cpu", "--largest-batch", "16"], "--largest-batch needs a CUDA device"),
+    (["--batch-sizes", "1"], "--batch-sizes"),
+    (["--providers", "fastres,bogus"], "--providers"),
+])
+def test_memory_bad_arguments(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        memory.parse_args(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------ _common
 def test_matrix_product_as_conv():
     for size in (64, 48):  # a power of two (rows as a square map) and not
