@@ -198,6 +198,17 @@ def test_projection_block_trains_through_one_dual_apply(case, path, monkeypatch)
         assert_runs_match(fr, tv, ref, torch.randn(2, fr.conv1.in_channels, 9, 9), f"{case} {path} step {step}")
 
 
+@pytest.mark.skipif(ops._backend._why_not("triton", "conv_bn_act_forward", "cpu") is not None,
+                    reason="the Triton backend cannot run here")
+def test_projection_block_per_unit_path_under_a_backend_without_dual_kernel(monkeypatch):
+    """A forced Triton backend has no dual kernel: the per-unit path then runs each unit's conv_bn_act."""
+    monkeypatch.setattr(fnn.blocks._lean, "block_forward", lambda block, x: None)
+    fr, tv, ref = make_blocks(**BLOCK_CASES["bottleneck-stride2"])
+    set_mode(True, fr, tv, ref)
+    with ops.backend("triton"):
+        assert_runs_match(fr, tv, ref, torch.randn(2, fr.conv1.in_channels, 9, 9), "triton per-unit")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(BLOCK_CASES))
 def test_block_eval_matches_torchvision(case, device):

@@ -90,6 +90,10 @@ def _dual_tail(out, x, conv, norm, downsample):
             and norm_kind(norm) == "bn_train" and norm_kind(ds_norm) == "bn_train"
             and group_of(norm) is None and group_of(ds_norm) is None):
         return None
+    try:
+        ops.select("dual_bn_act_forward", x.device)
+    except ops.BackendUnavailableError:
+        return None  # a forced backend without a dual kernel (Triton): its conv_bn_act runs each unit instead
     y = ops.conv_bias_act(out, conv.weight, None, conv.stride, conv.padding, None, relu=False)
     r = ops.conv_bias_act(x, ds_conv.weight, None, ds_conv.stride, ds_conv.padding, None, relu=False)
     if r.dtype != y.dtype:
