@@ -3,6 +3,7 @@
 Same constructor arguments, `expansion`, submodule names and state_dict keys as torchvision.models.resnet, so
 `torchvision.models.resnet.ResNet(fastres.nn.Bottleneck, [3, 4, 6, 3])` builds and loads torchvision checkpoints.
 """
+import torch
 from torch import nn
 
 from fastres import ops
@@ -79,6 +80,15 @@ class _FusedBlock(FusedModuleMixin, nn.Module):
         return self.relu(out)
 
 
+@torch.compiler.assume_constant_result  # decided when torch.compile traces (backend selection is not traceable)
+def _has_dual_kernel(device_type):
+    try:
+        ops.select("dual_bn_act_forward", device_type)
+    except ops.BackendUnavailableError:
+        return False
+    return True
+
+
 def _dual_tail(out, x, conv, norm, downsample):
     """relu(norm(conv(out)) + ds_norm(ds_conv(x))) as one fastres.ops.dual_bn_act when both BatchNorms train
     locally (the projection's BN, the residual add and the ReLU in one pass), else None. The per-unit path's form
@@ -90,9 +100,7 @@ def _dual_tail(out, x, conv, norm, downsample):
             and norm_kind(norm) == "bn_train" and norm_kind(ds_norm) == "bn_train"
             and group_of(norm) is None and group_of(ds_norm) is None):
         return None
-    try:
-        ops.select("dual_bn_act_forward", x.device)
-    except ops.BackendUnavailableError:
+    if not _has_dual_kernel(x.device.type):
         return None  # a forced backend without a dual kernel (Triton): its conv_bn_act runs each unit instead
     y = ops.conv_bias_act(out, conv.weight, None, conv.stride, conv.padding, None, relu=False)
     r = ops.conv_bias_act(x, ds_conv.weight, None, ds_conv.stride, ds_conv.padding, None, relu=False)
