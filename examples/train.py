@@ -111,7 +111,7 @@ def build_parser():
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--memory", choices=fastres.nn.MEMORY_MODES, default=fastres.nn.DEFAULT_MEMORY_MODE,
                    help="fastres.nn.set_memory_mode: recompute (default: least activation memory, each Bottleneck's "
-                        "last 1x1 conv runs again in backward) or lean (about 7%% faster steps, more memory)"),
+                        "last 1x1 conv runs again in backward) or lean (1-8%% faster steps, more memory)"),
     p.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics over all processes "
                    "(fastres.nn.convert_sync_batchnorm)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")

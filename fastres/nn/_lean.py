@@ -24,7 +24,7 @@ Below that a conv has to run twice. The default memory mode, "recompute", makes 
 
 for conv3 and the projection (about a quarter of a Bottleneck's multiply-adds) running once more in backward:
 some 8% more conv work per training step (forward + backward is about three forwards); measured on CPU (ResNet-50,
-fp32, batch 8) a step takes about 7% longer than in "lean" mode, which set_memory_mode(model, "lean") selects.
+fp32, batch 8) a step takes 1-8% longer than in "lean" mode, which set_memory_mode(model, "lean") selects.
 BasicBlocks (3x3 last conv: rerunning it would cost half the block) always train "lean".
 
 The batch statistics are computed once in forward (fastres._C's statistics kernel, torch.var_mean in fp32 where a
@@ -469,7 +469,8 @@ def _lean_unit(conv, norm):
 
 
 MEMORY_MODES = ("lean", "recompute")
-# The issue-6 budget (saved activations at most 0.6x torchvision's) holds by default; "lean" trades it for ~7%.
+# The issue-6 budget (saved activations at most 0.6x torchvision's) holds by default; "lean" trades it for 1-8%
+# shorter steps (measured on CPU).
 DEFAULT_MEMORY_MODE = "recompute"
 
 
@@ -531,7 +532,7 @@ def set_memory_mode(model, mode):
     """Sets how every fastres block in `model` (the root included) trains: "recompute" (the default: each conv's
     raw output is kept, BN + ReLU recomputed in backward, and a Bottleneck's last 1x1 conv and its projection run
     again in backward: the least memory, for about 1/4 more forward conv work) or "lean" (every conv's raw output
-    kept: about 7% faster steps, 0.85x instead of 0.52x of torchvision's activation memory for ResNet-50).
+    kept: 1-8% faster steps on CPU, 0.85x instead of 0.52x of torchvision's activation memory for ResNet-50).
     Returns the model."""
     if mode not in MEMORY_MODES:
         raise ValueError(f"set_memory_mode: mode must be one of {', '.join(map(repr, MEMORY_MODES))}, got {mode!r}")
