@@ -19,8 +19,9 @@ Rows per activation shape [N, C, H, W] (y: a conv's raw output, r: a residual, g
   apply       _bn_act_forward with residual and ReLU; with the mask; the dual apply; against the same elementwise
               math in ATen ops
 bytes: the fewest a kernel must move, each input read once and each output written once (stats: y; apply: y, r,
-out; train_fwd: y, r, out; train_bwd: g, out, y, grad_y, grad_r; dual_bwd: g, mask, y, r, grad_y, grad_r). GB/s = bytes / median time; "share" = GB/s over a device-to-device copy's GB/s measured in the same
-run (bytes read + written). A two-pass design (statistics, then apply; reductions, then the elementwise gradients)
+out; train_fwd: y, r, out; train_bwd: g, out, y, grad_y, grad_r; dual_bwd: g, mask, y, r, grad_y, grad_r).
+GB/s = bytes / median time; "share" = GB/s over a device-to-device copy's GB/s measured in the same run (bytes
+read + written). A two-pass design (statistics, then apply; reductions, then the elementwise gradients)
 reads its inputs twice, so its share of that minimum is below 100% by construction.
 Timing: the providers of a row in rotating order over --rounds rounds (interleaved, so load changes on a shared
 machine hit them alike), medians of the calls; CUDA events on GPUs, the wall clock on CPUs; a buffer larger than

@@ -30,8 +30,9 @@ BasicBlocks (3x3 last conv: rerunning it would cost half the block) always train
 The batch statistics are computed once in forward (fastres._C's statistics kernel, torch.var_mean in fp32 where a
 forced backend or a missing kernel rules it out, or merged over a process group by fastres.nn.sync_bn in one
 collective). A projection shortcut's BN, the residual add and the ReLU are one pass of fastres._C's dual apply,
-which keeps the ReLU's 1-bit mask instead of the output for its one backward kernel. Backward uses the training-mode BatchNorm formula (through the mean and the
-variance), in one collective per BN layer when synchronized. Nothing here writes into an input or a saved tensor.
+which keeps the ReLU's 1-bit mask instead of the output for its one backward kernel. Backward uses the
+training-mode BatchNorm formula (through the mean and the variance), in one collective per BN layer when
+synchronized. Nothing here writes into an input or a saved tensor.
 """
 import torch
 import torch.nn.functional as F
