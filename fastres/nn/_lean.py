@@ -175,6 +175,32 @@ def _bn_apply(y, mean, invstd, gamma, beta, residual, relu):
     return z.to(y.dtype).contiguous(memory_format=fmt)
 
 
+def _dual_applies(y, group, group_d):
+    """Whether relu?(bn(y) + bn_d(yd)) runs as fastres._C's dual apply: both BNs local, a 4-D y, the kernels
+    selected and built for y's device."""
+    return group is None and group_d is None and y.dim() == 4 and _compiled_bn(y.device)
+
+
+def _dual_apply(y, gamma, beta, mean, invstd, yd, gamma_d, beta_d, mean_d, invstd_d, relu):
+    """(out, y, yd, mask): both BNs, the add and the ReLU in one pass of the dual apply, which also writes the
+    ReLU's 1-bit mask (empty without relu); y and yd as the kernel read them (in y's memory format), for backward."""
+    fmt = memory_format(y)
+    y, yd = y.contiguous(memory_format=fmt), yd.contiguous(memory_format=fmt)
+    scale, shift = _coefficients(gamma, beta, mean, invstd)
+    scale_d, shift_d = _coefficients(gamma_d, beta_d, mean_d, invstd_d)
+    out, mask = torch.ops.fastres._bn_apply(y, scale, shift, yd, scale_d, shift_d, relu, relu)
+    return out, y, yd, mask
+
+
+def _dual_backward(grad, mask, relu, y, mean, invstd, gamma, yd, mean_d, invstd_d, gamma_d, need_yd):
+    """Backward of _dual_apply in one kernel -> (grad_y, grad_yd, grad_gamma, grad_beta, grad_gamma_d,
+    grad_beta_d)."""
+    grad = grad.contiguous(memory_format=memory_format(y))
+    return torch.ops.fastres._bn_apply_backward(grad, None, mask if relu else None, y, mean, invstd,
+                                                gamma.to(mean.dtype), yd, mean_d, invstd_d, gamma_d.to(mean.dtype),
+                                                relu, True, need_yd)
+
+
 def _bn_backward(grad_out, out, y, mean, invstd, gamma, relu, count, group, residual_grad):
     """Backward of out = relu?(bn(y) + residual) with batch statistics -> (grad_y, grad_residual or None,
     grad_gamma, grad_beta); the last two are this process's sums (DistributedDataParallel averages them like
@@ -260,16 +286,9 @@ class _BnAddRelu(torch.autograd.Function):
     def forward(ctx, y, gamma, beta, mean, invstd, count, residual, yd, gamma_d, beta_d, mean_d, invstd_d, count_d,
                 relu, group, group_d):
         ctx.relu, ctx.group, ctx.group_d = relu, group, group_d
-        ctx.dual = (yd is not None and group is None and group_d is None and y.dim() == 4
-                    and _compiled_bn(y.device))
-        if ctx.dual:
-            # Both BNs, the add and the ReLU in one pass of fastres._C's dual apply, which also writes the ReLU's
-            # 1-bit mask: kept instead of the output, and one backward kernel serves both BNs.
-            fmt = memory_format(y)
-            y, yd = y.contiguous(memory_format=fmt), yd.contiguous(memory_format=fmt)
-            scale, shift = _coefficients(gamma, beta, mean, invstd)
-            scale_d, shift_d = _coefficients(gamma_d, beta_d, mean_d, invstd_d)
-            out, mask = torch.ops.fastres._bn_apply(y, scale, shift, yd, scale_d, shift_d, relu, relu)
+        ctx.dual = yd is not None and _dual_applies(y, group, group_d)
+        if ctx.dual:  # the 1-bit mask is kept instead of the output; one backward kernel serves both BNs
+            out, y, yd, mask = _dual_apply(y, gamma, beta, mean, invstd, yd, gamma_d, beta_d, mean_d, invstd_d, relu)
             ctx.save_for_backward(y, gamma, mean, invstd, mask, yd, gamma_d, mean_d, invstd_d)
             return out
         shortcut = residual
@@ -284,7 +303,7 @@ class _BnAddRelu(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         if ctx.dual:
-            return _BnAddRelu._dual_backward(ctx, grad)
+            return _BnAddRelu._backward_dual(ctx, grad)
         y, gamma, mean, invstd, count, out, yd, gamma_d, mean_d, invstd_d, count_d = ctx.saved_tensors
         need = ctx.needs_input_grad
         need_shortcut = need[6] or any(need[7:10])
@@ -300,16 +319,13 @@ class _BnAddRelu(torch.autograd.Function):
                 dz if need[6] else None, grad_yd if need[7] else None, _param_grad(grad_gamma_d, gamma_d, need[8]),
                 _param_grad(grad_beta_d, gamma_d, need[9]), None, None, None, None, None, None)
 
-
     @staticmethod
-    def _dual_backward(ctx, grad):
+    def _backward_dual(ctx, grad):
         y, gamma, mean, invstd, mask, yd, gamma_d, mean_d, invstd_d = ctx.saved_tensors
         need = ctx.needs_input_grad
         with _no_autocast(y.device.type):
-            grad = grad.contiguous(memory_format=memory_format(y))
-            grad_y, grad_yd, g_gamma, g_beta, g_gamma_d, g_beta_d = torch.ops.fastres._bn_apply_backward(
-                grad, None, mask if ctx.relu else None, y, mean, invstd, gamma.to(mean.dtype), yd, mean_d, invstd_d,
-                gamma_d.to(mean.dtype), ctx.relu, True, need[7])
+            grad_y, grad_yd, g_gamma, g_beta, g_gamma_d, g_beta_d = _dual_backward(
+                grad, mask, ctx.relu, y, mean, invstd, gamma, yd, mean_d, invstd_d, gamma_d, need[7])
         return (grad_y if need[0] else None, _param_grad(g_gamma, gamma, need[1]), _param_grad(g_beta, gamma, need[2]),
                 None, None, None, None, grad_yd if need[7] else None, _param_grad(g_gamma_d, gamma_d, need[8]),
                 _param_grad(g_beta_d, gamma_d, need[9]), None, None, None, None, None, None)
@@ -356,13 +372,10 @@ class _RecomputedTail(torch.autograd.Function):
         if weight_d is not None:
             yd = ops.conv_bias_act(x, weight_d, None, *spec.ds_conv, None, False)
             mean_d, invstd_d, count_d = batch_stats(yd, spec.ds_norm, spec.group_d)
-            ctx.dual = (spec.group is None and spec.group_d is None and y.dim() == 4 and _compiled_bn(y.device))
-            if ctx.dual:  # both BNs, the add and the ReLU in one pass; the 1-bit mask kept instead of the output
-                fmt = memory_format(y)
-                scale, shift = _coefficients(gamma, beta, mean, invstd)
-                scale_d, shift_d = _coefficients(gamma_d, beta_d, mean_d, invstd_d)
-                out, kept = torch.ops.fastres._bn_apply(y.contiguous(memory_format=fmt), scale, shift,
-                                                        yd.contiguous(memory_format=fmt), scale_d, shift_d, True, True)
+            ctx.dual = _dual_applies(y, spec.group, spec.group_d)
+            if ctx.dual:  # the 1-bit mask kept instead of the output
+                out, _, _, kept = _dual_apply(y, gamma, beta, mean, invstd, yd, gamma_d, beta_d, mean_d, invstd_d,
+                                              True)
             else:
                 shortcut = _bn_apply(yd, mean_d, invstd_d, gamma_d, beta_d, None, False)
             del yd
@@ -387,10 +400,8 @@ class _RecomputedTail(torch.autograd.Function):
             need_d = weight_d is not None and any(need[10:14])
             if ctx.dual:
                 yd = ops.conv_bias_act(x, weight_d, None, *spec.ds_conv, None, False)
-                grad = grad.contiguous(memory_format=memory_format(y))
-                grad_y, grad_yd, g_gamma, g_beta, g_gamma_d, g_beta_d = torch.ops.fastres._bn_apply_backward(
-                    grad, None, kept, y, mean, invstd, gamma.to(mean.dtype), yd, mean_d, invstd_d,
-                    gamma_d.to(mean.dtype), True, True, need_d)
+                grad_y, grad_yd, g_gamma, g_beta, g_gamma_d, g_beta_d = _dual_backward(
+                    grad, kept, True, y, mean, invstd, gamma, yd, mean_d, invstd_d, gamma_d, need_d)
                 del y, yd
             else:
                 need_shortcut = need[9] or need_d
