@@ -1,12 +1,12 @@
 """Training-step time of a fastres model in each memory mode beside the same network in eager PyTorch.
 
-    python benchmarks/train_modes.py                       # ResNet-50, CPU fp32 batch 8 (GPU: bf16 autocast, 256)
+    python benchmarks/train_modes.py                       # ResNet-50, CPU fp32 batch 8 (GPU: bf16, batch 256)
     python benchmarks/train_modes.py --arch resnet152 --rounds 12 --json benchmarks/results/train_modes.jsonl
 
 The memory modes (fastres.nn.set_memory_mode) trade activation memory for compute: "recompute" (the default) reruns
 a Bottleneck's last 1x1 conv and its projection in backward, "lean" keeps their outputs. Every provider is a copy of
-the same weights; a step is forward, cross-entropy, backward and an SGD step (momentum 0.9), channels_last, on the
-same batch. The providers run in rotating order in each of --rounds rounds (so that load changes on a shared machine
+the same weights in the same dtype; a step is throughput.py's training step (forward, cross-entropy, backward, SGD
+with momentum 0.9 and weight decay 1e-4), channels_last, on the same batch. The providers run in rotating order in each of --rounds rounds (so that load changes on a shared machine
 hit them alike), after two untimed steps each; the table gives each provider's median step (p20-p80) and eager's
 median over it. Memory per mode: benchmarks/memory.py.
 """
@@ -16,28 +16,13 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 import fastres.nn as fnn  # noqa: E402
+from throughput import DTYPES, make_step  # noqa: E402
 
 DEFAULTS = {"cpu": {"batch_size": 8, "dtype": "fp32"}, "cuda": {"batch_size": 256, "dtype": "bf16"}}
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def make_step(model, x, target, device, dtype):
-    model = model.to(device, memory_format=torch.channels_last).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    autocast = AUTOCAST[dtype]
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            loss = F.cross_entropy(model(x), target)
-        loss.backward()
-        optimizer.step()
-    return step
 
 
 def parse_args(argv=None):
@@ -45,8 +30,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet50", help=f"one of {', '.join(C.arch_names())} (default resnet50)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", choices=tuple(AUTOCAST), help="fp32, or autocast to bf16/fp16 (default: fp32 on CPU, "
-                                                             "bf16 on CUDA)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
     p.add_argument("--batch-size", type=int, help="default: 8 on CPU, 256 on CUDA")
     p.add_argument("--input-size", type=int, help="default: the arch's (224; CIFAR nets 32)")
     p.add_argument("--rounds", type=int, default=8, help="timed steps per provider (default 8)")
@@ -76,10 +60,14 @@ def main(argv=None):
     models = {f"fastres {mode}": fnn.set_memory_mode(copy.deepcopy(fast), mode) for mode in fnn.MEMORY_MODES}
     models["eager"] = ref
     gen = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, generator=gen).to(device)
+    dtype = DTYPES[args.dtype]
+    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, generator=gen).to(device, dtype)
     x = x.contiguous(memory_format=torch.channels_last)
-    target = torch.randint(0, 10, (args.batch_size,), generator=gen).to(device)
-    steps = {name: make_step(m, x, target, device, args.dtype) for name, m in models.items()}
+    target = torch.randint(0, args.arch_spec.num_classes, (args.batch_size,), generator=gen).to(device)
+    steps = {}
+    for name, model in models.items():
+        train_step = make_step(model.to(device, dtype, memory_format=torch.channels_last), "train")[0]
+        steps[name] = lambda train_step=train_step: train_step(x, target)
     for step in steps.values():  # first steps: allocations, lazy initialization, autotuning
         step()
         step()

@@ -232,18 +232,25 @@ def test_throughput_compile_timeout_and_sigterm(tmp_path):
     assert all(len(r["times_s"]) == run["timed_batches"] for r in run["results"].values())
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--arch", "resnet19"], "--arch"),
-    (["--arch", "resnet18", "--providers", "fastres,bogus"], "--providers"),
-    (["--arch", "resnet18", "--providers", "eager,eager"], "--providers"),
-    (["--arch", "resnet18", "--mode", "train", "--batch-size", "1"], "--batch-size"),
-    (["--arch", "resnet18", "--compile-timeout", "-1"], "--compile-timeout"),
-    (["--arch", "resnet18", "--memory-mode", "lean"], "--memory-mode applies to --mode train"),
-    (["--arch", "resnet18", "--mode", "train", "--memory-mode", "checkpoint"], "--memory-mode"),
+@pytest.mark.parametrize("script, args, message", [
+    ("throughput", ["--arch", "resnet19"], "--arch"),
+    ("throughput", ["--arch", "resnet18", "--providers", "fastres,bogus"], "--providers"),
+    ("throughput", ["--arch", "resnet18", "--providers", "eager,eager"], "--providers"),
+    ("throughput", ["--arch", "resnet18", "--mode", "train", "--batch-size", "1"], "--batch-size"),
+    ("throughput", ["--arch", "resnet18", "--compile-timeout", "-1"], "--compile-timeout"),
+    ("throughput", ["--arch", "resnet18", "--memory-mode", "lean"], "--memory-mode applies to --mode train"),
+    ("throughput", ["--arch", "resnet18", "--mode", "train", "--memory-mode", "checkpoint"], "--memory-mode"),
+    ("train_modes", ["--batch-size", "1"], "--batch-size"),
+    ("train_modes", ["--rounds", "0"], "--rounds"),
+    ("train_modes", ["--arch", "resnet9000"], "--arch"),
+    ("train_modes", ["--dtype", "int8"], "--dtype"),
+    ("memory", ["--device", "cpu", "--largest-batch", "16"], "--largest-batch needs a CUDA device"),
+    ("memory", ["--batch-sizes", "1"], "--batch-sizes"),
+    ("memory", ["--providers", "fastres,bogus"], "--providers"),
 ])
-def test_throughput_bad_arguments(args, message, capsys):
+def test_bad_arguments(script, args, message, capsys):
     with pytest.raises(SystemExit) as e:
-        throughput.parse_args(args)
+        {"throughput": throughput, "train_modes": train_modes, "memory": memory}[script].parse_args(args)
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -270,18 +277,6 @@ def test_suite_train_modes_results(suite):
     assert set(results) == {"fastres lean", "fastres recompute", "eager"}
     assert results["eager"]["eager_over_this"] == 1.0
     assert all(r["ms"] > 0 and r["ms_p20"] <= r["ms"] <= r["ms_p80"] for r in results.values())
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--batch-size", "1"], "--batch-size"),
-    (["--rounds", "0"], "--rounds"),
-    (["--arch", "resnet9000"], "--arch"),
-    (["--dtype", "int8"], "--dtype"),
-])
-def test_train_modes_bad_arguments(args, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        train_modes.parse_args(args)
-    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ memory.py
@@ -337,17 +332,6 @@ def test_memory_largest_batch_on_cuda(tmp_path, capsys):
     (run,) = read_json_lines(path)
     rows = {r["provider"]: r for r in run["rows"]}
     assert set(rows) == {"fastres", "eager"} and all(r["largest_batch"] >= 2 for r in rows.values())
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--device", "cpu", "--largest-batch", "16"], "--largest-batch needs a CUDA device"),
-    (["--batch-sizes", "1"], "--batch-sizes"),
-    (["--providers", "fastres,bogus"], "--providers"),
-])
-def test_memory_bad_arguments(args, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        memory.parse_args(args)
-    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ _common
