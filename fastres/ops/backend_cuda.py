@@ -57,6 +57,12 @@ def add_relu(x, residual):
     return torch.ops.fastres._add_relu(x, residual)
 
 
+# Calls that oneDNN's fused conv refused, by signature: the op is private to torch and its versions differ (torch
+# 2.11's binary post-op raises "could not create a memory" for a 1x1 map whose strides are channels_last's, where
+# torch 2.14's runs). A refused call takes the unfused path from then on instead of raising again.
+_onednn_refused = set()
+
+
 def _onednn_fused_conv(x, weight, bias, stride, padding, residual, relu):
     """oneDNN convolution with the bias, residual add and ReLU as post-ops of the conv itself, or None when
     this build of torch or this dtype cannot do it. This is what makes the CPU eval path fast: the epilogue
@@ -64,12 +70,21 @@ def _onednn_fused_conv(x, weight, bias, stride, padding, residual, relu):
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and torch.backends.mkldnn.enabled and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
         return None
+    if residual is not None:
+        residual = residual.contiguous(memory_format=memory_format(x))
+    signature = (tuple(x.shape), x.stride(), tuple(weight.shape), weight.stride(), bias is not None,
+                 None if residual is None else residual.stride(), tuple(stride), tuple(padding))
+    if signature in _onednn_refused:
+        return None
     args = (weight, bias, list(padding), list(stride), [1, 1], 1)
-    if residual is None:
-        return torch.ops.mkldnn._convolution_pointwise(x, *args, "relu" if relu else "none", [], "")
-    residual = residual.contiguous(memory_format=memory_format(x))
-    return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *args, "add", None,
-                                                          "relu" if relu else None, [], "")
+    try:
+        if residual is None:
+            return torch.ops.mkldnn._convolution_pointwise(x, *args, "relu" if relu else "none", [], "")
+        return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *args, "add", None,
+                                                              "relu" if relu else None, [], "")
+    except RuntimeError:
+        _onednn_refused.add(signature)
+        return None
 
 
 def conv_bias_act(x, weight, bias, stride, padding, residual, relu):
