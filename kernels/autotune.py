@@ -26,6 +26,8 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
+from fastres.ops import _backend
+
 from ._common import interpreting
 from .conv import TileConfig
 
@@ -141,7 +143,9 @@ def cache():
 
 # ---------------------------------------------------------------------------------------------- measuring
 
-_session = contextvars.ContextVar("fastres_tuning_session", default=None)
+# Carried into backward passes (fastres.ops._backend.carry): autograd may run them on another thread, and a
+# tune() of a training step must record the backward's choices too.
+_session = _backend.carry(contextvars.ContextVar("fastres_tuning_session", default=None))
 
 
 @contextlib.contextmanager

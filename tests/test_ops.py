@@ -1,4 +1,5 @@
 """fastres.ops against plain-torch references, on every backend that can run on CPU here."""
+import threading
 import warnings
 
 import pytest
@@ -416,6 +417,69 @@ def test_fallback_warns_once(monkeypatch):
     assert len(ours) == 1 and "falling back" in str(ours[0].message)
 
 
+
+def _in_new_thread(fn):
+    """fn() on a fresh thread (as autograd's device threads run CUDA backward passes): no ContextVar of the caller
+    is set there."""
+    errors = []
+
+    def run():
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001  (re-raised in the caller)
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def recorded_selections(monkeypatch):
+    """[(op, backend module name)] of every backend selection made while the test runs."""
+    chosen = []
+    select = _backend.select
+
+    def recording(op, device):
+        module = select(op, device)
+        chosen.append((op, module.__name__.rpartition(".")[2]))
+        return module
+
+    monkeypatch.setattr(_backend, "select", recording)
+    return chosen
+
+
+@pytest.mark.skipif("cuda" not in CPU_BACKENDS, reason="automatic selection would pick the reference anyway")
+@pytest.mark.parametrize("memory_mode", ["lean", "recompute"])
+def test_backward_on_another_thread_keeps_the_forced_backend(recorded_selections, memory_mode):
+    model = fastres.nn.set_memory_mode(fastres.models.resnet18(num_classes=4), memory_mode).train()
+    x = torch.randn(2, 3, 16, 16)
+    w, g, b = torch.randn(4, 3, 3, 3, requires_grad=True), torch.ones(4), torch.zeros(4)
+    with fastres.backend("torch"):
+        loss = model(x).sum() + ops.conv_bn_act(x, w, g, b, torch.zeros(4), torch.ones(4), True, padding=1).sum()
+        loss = loss + ops.conv_bias_act(x, w, None, 1, 1).sum() + ops.add_relu(x, x).sum()
+    assert {name for _, name in recorded_selections} == {"backend_torch"}
+    recorded_selections.clear()
+    _in_new_thread(loss.backward)  # outside the block, on another thread: automatic selection would pick "cuda"
+    backward_ops = {op for op, _ in recorded_selections}
+    assert {"conv_backward", "bn_act_backward", "bn_relu_conv"} <= backward_ops  # lean chain's recompute too
+    assert {name for _, name in recorded_selections} == {"backend_torch"}
+    assert w.grad is not None and all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.skipif(_backend._why_not("triton", "conv_backward", "cpu") is not None, reason="needs Triton")
+def test_backward_on_another_thread_records_into_the_tuning_session():
+    from fastres.kernels import autotune
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3, requires_grad=True)
+    with fastres.backend("triton"), autotune.tuning() as record:
+        loss = ops.conv_bias_act(x.requires_grad_(), w, None, 1, 1).sum()
+    _in_new_thread(loss.backward)
+    kinds = {key.partition("|")[0] for key in record}
+    assert kinds == {"conv_bias_act", "dgrad", "wgrad"}
+
+
 # ------------------------------------------------------------------------------------------- autocast, compile, export
 def test_autocast_casts_conv_operands_not_bn_state(backend):
     x, w = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
@@ -502,3 +566,45 @@ def test_compiled_backward_follows_the_backend_at_run_time():
     with fastres.backend("torch"):
         f(x, w).backward()
     torch.testing.assert_close(x.grad, grad_auto, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif("cuda" not in CPU_BACKENDS, reason="needs fastres._C's CPU kernels")
+@pytest.mark.parametrize("residual", [False, True])
+def test_conv_on_a_1x1_map_with_channels_last_strides(residual):
+    # torch 2.11's oneDNN binary post-op refused this layout ("could not create a memory"): the answer must not
+    # depend on whether the fused call is accepted.
+    x = torch.randn(2, 16, 1, 1).as_strided((2, 16, 1, 1), (16, 1, 16, 16))
+    w, b = torch.randn(16, 16, 3, 3), torch.randn(16)
+    r = torch.randn(2, 16, 1, 1).as_strided((2, 16, 1, 1), (16, 1, 16, 16)) if residual else None
+    with fastres.backend("cuda"):
+        out = ops.conv_bias_act(x, w, b, 1, 1, r, relu=True)
+    ref = F.conv2d(x.double(), w.double(), b.double(), 1, 1) + (r.double() if residual else 0)
+    assert_within("out", out, ref.relu(), F.conv2d(x, w, b, 1, 1).add(r if residual else 0).relu())
+
+
+@pytest.mark.skipif("cuda" not in CPU_BACKENDS, reason="needs fastres._C's CPU kernels")
+def test_refused_onednn_call_falls_back_and_is_not_retried(monkeypatch):
+    from fastres.ops import backend_cuda
+    calls = []
+
+    class Refusing:
+        def __call__(self, *args):
+            calls.append("unary")
+            raise RuntimeError("could not create a memory")
+
+        def binary(self, *args):
+            calls.append("binary")
+            raise RuntimeError("could not create a memory")
+
+    class FakeMkldnn:
+        _convolution_pointwise = Refusing()
+
+    monkeypatch.setattr(torch.ops, "mkldnn", FakeMkldnn())
+    monkeypatch.setattr(backend_cuda, "_onednn_refused", set())
+    x, w, b, r = torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3), torch.randn(6), torch.randn(2, 6, 5, 5)
+    y = F.conv2d(x, w, b, 1, 1)
+    with fastres.backend("cuda"):
+        for _ in range(2):
+            torch.testing.assert_close(ops.conv_bias_act(x, w, b, 1, 1, r, relu=True), torch.relu(y + r))
+            torch.testing.assert_close(ops.conv_bias_act(x, w, b, 1, 1, None, relu=True), torch.relu(y))
+    assert calls == ["binary", "unary"]  # each signature tried once, then the unfused path

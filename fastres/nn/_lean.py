@@ -255,12 +255,14 @@ class _BnReluConv(torch.autograd.Function):
     def forward(ctx, y, gamma, beta, weight, mean, invstd, count, stride, padding, group):
         scale, shift = _coefficients(gamma, beta, mean, invstd)
         out = ops.bn_relu_conv(y, scale, shift, weight, stride, padding, True)
+        ctx.selection = _backend.capture()
         ctx.conv = (list(stride), list(padding))
         ctx.group = group
         ctx.save_for_backward(y, gamma, beta, weight, mean, invstd, count)
         return out
 
     @staticmethod
+    @_backend.keeps_forward_selection
     @once_differentiable
     def backward(ctx, grad):
         y, gamma, beta, weight, mean, invstd, count = ctx.saved_tensors
@@ -286,6 +288,7 @@ class _BnAddRelu(torch.autograd.Function):
     def forward(ctx, y, gamma, beta, mean, invstd, count, residual, yd, gamma_d, beta_d, mean_d, invstd_d, count_d,
                 relu, group, group_d):
         ctx.relu, ctx.group, ctx.group_d = relu, group, group_d
+        ctx.selection = _backend.capture()
         ctx.dual = yd is not None and _dual_applies(y, group, group_d)
         if ctx.dual:  # the 1-bit mask is kept instead of the output; one backward kernel serves both BNs
             out, y, yd, mask = _dual_apply(y, gamma, beta, mean, invstd, yd, gamma_d, beta_d, mean_d, invstd_d, relu)
@@ -300,6 +303,7 @@ class _BnAddRelu(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_backend.keeps_forward_selection
     @once_differentiable
     def backward(ctx, grad):
         if ctx.dual:
@@ -363,6 +367,7 @@ class _RecomputedTail(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_prev, gamma_p, beta_p, mean_p, invstd_p, count_p, weight, gamma, beta, residual, x, weight_d,
                 gamma_d, beta_d, spec):
+        ctx.selection = _backend.capture()
         scale_p, shift_p = _coefficients(gamma_p, beta_p, mean_p, invstd_p)
         y = ops.bn_relu_conv(y_prev, scale_p, shift_p, weight, *spec.conv, True)
         mean, invstd, count = batch_stats(y, spec.norm, spec.group)
@@ -388,6 +393,7 @@ class _RecomputedTail(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_backend.keeps_forward_selection
     @once_differentiable
     def backward(ctx, grad):
         (y_prev, gamma_p, beta_p, mean_p, invstd_p, count_p, weight, gamma, beta, mean, invstd, count, kept, x,

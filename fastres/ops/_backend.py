@@ -7,6 +7,7 @@ Backends:
 """
 import contextlib
 import contextvars
+import functools
 import importlib
 import os
 import warnings
@@ -18,6 +19,10 @@ _MODULES = {"torch": "fastres.ops.backend_torch", "cuda": "fastres.ops.backend_c
             "triton": "fastres.ops.backend_triton"}
 
 _forced = contextvars.ContextVar("fastres_backend", default=None)
+# Context variables whose forward-time values backward must see: autograd runs backward on its own threads (one
+# per CUDA device), where a ContextVar set by the caller of forward is unset. Each autograd formula captures them
+# in forward (capture()) and runs under them in backward (restored()).
+_carried = [_forced]
 _loaded = {}
 _warned = set()
 _not_shipped = set()  # backends whose module is not part of this version of fastres
@@ -62,6 +67,41 @@ def backend(name):
         yield
     finally:
         _forced.reset(token)
+
+
+def carry(var):
+    """Registers a ContextVar that backward passes must see as their forward saw it (see capture)."""
+    if var not in _carried:
+        _carried.append(var)
+    return var
+
+
+def capture():
+    """The values of the carried context variables (the forced backend, the autotuning session) now: saved by a
+    forward for its backward."""
+    return tuple((var, var.get()) for var in _carried)
+
+
+@contextlib.contextmanager
+def restored(snapshot):
+    """Runs the block with the carried context variables as `snapshot` (from capture()) had them, whichever thread
+    runs it."""
+    tokens = [(var, var.set(value)) for var, value in snapshot]
+    try:
+        yield
+    finally:
+        for var, token in reversed(tokens):
+            var.reset(token)
+
+
+def keeps_forward_selection(backward):
+    """Decorates an autograd backward(ctx, ...) whose forward stored capture() as ctx.selection: it runs under the
+    forward's backend and tuning session."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with restored(ctx.selection):
+            return backward(ctx, *grads)
+    return wrapper
 
 
 def _module(name):

@@ -55,10 +55,19 @@ def _stat_dtype(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _record_requires_grad(ctx, inputs):
+def _record_forward(ctx, inputs):
+    """What every backward needs from its forward: which arguments want gradients, and the backend selection
+    (forced backend, tuning session) the forward ran under, which backward re-enters (_register_autograd)."""
     # ctx.needs_input_grad of a custom op counts only the tensors actually passed (None arguments drop out), so
     # positions shift; record per argument instead.
     ctx.req = tuple(isinstance(a, torch.Tensor) and a.requires_grad for a in inputs)
+    ctx.selection = _backend.capture()
+
+
+def _register_autograd(op, backward, setup_context):
+    """op's autograd formula, its backward run under the forward's backend selection: autograd may run it on
+    another thread, where the caller's fastres.backend() block is not visible."""
+    op.register_autograd(_backend.keeps_forward_selection(backward), setup_context=setup_context)
 
 
 def _empty(shape, like, fmt, dtype=None):
@@ -81,7 +90,7 @@ def _(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps
 
 
 def _fold_bn_setup(ctx, inputs, output):
-    _record_requires_grad(ctx, inputs)
+    _record_forward(ctx, inputs)
     conv_weight, conv_bias, bn_weight, _, running_mean, running_var, eps = inputs
     ctx.has_conv_bias = conv_bias is not None
     ctx.eps = eps
@@ -112,7 +121,7 @@ def _fold_bn_backward(ctx, grad_weight, grad_bias):
     return g_conv_w, g_conv_b, g_bn_w, g_bn_b, None, None, None
 
 
-fold_bn.register_autograd(_fold_bn_backward, setup_context=_fold_bn_setup)
+_register_autograd(fold_bn, _fold_bn_backward, _fold_bn_setup)
 
 
 # ---------------------------------------------------------------- add_relu
@@ -129,7 +138,7 @@ def _(x, residual):
 
 
 def _add_relu_setup(ctx, inputs, output):
-    _record_requires_grad(ctx, inputs)
+    _record_forward(ctx, inputs)
     ctx.save_for_backward(output)
 
 
@@ -139,7 +148,7 @@ def _add_relu_backward(ctx, grad):
     return (dz if ctx.req[0] else None), (dz if ctx.req[1] else None)
 
 
-add_relu.register_autograd(_add_relu_backward, setup_context=_add_relu_setup)
+_register_autograd(add_relu, _add_relu_backward, _add_relu_setup)
 
 
 # ---------------------------------------------------------------- conv_bias_act
@@ -156,7 +165,7 @@ def _(x, weight, bias=None, stride=(1, 1), padding=(0, 0), residual=None, relu=T
 
 
 def _conv_bias_act_setup(ctx, inputs, output):
-    _record_requires_grad(ctx, inputs)
+    _record_forward(ctx, inputs)
     x, weight, bias, stride, padding, residual, relu = inputs
     ctx.conv = (list(stride), list(padding))
     ctx.has_bias = bias is not None
@@ -182,7 +191,7 @@ def _conv_bias_act_backward(ctx, grad):
     return gx, gw, gb, None, None, (dz if ctx.req[5] else None), None
 
 
-conv_bias_act.register_autograd(_conv_bias_act_backward, setup_context=_conv_bias_act_setup)
+_register_autograd(conv_bias_act, _conv_bias_act_backward, _conv_bias_act_setup)
 
 
 # ---------------------------------------------------------------- conv_bn_act
@@ -220,7 +229,7 @@ def _(x, weight, bn_weight, bn_bias, running_mean, running_var, training, moment
 
 
 def _conv_bn_act_setup(ctx, inputs, output):
-    _record_requires_grad(ctx, inputs)
+    _record_forward(ctx, inputs)
     x, weight, bn_weight, _, _, _, training, _, _, stride, padding, residual, relu = inputs
     out, conv_out, save_mean, save_invstd, new_running_mean, new_running_var = output
     ctx.mark_non_differentiable(conv_out, save_mean, save_invstd, new_running_mean, new_running_var)
@@ -242,7 +251,7 @@ def _conv_bn_act_backward(ctx, grad_out, *_grads_of_saved_outputs):
             None, None, None, None, None, None, None, grad_residual, None)
 
 
-conv_bn_act_forward.register_autograd(_conv_bn_act_backward, setup_context=_conv_bn_act_setup)
+_register_autograd(conv_bn_act_forward, _conv_bn_act_backward, _conv_bn_act_setup)
 
 # The public conv_bn_act returns only the activation and updates the running statistics in place; it decomposes
 # into the functional conv_bn_act_forward, which carries the autograd formula, and a copy_ of the new statistics
@@ -309,7 +318,7 @@ def _(y, bn_weight, bn_bias, running_mean, running_var, r, r_bn_weight, r_bn_bia
 
 
 def _dual_bn_act_setup(ctx, inputs, output):
-    _record_requires_grad(ctx, inputs)
+    _record_forward(ctx, inputs)
     y, bn_weight, _, _, _, r, r_bn_weight = inputs[:7]
     training, relu = inputs[10], inputs[15]
     relu_mask, mean, invstd, r_mean, r_invstd = output[1:6]
@@ -331,7 +340,7 @@ def _dual_bn_act_backward(ctx, grad_out, *_grads_of_saved_outputs):
             None, None, None, None, None, None, None, None)
 
 
-dual_bn_act_forward.register_autograd(_dual_bn_act_backward, setup_context=_dual_bn_act_setup)
+_register_autograd(dual_bn_act_forward, _dual_bn_act_backward, _dual_bn_act_setup)
 
 # The public dual_bn_act: the same decomposition as conv_bn_act's,, updating both BNs' running statistics in place.
 _lib.define("dual_bn_act(Tensor y, Tensor bn_weight, Tensor bn_bias, Tensor(a!) running_mean, "
@@ -378,7 +387,7 @@ def _(x, scale, shift, weight, stride=(1, 1), padding=(0, 0), relu=True):
 
 
 def _bn_relu_conv_setup(ctx, inputs, output):
-    _record_requires_grad(ctx, inputs)
+    _record_forward(ctx, inputs)
     x, scale, shift, weight, stride, padding, relu = inputs
     ctx.conv = (list(stride), list(padding))
     ctx.relu = relu
@@ -393,7 +402,7 @@ def _bn_relu_conv_backward(ctx, grad):
     return (*(g if m else None for g, m in zip(grads, mask)), None, None, None)
 
 
-bn_relu_conv.register_autograd(_bn_relu_conv_backward, setup_context=_bn_relu_conv_setup)
+_register_autograd(bn_relu_conv, _bn_relu_conv_backward, _bn_relu_conv_setup)
 
 
 # ---------------------------------------------------------------- backward ops
