@@ -18,6 +18,7 @@ import datetime
 import json
 import math
 import os
+import re
 import tempfile
 import threading
 import warnings
@@ -187,35 +188,120 @@ def device_signature(device):
     return _device_signatures[index]
 
 
-def choose(key, device, default, candidates, run):
+class CandidateCrashedError(RuntimeError):
+    """A candidate hit a CUDA error while being measured: the CUDA context is unusable afterwards, so tuning stops
+    at once and names the candidate (nothing is cached)."""
+
+
+# What a CUDA fault looks like from torch (torch.AcceleratorError) or from a Triton launch ("Triton Error [CUDA]").
+_CUDA_FAULT = re.compile(r"CUDA error|\[CUDA\]|illegal (memory access|address|instruction)|misaligned address|"
+                         r"unspecified launch failure|device-side assert", re.IGNORECASE)
+
+
+def is_cuda_fault(error):
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    return (accelerator_error is not None and isinstance(error, accelerator_error)) or bool(
+        _CUDA_FAULT.search(str(error)))
+
+
+def result_tensors(result):
+    """The tensors of a candidate's result (a tensor or nested tuples of them; None and non-tensors skipped)."""
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, (tuple, list)):
+        return [t for r in result for t in result_tensors(r)]
+    return []
+
+
+def _max_errors(tensors, reference):
+    if len(tensors) != len(reference):
+        raise ValueError(f"a candidate returned {len(tensors)} tensors where the reference has {len(reference)}")
+    errors = []
+    for t, ref in zip(tensors, reference):
+        if t.shape != ref.shape:
+            errors.append(math.inf)
+            continue
+        diff = (t.detach().double() - ref).abs()
+        # NaN where the reference is finite is an infinite error (max() would otherwise pass it through)
+        errors.append(math.inf if diff.isnan().any().item() else (diff.max().item() if diff.numel() else 0.0))
+    return errors
+
+
+def violation(tensors, reference, aten_errors, ulps=4):
+    """Why `tensors` break the project's tolerance rule against the float64 `reference` (each error at most twice
+    ATen's in the same dtype, plus a floor of a few ulps of the reference's magnitude), or None."""
+    for i, (err, aten_err, t, ref) in enumerate(zip(_max_errors(tensors, reference), aten_errors, tensors,
+                                                    reference)):
+        magnitude = ref.abs().max().item() if ref.numel() else 0.0
+        floor = ulps * torch.finfo(t.dtype).eps * max(magnitude, 1.0)
+        if not err <= 2 * aten_err + floor:
+            return f"output {i}: max error {err:.3e} > 2 x ATen's {aten_err:.3e} + {floor:.1e}"
+    return None
+
+
+def measure(key, candidates, run, reference=None, comparable=result_tensors, timer=None):
+    """(best Choice, {label: median ms, or why the candidate was ruled out}) over `candidates`.
+
+    Each candidate runs once and, given `reference` (a callable returning the problem's outputs in float64), its
+    outputs (comparable(result)) are checked under the tolerance rule against ATen's error before it is timed:
+    a fast but wrong candidate (a config this Triton version miscompiles) is ruled out, never chosen or cached.
+    A candidate that raises is ruled out too, except on a CUDA fault, which raises CandidateCrashedError naming
+    it. With no candidate left, the ATen candidate wins."""
+    timer = timer or bench
+    candidates = list(candidates)
+    reference_tensors = aten_errors = None
+    if reference is not None:
+        aten = next((c for c in candidates if c.provider == "aten"), None)
+        if aten is None:
+            raise ValueError(f"{key}: checking candidates needs an ATen candidate to set the tolerance")
+        reference_tensors = [t.detach().double() for t in result_tensors(reference())]
+        aten_errors = _max_errors(comparable(run(aten)()), reference_tensors)
+    times = {}
+    best, best_ms = Choice("aten"), math.inf
+    for candidate in candidates:
+        label = candidate.label()
+        try:
+            fn = run(candidate)
+            if reference_tensors is not None:
+                why = violation(comparable(fn()), reference_tensors, aten_errors)
+                if why is not None:
+                    times[label] = f"wrong: {why}"
+                    continue
+            ms = timer(fn)
+        except Exception as e:  # noqa: BLE001  (a compile or launch failure rules the candidate out)
+            if is_cuda_fault(e):
+                raise CandidateCrashedError(
+                    f"fastres autotune: candidate {label!r} of problem {key} hit a CUDA error ({type(e).__name__}: "
+                    f"{e}); the CUDA context is unusable, nothing was cached: drop or fix that config") from e
+            times[label] = f"failed: {type(e).__name__}: {str(e)[:160]}"
+            continue
+        times[label] = ms
+        if ms < best_ms:
+            best, best_ms = candidate, ms
+    return best, times
+
+
+def choose(key, device, default, candidates, run, reference=None, comparable=result_tensors):
     """The Choice for problem `key` on `device`.
 
     default: the Choice when nothing is measured; candidates(): the Choices to measure; run(choice): a callable
-    that runs the problem once that way. A candidate that fails to compile or launch (e.g. too much shared
-    memory) is skipped."""
+    that runs the problem once that way; reference(): the problem's outputs in float64, which every candidate's
+    outputs are checked against before it is timed (see measure). Only a candidate that ran and passed is
+    chosen and cached."""
     full_key = f"{key}|{device_signature(device)}"
     store = cache()
     entry = store.get(full_key)
     if entry is not None:
         choice = Choice.from_json(entry)
     elif can_measure(device):
-        times = {}
-        best, best_ms = default, math.inf
-        best_triton, best_triton_ms = None, math.inf
-        for candidate in candidates():
-            try:
-                ms = bench(run(candidate))
-            except Exception as e:  # noqa: BLE001  (any failure just rules the candidate out)
-                times[candidate.label()] = f"failed: {type(e).__name__}"
-                continue
-            times[candidate.label()] = ms
-            if ms < best_ms:
-                best, best_ms = candidate, ms
-            if candidate.provider == "triton" and ms < best_triton_ms:
-                best_triton, best_triton_ms = candidate, ms
-        choice = best
+        measured = list(candidates())
+        choice, times = measure(full_key, measured, run, reference, comparable)
+        passed = [c for c in measured if c.provider == "triton" and c.config is not None
+                  and isinstance(times.get(c.label()), float)]
+        best_triton = min(passed, key=lambda c: times[c.label()]) if passed else None
         store.put(full_key, {**choice.to_json(), "ms": times,
                              "best_triton": None if best_triton is None else list(best_triton.config),
+                             "checked": reference is not None,
                              "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
     else:
         choice = default

@@ -390,10 +390,13 @@ def test_backend_conv_backward(case):
     torch.testing.assert_close(only_w[1], got[1])
 
 
+@pytest.mark.parametrize("provider", ["triton", "aten"])
 @pytest.mark.parametrize("case,relu", [("3x3_c5", True), ("1x1_s2", False), ("3x3_s2_h13", True)])
-def test_bn_relu_conv_prologue_op(case, relu):
-    """The backend functions behind the proposed fastres::bn_relu_conv op: forward with the BN-apply prologue,
-    and every gradient, against autograd through the plain formula."""
+def test_bn_relu_conv_prologue_op(case, relu, provider, monkeypatch):
+    """The backend functions behind fastres::bn_relu_conv: forward with the BN-apply prologue, and every gradient,
+    against autograd through the plain formula; on the Triton kernels and on the ATen path the per-layer choice
+    can pick (BN apply + ReLU kernel, then ATen's conv)."""
+    monkeypatch.setattr(backend_triton, "_default_provider", lambda x, strided_gather=False: provider)
     n, cin, h, w, cout, k, s, p = CASES[case]
     t = _inputs(CASES[case], "nhwc")
     grad = _fmt(torch.randn(*_out_size(CASES[case]), dtype=torch.float64), "nhwc")
@@ -513,6 +516,99 @@ def test_autotune_chooses_fastest_and_persists(monkeypatch):
     assert autotune.choose("problem-b", device, default, lambda: candidates, fake_run).provider == "aten"
 
 
+def _fake_candidates(behaviour):
+    """Choices whose run() returns, raises or computes as `behaviour[label]` says: ("ok", ms), ("wrong", ms) or
+    ("raise", error)."""
+    x = torch.randn(32, dtype=torch.float64)
+    timings = {}
+
+    def run(choice):
+        kind, value = behaviour[choice.label()]
+
+        def go():
+            if kind == "raise":
+                raise value
+            out = x.float().exp()
+            return out * 1.001 if kind == "wrong" else out
+        timings[go] = value
+        return go
+
+    return run, timings, (lambda: [x.exp()])
+
+
+def test_autotune_checks_each_candidate_before_timing_it(monkeypatch):
+    """A fast but wrong candidate (a config the GPU's Triton miscompiles) is never timed, chosen or cached; one that
+    fails to compile is skipped; among the correct ones the fastest wins."""
+    fast_wrong, failing, slow = (autotune.Choice("triton", conv.TileConfig(*t)) for t in
+                                 [(16, 16, 16), (32, 16, 16), (64, 16, 16)])
+    aten = autotune.Choice("aten")
+    behaviour = {fast_wrong.label(): ("wrong", 0.1), failing.label(): ("raise", ValueError("out of resources")),
+                 slow.label(): ("ok", 3.0), aten.label(): ("ok", 2.0)}
+    run, timings, reference = _fake_candidates(behaviour)
+    timed = []
+    monkeypatch.setattr(autotune, "can_measure", lambda device: True)
+    monkeypatch.setattr(autotune, "bench", lambda fn: timed.append(fn) or timings[fn])
+    candidates = [fast_wrong, failing, slow, aten]
+    assert autotune.choose("p", torch.device("cpu"), fast_wrong, lambda: candidates, run, reference) == aten
+    assert len(timed) == 2  # only the two correct candidates were timed
+    (entry,) = json.load(open(autotune.cache_path())).values()
+    assert entry["provider"] == "aten" and entry["checked"] and entry["best_triton"] == list(slow.config)
+    assert entry["ms"][fast_wrong.label()].startswith("wrong: output 0: max error")
+    assert entry["ms"][failing.label()].startswith("failed: ValueError")
+    behaviour[slow.label()] = ("ok", 1.0)
+    assert autotune.choose("q", torch.device("cpu"), aten, lambda: candidates, run, reference) == slow
+
+
+def test_autotune_stops_at_a_cuda_fault_naming_the_config(monkeypatch):
+    crashing = autotune.Choice("triton", conv.TileConfig(128, 64, 32, 4, 4))
+    aten = autotune.Choice("aten")
+    fault = RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
+    run, timings, reference = _fake_candidates({crashing.label(): ("raise", fault), aten.label(): ("ok", 1.0)})
+    monkeypatch.setattr(autotune, "can_measure", lambda device: True)
+    monkeypatch.setattr(autotune, "bench", lambda fn: timings[fn])
+    with pytest.raises(autotune.CandidateCrashedError, match="triton 128x64x32 w4 s4"):
+        autotune.choose("p", torch.device("cpu"), aten, lambda: [aten, crashing], run, reference)
+    assert not os.path.exists(autotune.cache_path())
+
+
+def test_tolerance_check_of_candidates():
+    ref = [torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)]
+    aten_errors = [1e-7]
+    assert autotune.violation([ref[0].float()], ref, aten_errors) is None
+    assert "max error inf" in autotune.violation([torch.tensor([1.0, float("nan"), 3.0])], ref, aten_errors)
+    assert autotune.violation([ref[0].float() + 1e-3], ref, aten_errors) is not None
+    assert autotune.violation([torch.zeros(2)], ref, aten_errors) is not None  # wrong shape
+
+
+def test_every_tuned_problem_checks_its_candidates(monkeypatch):
+    """The measuring path of every op the triton backend tunes, in the interpreter (with small tile configs and a
+    fake timer): each candidate, Triton and ATen, passes the tolerance check against the problem's float64
+    reference, so the references and the compared outputs line up."""
+    small = [conv.TileConfig(16, 16, 16), conv.TileConfig(32, 16, 16, k_flat=True)]
+    monkeypatch.setattr(autotune, "can_measure", lambda device: True)
+    monkeypatch.setattr(autotune, "bench", lambda fn: 1.0)
+    monkeypatch.setattr(autotune, "forward_configs", lambda *args: small)
+    monkeypatch.setattr(autotune, "wgrad_configs", lambda *args: small[:1])
+    x = torch.randn(2, 5, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w, b = torch.randn(7, 5, 3, 3, requires_grad=True), torch.randn(7, requires_grad=True)
+    r = torch.randn(2, 7, 6, 6).contiguous(memory_format=torch.channels_last)
+    g, beta, scale, shift = torch.rand(7) + 0.5, torch.randn(7), torch.rand(5) + 0.5, torch.randn(5)
+    with fastres.backend("triton"):
+        out = ops.conv_bias_act(x, w, b, 1, 1, r, True)
+        for training in (True, False):
+            out = out + ops.conv_bn_act(x, w, g, beta, torch.zeros(7), torch.ones(7), training, padding=1)
+        out = out + ops.bn_relu_conv(x, scale.requires_grad_(), shift, w, 1, 1)
+        out.sum().backward()
+    entries = autotune.cache().entries()
+    kinds = {key.partition("|")[0] for key in entries}
+    assert kinds == {"conv_bias_act", "conv_stats", "conv_bn_eval", "bn_relu_conv", "dgrad", "wgrad",
+                     "wgrad_prologue"}, kinds
+    for key, entry in entries.items():
+        assert entry["checked"], key
+        assert all(isinstance(ms, float) for ms in entry["ms"].values()), (key, entry["ms"])
+        assert "aten" in entry["ms"] and len(entry["ms"]) > 1, key
+
+
 def test_autotune_does_not_measure_in_interpreter_or_when_disabled(monkeypatch):
     calls = []
     monkeypatch.setattr(autotune, "bench", lambda fn: calls.append(fn) or 1.0)
@@ -539,8 +635,10 @@ def test_fastres_tune_records_layers_and_leaves_model_untouched():
         choices = tune(block, x)
     kinds = {key.split("|")[0] for key in choices}
     # In training the block runs memory-lean (fastres.nn._lean): its first conv runs raw (conv_bias_act without
-    # bias or ReLU), the second consumes that through the BN prologue; the conv backward (dgrad / wgrad) is tuned too.
-    assert {"conv_bias_act", "dgrad", "wgrad"} <= kinds <= {"conv_bias_act", "conv_stats", "dgrad", "wgrad"}, kinds
+    # bias or ReLU), the second consumes that through the BN prologue (bn_relu_conv, chosen per layer like every
+    # conv); the conv backward (dgrad / wgrad) is tuned too.
+    assert {"conv_bias_act", "bn_relu_conv", "dgrad", "wgrad"} <= kinds <= {
+        "conv_bias_act", "bn_relu_conv", "conv_stats", "dgrad", "wgrad", "wgrad_prologue"}, kinds
     assert all(c.provider in ("triton", "aten") for c in choices.values())
     for k, v in block.state_dict().items():
         assert torch.equal(v, params[k]), f"tune changed {k}"

@@ -14,9 +14,10 @@ What runs how:
   conv_backward        input and weight gradients as Triton implicit GEMMs or ATen's convolution_backward,
                        chosen per shape by measurement (used where fastres.ops routes the conv backward through
                        the backend).
-  bn_relu_conv         (proposed op) conv2d(relu?(x * scale[c] + shift[c]), weight): the previous layer's BN apply
-                       + ReLU as the conv's prologue, so in training the normalized activation is never written;
-                       its backward recomputes it inside the weight-gradient kernel.
+  bn_relu_conv         conv2d(relu?(x * scale[c] + shift[c]), weight): the previous layer's BN apply + ReLU as the
+                       conv's prologue, so in training the normalized activation is never written; its backward
+                       recomputes it inside the weight-gradient kernel. The same per-layer choice as above (ATen:
+                       the BN apply + ReLU kernel, then cuDNN), for the forward and each gradient.
   add_relu             the Triton elementwise kernel.
   fold_bn              the reference: parameter-sized work, once per model.
 float64 tensors run the reference backend: nothing in the ResNet path needs an fp64 tensor-core kernel.
@@ -60,19 +61,23 @@ def _problem_key(kind, x, weight, stride, padding, flags):
 
 def _default_provider(x, strided_gather=False):
     """Without a measurement: the Triton kernel on NHWC (its fast layout), and always in the interpreter (so CI
-    tests it); ATen for NCHW on a GPU, and for the input gradient of a strided conv (the transposed gather
-    leaves most of the Triton kernel's MMA rows masked off)."""
+    tests it); ATen on a GPU for NCHW, for fp32 without TF32, and for the input gradient of a strided conv (the
+    transposed gather leaves most of the Triton kernel's MMA rows masked off)."""
     if conv.interpreting() or x.device.type != "cuda":
         return "triton"
     if memory_format(x) != torch.channels_last or strided_gather:
         return "aten"
+    if x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return "aten"  # full-fp32 FMA loops: cuDNN's fp32 kernels are the better unmeasured guess
     return "triton"
 
 
-def _run_chosen(key, x, triton_fn, aten_fn, default_config, configs, strided_gather=False):
+def _run_chosen(key, x, triton_fn, aten_fn, default_config, configs, reference, comparable=autotune.result_tensors,
+                strided_gather=False):
     """Runs the problem the way the autotuner chose for `key`: triton_fn(config) or aten_fn(). default_config: the
     Triton kernel's config when nothing is measured (None: its launcher's default); configs(): the ones to
-    measure."""
+    measure; reference(): the problem's outputs in float64 (comparable(result) of each candidate is checked
+    against them before it is timed)."""
     provider = _default_provider(x, strided_gather)
     default = Choice(provider, default_config if provider == "triton" else None)
 
@@ -82,11 +87,12 @@ def _run_chosen(key, x, triton_fn, aten_fn, default_config, configs, strided_gat
     def run(choice):
         return (lambda: triton_fn(choice.config)) if choice.provider == "triton" else aten_fn
 
-    choice = autotune.choose(key, x.device, default, candidates, run)
+    choice = autotune.choose(key, x.device, default, candidates, run, reference, comparable)
     return triton_fn(choice.config) if choice.provider == "triton" else aten_fn()
 
 
-def _run_forward(kind, flags, x, weight, stride, padding, triton_fn, aten_fn):
+def _run_forward(kind, flags, x, weight, stride, padding, triton_fn, aten_fn, reference,
+                 comparable=autotune.result_tensors):
     m_rows = _out_rows(x, weight, stride, padding)
     c_out, c_in, kh, kw = weight.shape
 
@@ -94,7 +100,25 @@ def _run_forward(kind, flags, x, weight, stride, padding, triton_fn, aten_fn):
         return autotune.forward_configs(x.dtype, m_rows, c_out, c_in, kh * kw)
 
     return _run_chosen(_problem_key(kind, x, weight, stride, padding, flags), x, triton_fn, aten_fn,
-                       conv.default_config(m_rows, c_out, c_in, x.dtype, kh * kw), configs)
+                       conv.default_config(m_rows, c_out, c_in, x.dtype, kh * kw), configs, reference, comparable)
+
+
+def _f64(*tensors):
+    return [None if t is None else t.detach().double() for t in tensors]
+
+
+def _moments(stats):
+    """(mean, biased variance) per channel from a ConvStats' tile partials: comparable whatever the tiling."""
+    rows = (stats.count - torch.arange(stats.tile_mean.shape[0], device=stats.tile_mean.device) * stats.tile_rows)
+    rows = rows.clamp(max=stats.tile_rows).to(torch.float64)[:, None]
+    tile_mean, tile_m2 = stats.tile_mean.double(), stats.tile_m2.double()
+    mean = (tile_mean * rows).sum(0) / stats.count
+    return mean, (tile_m2 + rows * (tile_mean - mean) ** 2).sum(0) / stats.count
+
+
+def _conv_with_stats(result):
+    y, stats = result
+    return [y, *_moments(stats)]
 
 
 def _out_rows(x, weight, stride, padding):
@@ -127,8 +151,11 @@ def conv_bias_act(x, weight, bias, stride, padding, residual, relu):
         y = F.conv2d(x, weight, None, stride, padding).contiguous(memory_format=fmt)
         return bn.bn_act(y, shift=bias, residual=residual, relu=relu)
 
+    def reference():
+        return backend_torch.conv_bias_act(*_f64(x, weight, bias), stride, padding, *_f64(residual), relu)
+
     flags = f"bias{int(bias is not None)}res{int(residual is not None)}relu{int(relu)}"
-    return _run_forward("conv_bias_act", flags, x, weight, stride, padding, triton_fn, aten_fn)
+    return _run_forward("conv_bias_act", flags, x, weight, stride, padding, triton_fn, aten_fn, reference)
 
 
 def conv_bn_act_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride,
@@ -146,7 +173,13 @@ def conv_bn_act_forward(x, weight, bn_weight, bn_bias, running_mean, running_var
             y = F.conv2d(x, weight, None, stride, padding).contiguous(memory_format=fmt)
             return y, bn.channel_stats(y)
 
-        y, stats = _run_forward("conv_stats", "", x, weight, stride, padding, triton_fn, aten_fn)
+        def reference():
+            y = F.conv2d(*_f64(x, weight), None, stride, padding)
+            var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+            return y, mean, var
+
+        y, stats = _run_forward("conv_stats", "", x, weight, stride, padding, triton_fn, aten_fn, reference,
+                                _conv_with_stats)
         mean, invstd, scale, _, new_running_mean, new_running_var = bn.bn_finalize(
             stats, bn_weight, bn_bias, running_mean, running_var, momentum, eps)
         out = bn.bn_act(y, scale, bn_bias, residual, relu, center=mean)
@@ -166,8 +199,14 @@ def conv_bn_act_forward(x, weight, bn_weight, bn_bias, running_mean, running_var
         y = F.conv2d(x, weight, None, stride, padding).contiguous(memory_format=fmt)
         return bn.bn_act(y, scale, shift, residual, relu), y
 
+    def reference():
+        y = F.conv2d(*_f64(x, weight), None, stride, padding)
+        z = y * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+        z = z if residual is None else z + residual.double()
+        return (torch.relu(z) if relu else z), y
+
     flags = f"res{int(residual is not None)}relu{int(relu)}"
-    out, y = _run_forward("conv_bn_eval", flags, x, weight, stride, padding, triton_fn, aten_fn)
+    out, y = _run_forward("conv_bn_eval", flags, x, weight, stride, padding, triton_fn, aten_fn, reference)
     return out, y, mean, invstd, running_mean.new_empty(0), running_var.new_empty(0)
 
 
@@ -200,9 +239,12 @@ def conv_backward(grad, x, weight, stride, padding, output_mask):
         def dgrad_configs():
             return autotune.forward_configs(grad.dtype, rows, c_in, c_out, kh * kw)
 
+        def dgrad_reference():
+            return _aten_conv_backward(*_f64(grad, x, weight), stride, padding, (True, False, False))[0]
+
         grad_x = _run_chosen(_problem_key("dgrad", x, weight, stride, padding, ""), x, dgrad_triton, dgrad_aten,
                              conv.default_config(rows, c_in, c_out, grad.dtype, kh * kw), dgrad_configs,
-                             strided_gather=max(stride) > 1)
+                             dgrad_reference, strided_gather=max(stride) > 1)
     if need_w or need_b:
         def wgrad_triton(config):
             return conv.conv2d_weight_grad(grad, x, weight.shape, stride, padding, bias_grad=need_b, config=config)
@@ -213,8 +255,11 @@ def conv_backward(grad, x, weight, stride, padding, output_mask):
         def wgrad_configs():
             return autotune.wgrad_configs(x.dtype, c_out, c_in)
 
+        def wgrad_reference():
+            return _aten_conv_backward(*_f64(grad, x, weight), stride, padding, (False, True, need_b))[1:]
+
         gw, gb = _run_chosen(_problem_key("wgrad", x, weight, stride, padding, f"bias{int(need_b)}"), x,
-                             wgrad_triton, wgrad_aten, None, wgrad_configs)
+                             wgrad_triton, wgrad_aten, None, wgrad_configs, wgrad_reference)
         grad_w = gw if need_w else None
         grad_b = gb if need_b else None
     return grad_x, grad_w, grad_b
@@ -231,25 +276,40 @@ def _aten_conv_backward(grad, x, weight, stride, padding, output_mask):
 def bn_relu_conv(x, scale, shift, weight, stride, padding, relu):
     """conv2d(relu?(x * scale[c] + shift[c]), weight, None, stride, padding); scale and shift per input channel
     (fp32). In a training step x is the previous conv's raw output and (scale, shift) its BN's batch
-    coefficients (fastres.kernels.bn.bn_finalize), so the normalized activation never goes through memory."""
+    coefficients (fastres.kernels.bn.bn_finalize), so the normalized activation never goes through memory.
+    Chosen per layer like every conv: the Triton kernel with the prologue, or the BN apply + ReLU kernel and then
+    ATen's conv (cuDNN), which is what NCHW and fp32 without TF32 get without a measurement."""
     if x.dtype == torch.float64:
         return F.conv2d(_bn_relu_reference(x, scale, shift, relu), weight, None, stride, padding)
-    return conv.conv2d(x, weight, stride, padding, in_scale=scale, in_shift=shift, in_relu=relu)[0]
+
+    def triton_fn(config):
+        return conv.conv2d(x, weight, stride, padding, in_scale=scale, in_shift=shift, in_relu=relu,
+                           config=config)[0]
+
+    def aten_fn():
+        a = bn.bn_act(x, scale, shift, None, relu)
+        return F.conv2d(a, weight, None, stride, padding).contiguous(memory_format=memory_format(x))
+
+    def reference():
+        return backend_torch.bn_relu_conv(*_f64(x, scale, shift, weight), stride, padding, relu)
+
+    return _run_forward("bn_relu_conv", f"relu{int(relu)}", x, weight, stride, padding, triton_fn, aten_fn,
+                        reference)
 
 
 def bn_relu_conv_backward(grad, x, scale, shift, weight, stride, padding, relu, output_mask):
     """(grad_x, grad_scale, grad_shift, grad_weight) of bn_relu_conv, each None where output_mask (4 bools) does
-    not ask for it. The weight gradient recomputes the normalized input inside its kernel (prologue); the input
-    gradient is the conv's (w.r.t. the normalized input) through the ReLU and the per-channel affine map."""
+    not ask for it. The input gradient of the conv (w.r.t. the normalized input) is conv_backward's, chosen per
+    layer; the weight gradient recomputes the normalized input inside the Triton kernel (prologue) or, where
+    ATen is chosen, materializes it for cuDNN; then the ReLU and the per-channel affine map."""
     need_x, need_scale, need_shift, need_w = output_mask
     if x.dtype == torch.float64:
         z = _bn_relu_reference(x, scale, shift, relu)
         grad_z, grad_w, _ = _aten_conv_backward(grad, z, weight, stride, padding, (True, need_w, False))
     else:
-        grad_z = conv.conv2d_input_grad(grad, weight, x.shape, stride, padding) if (need_x or need_scale
-                                                                                    or need_shift) else None
-        grad_w = conv.conv2d_weight_grad(grad, x, weight.shape, stride, padding, in_scale=scale, in_shift=shift,
-                                         in_relu=relu)[0] if need_w else None
+        need_z = need_x or need_scale or need_shift
+        grad_z = conv_backward(grad, x, weight, stride, padding, (True, False, False))[0] if need_z else None
+        grad_w = _prologue_weight_grad(grad, x, scale, shift, weight, stride, padding, relu) if need_w else None
     grad_x = grad_scale = grad_shift = None
     if grad_z is not None:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -265,6 +325,26 @@ def bn_relu_conv_backward(grad, x, scale, shift, weight, stride, padding, relu, 
         if need_shift:
             grad_shift = grad_u.sum((0, 2, 3)).to(shift.dtype)
     return grad_x, grad_scale, grad_shift, (grad_w if need_w else None)
+
+
+def _prologue_weight_grad(grad, x, scale, shift, weight, stride, padding, relu):
+    c_out, c_in = weight.shape[:2]
+
+    def triton_fn(config):
+        return conv.conv2d_weight_grad(grad, x, weight.shape, stride, padding, in_scale=scale, in_shift=shift,
+                                       in_relu=relu, config=config)[0]
+
+    def aten_fn():
+        a = bn.bn_act(x, scale, shift, None, relu)
+        return _aten_conv_backward(grad, a, weight, stride, padding, (False, True, False))[1]
+
+    def reference():
+        grad64, x64, scale64, shift64, weight64 = _f64(grad, x, scale, shift, weight)
+        a = _bn_relu_reference(x64, scale64, shift64, relu)
+        return _aten_conv_backward(grad64, a, weight64, stride, padding, (False, True, False))[1]
+
+    return _run_chosen(_problem_key("wgrad_prologue", x, weight, stride, padding, f"relu{int(relu)}"), x,
+                       triton_fn, aten_fn, None, lambda: autotune.wgrad_configs(x.dtype, c_out, c_in), reference)
 
 
 def _bn_relu_reference(x, scale, shift, relu):
