@@ -241,6 +241,13 @@ def bn_finalize(stats, bn_weight, bn_bias, running_mean, running_var, momentum, 
     the first four fp32, the running statistics in their own dtype. Nothing is mutated."""
     T, C = stats.tile_mean.shape
     device = stats.tile_mean.device
+    if stats.count == 0 or T == 0:
+        # An empty batch (no tile to read, a count of 0): what fastres._C's finalize gives it, as ATen does:
+        # mean 0, variance 0, and the running statistics left as they are.
+        mean = torch.zeros(C, dtype=torch.float32, device=device)
+        invstd = torch.full_like(mean, float(eps)).rsqrt_()
+        scale = bn_weight.to(torch.float32) * invstd
+        return mean, invstd, scale, bn_bias.to(torch.float32, copy=True), running_mean.clone(), running_var.clone()
     mean, invstd, scale, shift = (torch.empty(C, dtype=torch.float32, device=device) for _ in range(4))
     new_rmean, new_rvar = torch.empty_like(running_mean), torch.empty_like(running_var)
     block_c = min(triton.next_power_of_2(C), 64)

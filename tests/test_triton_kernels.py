@@ -235,6 +235,25 @@ def test_conv_weight_grad(case, split, prologue):
     assert_within("grad_bias", got_b, ref[2], aten[2])
 
 
+def test_bn_finalize_of_an_empty_batch():
+    """N = 0: no tile to read and a count of 0. Mean 0 and variance 0 (as fastres._C's finalize and ATen give
+    it), the running statistics unchanged and not aliased, nothing NaN."""
+    y = torch.empty(0, 6, 4, 4, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    stats = bn.channel_stats(y)
+    assert stats.count == 0 and stats.tile_mean.shape == (0, 6)
+    gamma, beta = torch.rand(6, device=DEVICE) + 0.5, torch.randn(6, device=DEVICE)
+    running_mean, running_var = torch.randn(6, device=DEVICE), torch.rand(6, device=DEVICE) + 0.5
+    mean, invstd, scale, shift, new_mean, new_var = bn.bn_finalize(stats, gamma, beta, running_mean, running_var,
+                                                                  0.1, 1e-5)
+    expected_invstd = torch.full((6,), 1e-5, dtype=torch.float64).rsqrt().float()
+    torch.testing.assert_close(mean, torch.zeros(6, device=DEVICE))
+    torch.testing.assert_close(invstd, expected_invstd.to(DEVICE))
+    torch.testing.assert_close(scale, gamma * expected_invstd.to(DEVICE))
+    torch.testing.assert_close(shift, beta)
+    assert torch.equal(new_mean, running_mean) and torch.equal(new_var, running_var)
+    assert new_mean.data_ptr() != running_mean.data_ptr() and new_var.data_ptr() != running_var.data_ptr()
+
+
 # ------------------------------------------------------------------------------------------------ BN kernels
 @pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
 def test_bn_statistics_no_cancellation(fmt):
