@@ -77,7 +77,7 @@ def forward_args(dtype=torch.bfloat16, batch=256, c_in=64, c_out=64, size=56, ke
     values.update(KH=kernel, KW=kernel, TRANSPOSED=False, K_FLAT=config.k_flat, PROLOGUE=False,
                   PROLOGUE_RELU=False, HAS_SCALE=False, HAS_BIAS=False, HAS_RESIDUAL=False, RELU=False,
                   STORE_RAW=False, STATS=False, DOT_FP32=False,
-                  INPUT_PRECISION="tf32" if dtype == torch.float32 else "ieee",
+                  INPUT_PRECISION="tf32" if dtype == torch.float32 else "ieee", ROUND_TF32=dtype == torch.float32,
                   BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m)
     values.update(flags)
     return values, config
@@ -94,7 +94,7 @@ def wgrad_args(dtype=torch.bfloat16, batch=256, c_in=64, c_out=64, size=56, kern
                             ("s_x", _nhwc_strides(batch, c_in, size, size))):
         values.update(zip((prefix + "n", prefix + "c", prefix + "h", prefix + "w"), strides))
     values.update(KH=kernel, KW=kernel, PROLOGUE=False, PROLOGUE_RELU=False, BIAS_GRAD=False, DOT_FP32=False,
-                  INPUT_PRECISION="tf32" if dtype == torch.float32 else "ieee",
+                  INPUT_PRECISION="tf32" if dtype == torch.float32 else "ieee", ROUND_TF32=dtype == torch.float32,
                   BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
     values.update(flags)
     return values, config

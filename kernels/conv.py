@@ -39,7 +39,7 @@ def _conv_kernel(
         PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr,
         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
         STORE_RAW: tl.constexpr, STATS: tl.constexpr,
-        DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """out[m, n] = epilogue(sum_k prologue(A[m, k]) * B[k, n]) for one BLOCK_M x BLOCK_N tile of the output.
 
@@ -96,7 +96,7 @@ def _conv_kernel(
                 a = _bn_act_prologue(a, a_mask, c, mask_k, in_scale_ptr, in_shift_ptr, PROLOGUE_RELU)
             b_off = w_col[None, :] + (c * s_wc + kh * s_wh + kw * s_ww).to(tl.int64)[:, None]
             b = tl.load(w_ptr + b_off, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc = _mma(a, b, acc, DOT_FP32, INPUT_PRECISION)
+            acc = _mma(a, b, acc, DOT_FP32, INPUT_PRECISION, ROUND_TF32)
     else:
         # One tap at a time, its channels in BLOCK_K slices: the per-pixel index math runs once per slice.
         c_tiles = tl.cdiv(C_a, BLOCK_K)
@@ -115,7 +115,7 @@ def _conv_kernel(
                 a = _bn_act_prologue(a, a_mask, c, mask_k, in_scale_ptr, in_shift_ptr, PROLOGUE_RELU)
             b_off = w_col[None, :] + (c.to(tl.int64) * s_wc)[:, None] + (kh * s_wh + kw * s_ww)
             b = tl.load(w_ptr + b_off, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc = _mma(a, b, acc, DOT_FP32, INPUT_PRECISION)
+            acc = _mma(a, b, acc, DOT_FP32, INPUT_PRECISION, ROUND_TF32)
 
     # ------------------------------------------------------------------ epilogue, on the fp32 accumulator
     mask = mask_m[:, None] & mask_n[None, :]
@@ -153,7 +153,7 @@ def _conv_wgrad_kernel(
         P_PER_SPLIT,
         KH: tl.constexpr, KW: tl.constexpr,
         PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr, BIAS_GRAD: tl.constexpr,
-        DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """grad_w[co, kh, kw, ci] partial sums over one split of the P = N * H_o * W_o output pixels:
         sum_p grad_out[p, co] * prologue(x)[p shifted by the tap (kh, kw), ci]
@@ -198,7 +198,7 @@ def _conv_wgrad_kernel(
         xv = tl.load(x_ptr + x_row[:, None] + x_col[None, :], mask=x_mask, other=0.0)
         if PROLOGUE:
             xv = _bn_act_prologue(xv, x_mask, offs_ci, mask_ci, in_scale_ptr, in_shift_ptr, PROLOGUE_RELU)
-        acc = _mma(g, xv, acc, DOT_FP32, INPUT_PRECISION)
+        acc = _mma(g, xv, acc, DOT_FP32, INPUT_PRECISION, ROUND_TF32)
         if BIAS_GRAD:
             if (tap == 0) & (pid_n == 0):
                 bias_acc += tl.sum(g.to(tl.float32), axis=1)
@@ -245,13 +245,28 @@ def _bn_act_prologue(a, a_mask, c, mask_c, in_scale_ptr, in_shift_ptr, RELU: tl.
 
 
 @triton.jit
-def _mma(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _mma(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr):
     if DOT_FP32:
         # Only for the interpreter, whose bf16 tl.dot is wrong (triton 3.8/3.9): fp32 operands hold bf16/fp16
         # values exactly, and the fp32 accumulation is what the GPU's MMA does too.
         a = a.to(tl.float32)
         b = b.to(tl.float32)
+    if ROUND_TF32:
+        a = _round_to_tf32(a)
+        b = _round_to_tf32(b)
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _round_to_tf32(v):
+    """fp32 -> the nearest TF32 value (10 mantissa bits, ties away from zero: what cvt.rna.tf32.f32 and cuDNN do).
+    The tensor cores' TF32 mode drops the low 13 mantissa bits, a truncation toward zero that would double the
+    operands' rounding error against cuDNN's; rounded first, they pass through the MMA exactly. Integer math on the
+    bits, so the interpreter runs the same code: adding half a TF32 ulp to the magnitude carries into the kept
+    bits (and the exponent) exactly when the value rounds up. NaN stays NaN, Inf stays Inf."""
+    bits = v.to(tl.int32, bitcast=True)
+    rounded = ((bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+    return tl.where(v != v, v, rounded)
 
 
 # ================================================================================================ launchers
@@ -273,15 +288,17 @@ def _pair(v):
 
 
 def _dot_options(dtype):
-    """(DOT_FP32, INPUT_PRECISION) for operands of `dtype`.
+    """(DOT_FP32, INPUT_PRECISION, ROUND_TF32) for operands of `dtype`.
 
     fp32 operands use TF32 tensor cores exactly when ATen's cuDNN convolutions do (torch.backends.cudnn.allow_tf32,
-    True by default), so an fp32 conv here is as precise as torch's own; otherwise full fp32 ("ieee")."""
+    True by default), rounded to nearest first as cuDNN rounds them (see _round_to_tf32), so an fp32 conv here is
+    as precise as torch's own; otherwise full fp32 ("ieee")."""
     if interpreting():
-        return dtype != torch.float32, "ieee"
+        return dtype != torch.float32, "ieee", False
     if dtype == torch.float32:
-        return False, "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
-    return False, "ieee"  # ignored for 16-bit operands
+        tf32 = torch.backends.cudnn.allow_tf32
+        return False, "tf32" if tf32 else "ieee", tf32
+    return False, "ieee", False  # ignored for 16-bit operands
 
 
 def _weight_operand(weight):
@@ -364,7 +381,7 @@ def _launch_conv(a, weight, w_strides, out, taps, stride, padding, transposed, c
     prologue = in_scale is not None
     if prologue and transposed:
         raise ValueError("the BN-apply prologue applies to the forward conv only")
-    dot_fp32, precision = _dot_options(a.dtype)
+    dot_fp32, precision, round_tf32 = _dot_options(a.dtype)
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
     dummy = out  # stands in for absent optional pointers; the constexpr flags keep them unread
     grid = (grid_m * triton.cdiv(c_out, config.block_n),)
@@ -380,7 +397,7 @@ def _launch_conv(a, weight, w_strides, out, taps, stride, padding, transposed, c
             PROLOGUE=prologue, PROLOGUE_RELU=prologue and in_relu,
             HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
             STORE_RAW=raw is not None, STATS=stats,
-            DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+            DOT_FP32=dot_fp32, INPUT_PRECISION=precision, ROUND_TF32=round_tf32,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
             num_warps=config.num_warps, num_stages=config.num_stages)
     return ConvStats(tile_mean, tile_m2, config.block_m, M) if stats else None
@@ -420,7 +437,7 @@ def conv2d_weight_grad(grad_out, x, weight_shape, stride=1, padding=0, *, bias_g
     partial = torch.empty((split, c_out, kh, kw, c_in), dtype=torch.float32, device=x.device)
     bias_partial = torch.zeros((split, c_out), dtype=torch.float32, device=x.device) if bias_grad else None
     prologue = in_scale is not None
-    dot_fp32, precision = _dot_options(x.dtype)
+    dot_fp32, precision, round_tf32 = _dot_options(x.dtype)
     dummy = partial
     with device_of(x):
         _conv_wgrad_kernel[(tiles, split)](
@@ -428,7 +445,7 @@ def conv2d_weight_grad(grad_out, x, weight_shape, stride=1, padding=0, *, bias_g
             P, c_in, h, w, c_out, h_o, w_o, stride[0], stride[1], padding[0], padding[1],
             *grad_out.stride(), *x.stride(), p_per_split,
             KH=kh, KW=kw, PROLOGUE=prologue, PROLOGUE_RELU=prologue and in_relu, BIAS_GRAD=bias_grad,
-            DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+            DOT_FP32=dot_fp32, INPUT_PRECISION=precision, ROUND_TF32=round_tf32,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             num_warps=config.num_warps, num_stages=config.num_stages)
     grad_w = partial[0] if split == 1 else partial.sum(0)

@@ -22,6 +22,7 @@ from fastres import ops
 from tolerance import assert_within
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 from fastres.kernels import autotune, bn, conv  # noqa: E402
 from fastres.ops import backend_torch, backend_triton  # noqa: E402
 
@@ -725,6 +726,53 @@ def test_gpu_conv_kernels_low_precision(dtype, case):
     aten = _aten_conv_grads(t, dtype, CASES[case], grad, True)
     for name, g, r, a in zip(["grad_x", "grad_weight", "grad_bias"], (gx, gw, gb), ref, aten):
         assert_within(name, g, r, a)
+
+
+@triton.jit
+def _round_to_tf32_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    v = tl.load(x_ptr + offs, mask=mask)
+    tl.store(out_ptr + offs, conv._round_to_tf32(v), mask=mask)
+
+
+def _tf32_reference(x):
+    """Round to nearest with 10 mantissa bits, ties away from zero, in float64 (subnormals keep fp32's fixed
+    exponent); overflow past fp32's range becomes Inf when cast back."""
+    x64 = x.double()
+    exponent = torch.floor(torch.log2(x64.abs())).clamp(min=-126)
+    ulp = torch.exp2(exponent - 10)
+    rounded = torch.sign(x64) * torch.floor(x64.abs() / ulp + 0.5) * ulp
+    rounded = torch.where((x64 == 0) | ~torch.isfinite(x64), x64, rounded)
+    return rounded.float()
+
+
+def test_operands_round_to_nearest_tf32():
+    ulp_one = 2.0 ** -10
+    values = [1.0, 1 + ulp_one / 2, 1 + ulp_one / 2 - 2 ** -23, 1 + 1.5 * ulp_one, -(1 + ulp_one / 2), 0.0, -0.0,
+              3.4028235e38, -3.4028235e38, 1e-40, -3e-39, 1.17549435e-38, float("inf"), float("-inf"), float("nan")]
+    x = torch.cat([torch.tensor(values), torch.randn(1000) * 10.0 ** torch.randint(-30, 30, (1000,))])
+    out = torch.empty_like(x, device=DEVICE)
+    _round_to_tf32_kernel[(1,)](x.to(DEVICE), out, x.numel(), BLOCK=1024)
+    expected = _tf32_reference(x)
+    assert torch.equal(out.cpu().isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    assert torch.equal(out.cpu()[finite], expected[finite]), (out.cpu()[:15], expected[:15])
+
+
+def test_tf32_conv_rounds_its_operands(monkeypatch):
+    """With TF32 on, the kernel's operands are rounded to nearest TF32 before the MMA (as cuDNN's are): its
+    result is the exact conv of the rounded operands up to fp32 accumulation, which truncation would miss by far
+    more. The interpreter runs the rounding with full-fp32 MMA."""
+    monkeypatch.setattr(conv, "_dot_options", lambda dtype: (False, "ieee", dtype == torch.float32))
+    x = torch.randn(2, 40, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(24, 40, 3, 3, device=DEVICE)
+    out = conv.conv2d(x, w, 1, 1)[0].double()
+    rounded = F.conv2d(_tf32_reference(x.cpu()).double(), _tf32_reference(w.cpu()).double(), None, 1, 1)
+    unrounded = F.conv2d(x.cpu().double(), w.cpu().double(), None, 1, 1)
+    fp32_conv_error = (F.conv2d(x, w, None, 1, 1).cpu().double() - unrounded).abs().max().item()
+    assert (out.cpu() - rounded).abs().max().item() <= 4 * fp32_conv_error
+    assert (out.cpu() - unrounded).abs().max().item() > 20 * fp32_conv_error  # TF32's own error is far larger
 
 
 @pytest.mark.cuda
