@@ -7,6 +7,10 @@ The choices go to fastres's on-disk autotune cache ($FASTRES_CACHE_DIR/autotune.
 ~/.cache/fastres/), where later runs on the same GPU and software versions find them: ResNet-101 and -152 pose the
 same convolution problems as ResNet-50 at the same batch size, and benchmarks/kernels.py's rows are ResNet-50's
 layers. Each new choice is written as soon as it is measured, so a run cut short keeps what it measured.
+
+--time-budget S sizes the pass from what one problem costs here (compiling, checking and timing each candidate):
+the first problem's cost is measured, the problems are counted, and measuring stops once S seconds are spent (the
+rest keep their default choice). The per-problem cost and the counts are printed and, with --json, appended.
 On CPU tensors nothing is measured (fastres's CPU path has no tile configs to choose); the command then only lists
 the problems it met.
 """
@@ -34,7 +38,11 @@ def main(argv=None):
     p.add_argument("--modes", default="infer,train", help="comma-separated: infer (eval, BN folded), train")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--time-budget", type=float, help="seconds for all modes together (default: no limit)")
+    p.add_argument("--json", metavar="PATH", help="append the per-problem cost and counts as one JSON line")
     args = p.parse_args(argv)
+    if args.time_budget is not None and args.time_budget <= 0:
+        p.error(f"--time-budget must be positive, got {args.time_budget}")
     try:
         arch = C.parse_arch(args.arch, args.variant)
     except ValueError as e:
@@ -59,17 +67,38 @@ def main(argv=None):
     print(f"{arch.label}, batch {args.batch_size}, {args.dtype}, {size}x{size}, "
           f"{'channels_last' if args.channels_last else 'NCHW'}, {C.device_name(device)}; "
           f"cache {autotune.cache_path()}")
+    deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
+    summary = {}
     for mode in modes:
         model.train(mode == "train")
         known = set(autotune.cache().entries())
         start = time.perf_counter()
-        choices = fastres.tune(model, x, backward=mode == "train")
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        choices = fastres.tune(model, x, backward=mode == "train", time_budget=left)
         C.synchronize(device)
-        new = [k for k in choices if k not in known]
-        print(f"{mode}: {len(choices)} conv problems, {len(new)} measured now, {time.perf_counter() - start:.1f} s")
+        entries = autotune.cache().entries()
+        new = [k for k in choices if k not in known and k in entries]
+        costs = sorted(entries[k]["tune_s"] for k in new if "tune_s" in entries[k])
+        untuned = [k for k in choices if k not in entries]
+        per_problem = costs[len(costs) // 2] if costs else None
+        summary[mode] = {"problems": len(choices), "measured_now": len(new), "cached_before": len(choices) - len(new)
+                         - len(untuned), "left_default": len(untuned), "median_problem_s": per_problem,
+                         "wall_s": round(time.perf_counter() - start, 2)}
+        cost = "" if per_problem is None else f", one problem {per_problem:.2f} s (median of {len(costs)})"
+        print(f"{mode}: {len(choices)} conv problems, {len(new)} measured now{cost}, {len(untuned)} left at their "
+              f"default (budget), {time.perf_counter() - start:.1f} s")
+        if untuned and per_problem:
+            print(f"  tuning all {len(untuned)} left would take about {len(untuned) * per_problem:.0f} s more")
         for key, choice in sorted(choices.items()):
             problem = "|".join(key.split("|")[:-4])  # the key less its device signature (4 fields)
-            print(f"  {'new   ' if key in new else 'cached'} {choice.label():<28} {problem}")
+            state = "new   " if key in new else ("default" if key in untuned else "cached")
+            print(f"  {state} {choice.label():<28} {problem}")
+    if args.json:
+        C.append_json(args.json, {"benchmark": "tune", **C.environment(device),
+                                  "settings": {"arch": arch.name, "batch_size": args.batch_size, "dtype": args.dtype,
+                                               "input_size": size, "channels_last": args.channels_last,
+                                               "time_budget": args.time_budget},
+                                  "modes": summary})
     return 0
 
 

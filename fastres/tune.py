@@ -22,12 +22,13 @@ def _tensors(value):
             yield from _tensors(v)
 
 
-def tune(model, example_input, *, backward=None):
+def tune(model, example_input, *, backward=None, time_budget=None):
     """Run `model(example_input)` once with measuring on; return {cache key: Choice} for every conv it ran.
 
     example_input: a tensor, or a tuple of positional arguments. backward: also run the backward pass, tuning
     the kernels training uses (default: model.training). The model comes back as it was: parameters, buffers
     (BN running statistics, num_batches_tracked) and .grad are restored, and the mode is unchanged.
+    time_budget: seconds; once spent, the problems not yet measured keep their default choice (uncached).
     On CPU tensors (the Triton interpreter) nothing is measured; the result then lists the default choices.
     """
     from fastres.kernels import autotune  # imports triton: only when tuning is asked for
@@ -37,7 +38,7 @@ def tune(model, example_input, *, backward=None):
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     saved_state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
     params = [p for p in model.parameters() if p.requires_grad]
-    with autotune.tuning() as record:
+    with autotune.tuning(time_budget) as record:
         if backward:
             with torch.enable_grad():
                 outputs = [t for t in _tensors(model(*args)) if t.requires_grad]

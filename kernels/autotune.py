@@ -21,12 +21,14 @@ import os
 import re
 import tempfile
 import threading
+import time
 import warnings
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 
+from fastres import testing as tolerance
 from fastres.ops import _backend
 
 from ._common import interpreting
@@ -149,15 +151,22 @@ def cache():
 _session = _backend.carry(contextvars.ContextVar("fastres_tuning_session", default=None))
 
 
+# The wall-clock deadline (time.monotonic()) of the tuning session, if any: past it no new problem is measured.
+_deadline = _backend.carry(contextvars.ContextVar("fastres_tuning_deadline", default=None))
+
+
 @contextlib.contextmanager
-def tuning():
+def tuning(time_budget=None):
     """Inside the block every new problem is measured (even with FASTRES_AUTOTUNE=0), and every choice made,
-    new or cached, is recorded into the dict the block yields: {key: Choice}."""
+    new or cached, is recorded into the dict the block yields: {key: Choice}. With time_budget (seconds), no new
+    problem is measured once it is spent: those run their default choice and nothing is cached for them."""
     record = {}
     token = _session.set(record)
+    deadline = _deadline.set(None if time_budget is None else time.monotonic() + time_budget)
     try:
         yield record
     finally:
+        _deadline.reset(deadline)
         _session.reset(token)
 
 
@@ -165,6 +174,9 @@ def can_measure(device):
     if interpreting() or device.type != "cuda":
         return False
     if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+        return False
+    deadline = _deadline.get()
+    if deadline is not None and time.monotonic() > deadline:
         return False
     return _session.get() is not None or os.environ.get("FASTRES_AUTOTUNE", "1").strip() != "0"
 
@@ -216,26 +228,18 @@ def result_tensors(result):
 def _max_errors(tensors, reference):
     if len(tensors) != len(reference):
         raise ValueError(f"a candidate returned {len(tensors)} tensors where the reference has {len(reference)}")
-    errors = []
-    for t, ref in zip(tensors, reference):
-        if t.shape != ref.shape:
-            errors.append(math.inf)
-            continue
-        diff = (t.detach().double() - ref).abs()
-        # NaN where the reference is finite is an infinite error (max() would otherwise pass it through)
-        errors.append(math.inf if diff.isnan().any().item() else (diff.max().item() if diff.numel() else 0.0))
-    return errors
+    return [tolerance.max_error(t, ref) for t, ref in zip(tensors, reference)]
 
 
-def violation(tensors, reference, aten_errors, ulps=4):
-    """Why `tensors` break the project's tolerance rule against the float64 `reference` (each error at most twice
-    ATen's in the same dtype, plus a floor of a few ulps of the reference's magnitude), or None."""
-    for i, (err, aten_err, t, ref) in enumerate(zip(_max_errors(tensors, reference), aten_errors, tensors,
-                                                    reference)):
-        magnitude = ref.abs().max().item() if ref.numel() else 0.0
-        floor = ulps * torch.finfo(t.dtype).eps * max(magnitude, 1.0)
-        if not err <= 2 * aten_err + floor:
-            return f"output {i}: max error {err:.3e} > 2 x ATen's {aten_err:.3e} + {floor:.1e}"
+def violation(tensors, reference, aten_errors):
+    """Why `tensors` break the project's tolerance rule (fastres.testing) against the float64 `reference`, given
+    ATen's errors in the same dtype, or None."""
+    if len(tensors) != len(reference):
+        return f"{len(tensors)} outputs where the reference has {len(reference)}"
+    for i, (t, ref, aten_error) in enumerate(zip(tensors, reference, aten_errors)):
+        why = tolerance.violation(f"output {i}", t, ref, aten_error)
+        if why is not None:
+            return why
     return None
 
 
@@ -294,14 +298,16 @@ def choose(key, device, default, candidates, run, reference=None, comparable=res
     if entry is not None:
         choice = Choice.from_json(entry)
     elif can_measure(device):
+        start = time.perf_counter()
         measured = list(candidates())
         choice, times = measure(full_key, measured, run, reference, comparable)
+        cost_s = time.perf_counter() - start  # compiling, checking and timing every candidate
         passed = [c for c in measured if c.provider == "triton" and c.config is not None
                   and isinstance(times.get(c.label()), float)]
         best_triton = min(passed, key=lambda c: times[c.label()]) if passed else None
         store.put(full_key, {**choice.to_json(), "ms": times,
                              "best_triton": None if best_triton is None else list(best_triton.config),
-                             "checked": reference is not None,
+                             "checked": reference is not None, "tune_s": round(cost_s, 3),
                              "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
     else:
         choice = default

@@ -786,3 +786,18 @@ def test_gpu_tf32_matches_aten_tf32():
     ref = F.conv2d(_to(x64, torch.float64), _to(w64, torch.float64), None, 1, 1)
     aten = F.conv2d(_to(x64, torch.float32), _to(w64, torch.float32), None, 1, 1)
     assert_within("out", out, ref, aten)
+
+
+def test_tuning_session_time_budget(monkeypatch):
+    """A tuning session measures new problems until its time budget is spent, then leaves them at their default."""
+    monkeypatch.setattr(autotune, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # no GPU needed to ask
+    cuda = torch.device("cuda")
+    with autotune.tuning():
+        assert autotune.can_measure(cuda)
+    with autotune.tuning(time_budget=60):
+        assert autotune.can_measure(cuda)
+    with autotune.tuning(time_budget=0):
+        assert not autotune.can_measure(cuda)
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "0")
+    assert not autotune.can_measure(cuda)
