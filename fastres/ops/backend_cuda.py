@@ -58,18 +58,21 @@ def add_relu(x, residual):
 
 
 def _onednn_fused_conv(x, weight, bias, stride, padding, residual, relu):
-    """oneDNN convolution with the bias, residual add and ReLU as post-ops of the conv itself, or None when
-    this build of torch or this dtype cannot do it. This is what makes the CPU eval path fast: the epilogue
-    costs nothing extra because it runs while the output tile is still in cache."""
+    """oneDNN convolution with the bias and residual add as post-ops of the conv itself (then the ReLU), or None
+    when this build of torch or this dtype cannot do it. This is what makes the CPU eval path fast: the bias and
+    residual cost nothing extra because they run while the output tile is still in cache."""
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and torch.backends.mkldnn.enabled and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
         return None
     args = (weight, bias, list(padding), list(stride), [1, 1], 1)
     if residual is None:
-        return torch.ops.mkldnn._convolution_pointwise(x, *args, "relu" if relu else "none", [], "")
-    residual = residual.contiguous(memory_format=memory_format(x))
-    return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *args, "add", None,
-                                                          "relu" if relu else None, [], "")
+        out = torch.ops.mkldnn._convolution_pointwise(x, *args, "none", [], "")
+    else:
+        residual = residual.contiguous(memory_format=memory_format(x))
+        out = torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *args, "add", None, None, [], "")
+    # Not oneDNN's relu post-op: it is max(v, 0), which maps NaN to 0 where torch.relu keeps it (a corrupt input
+    # would give a confident answer). torch's in-place relu is one more pass over the output.
+    return out.relu_() if relu else out
 
 
 def conv_bias_act(x, weight, bias, stride, padding, residual, relu):

@@ -148,7 +148,7 @@ def bn_act_backward(grad_out, out, conv_out, save_mean, save_invstd, bn_weight, 
     grad_bn_bias), the last two in the statistics dtype."""
     fmt = memory_format(conv_out)
     acc = save_mean.dtype
-    dz = torch.where(out > 0, grad_out, torch.zeros_like(grad_out)) if relu else grad_out
+    dz = torch.ops.aten.threshold_backward(grad_out, out, 0) if relu else grad_out
     shape = (1, -1, 1, 1)
     dz_acc = dz.to(acc)
     xhat = (conv_out.to(acc) - save_mean.view(shape)) * save_invstd.view(shape)
@@ -207,7 +207,7 @@ def bn_relu_conv_backward(grad, x, scale, shift, weight, stride, padding, relu, 
         acc = z.dtype
         grad_z = grad_a.to(acc)
         if relu:
-            grad_z = torch.where(z > 0, grad_z, torch.zeros_like(grad_z))
+            grad_z = torch.ops.aten.threshold_backward(grad_z, z, 0)  # relu's own backward: NaN z passes
         if need_x:
             grad_x = (grad_z * scale.to(acc).view(1, -1, 1, 1)).to(x.dtype).contiguous(
                 memory_format=memory_format(x))

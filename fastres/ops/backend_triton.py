@@ -257,7 +257,8 @@ def bn_relu_conv_backward(grad, x, scale, shift, weight, stride, padding, relu, 
         x_acc = x.to(acc)
         grad_u = grad_z.to(acc)
         if relu:
-            grad_u = torch.where(x_acc * scale.to(acc).view(view) + shift.to(acc).view(view) > 0, grad_u, 0.0)
+            z = x_acc * scale.to(acc).view(view) + shift.to(acc).view(view)
+            grad_u = torch.ops.aten.threshold_backward(grad_u, z, 0)  # relu's own backward: NaN z passes
         if need_x:
             grad_x = (grad_u * scale.to(acc).view(view)).to(x.dtype).contiguous(memory_format=memory_format(x))
         if need_scale:
