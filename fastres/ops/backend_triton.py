@@ -124,8 +124,9 @@ def conv_bias_act(x, weight, bias, stride, padding, residual, relu):
         return conv.conv2d(x, weight, stride, padding, bias=bias, residual=residual, relu=relu, config=config)[0]
 
     def aten_fn():
-        y = F.conv2d(x, weight, None, stride, padding).contiguous(memory_format=fmt)
-        return bn.bn_act(y, shift=bias, residual=residual, relu=relu)
+        # The bias inside the conv, on its fp32 accumulator (see backend_cuda.conv_bias_act).
+        y = F.conv2d(x, weight, bias, stride, padding).contiguous(memory_format=fmt)
+        return bn.bn_act(y, residual=residual, relu=relu)
 
     flags = f"bias{int(bias is not None)}res{int(residual is not None)}relu{int(relu)}"
     return _run_forward("conv_bias_act", flags, x, weight, stride, padding, triton_fn, aten_fn)
