@@ -18,7 +18,7 @@ def tile_moments(v, mask, rows):
     centered = tl.where(mask, v - rough[None, :], 0.0)
     correction = tl.sum(centered, axis=0)
     m2 = tl.sum(centered * centered, axis=0) - correction * correction / rows
-    return rough + correction / rows, tl.maximum(m2, 0.0)
+    return rough + correction / rows, tl.maximum(m2, 0.0, propagate_nan=tl.PropagateNan.ALL)  # a NaN stays NaN
 
 
 def interpreting():

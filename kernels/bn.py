@@ -112,7 +112,7 @@ def _bn_act_kernel(y_ptr, center_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, R,
     if HAS_RESIDUAL:
         v = v + tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        v = tl.maximum(v, 0.0)
+        v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in torch.relu
     tl.store(out_ptr + off, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -120,7 +120,7 @@ def _bn_act_kernel(y_ptr, center_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, R,
 def _bn_act_backward_reduce_kernel(g_ptr, out_ptr, y_ptr, mean_ptr, invstd_ptr, sum_dz_ptr, sum_dzx_ptr,
                                    R, P, C, s_n, s_p, s_c,
                                    RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-tile sums of dz and dz * xhat, with dz = grad_out masked by the ReLU (out > 0) and
+    """Per-tile sums of dz and dz * xhat, with dz = grad_out masked by the ReLU (0 where out <= 0) and
     xhat = (y - mean) * invstd: the BN weight and bias gradients, and what the input gradient subtracts."""
     pid_r = tl.program_id(0)
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -176,7 +176,8 @@ def _offsets(r, c, P, s_n, s_p, s_c):
 def _relu_grad(g_ptr, out_ptr, off, mask, RELU: tl.constexpr):
     dz = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        dz = tl.where(tl.load(out_ptr + off, mask=mask, other=0.0) > 0, dz, 0.0)
+        # threshold_backward's test (out <= 0 -> 0): a NaN output passes its gradient, as in ATen.
+        dz = tl.where(tl.load(out_ptr + off, mask=mask, other=0.0) <= 0, 0.0, dz)
     return dz
 
 

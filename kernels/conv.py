@@ -139,7 +139,7 @@ def _conv_kernel(
         res = tl.load(res_ptr + res_row[:, None] + offs_n.to(tl.int64)[None, :] * s_rc, mask=mask, other=0.0)
         v = v + res.to(tl.float32)
     if RELU:
-        v = tl.maximum(v, 0.0)
+        v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in torch.relu
     tl.store(out_ptr + out_off, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -237,7 +237,7 @@ def _bn_act_prologue(a, a_mask, c, mask_c, in_scale_ptr, in_shift_ptr, RELU: tl.
     shift = tl.load(in_shift_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
     v = a.to(tl.float32) * scale[None, :] + shift[None, :]
     if RELU:
-        v = tl.maximum(v, 0.0)
+        v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in torch.relu
     # The conv zero-pads the normalized activation, so padding (and masked-off) positions must stay 0, not
     # become relu(shift).
     v = tl.where(a_mask, v, 0.0)

@@ -252,3 +252,52 @@ def test_lean_stats_match_batchnorm_on_1d_and_3d_inputs():
         want = torch.autograd.grad(expected, (x, gamma, beta), g)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------------------------ gradient layout
+# (model memory format, input memory format): a contiguous model fed NHWC input is where ATen's convolution backward
+# returns a 1x1 weight's gradient with NHWC strides, which still counts as "contiguous".
+LAYOUTS = {"contiguous": (torch.contiguous_format, torch.contiguous_format),
+           "contiguous-model-nhwc-input": (torch.contiguous_format, torch.channels_last),
+           "channels_last": (torch.channels_last, torch.channels_last)}
+
+
+def _layout_models():
+    torch.manual_seed(0)
+    ds = nn.Sequential(fnn.conv1x1(16, 32, 2), nn.BatchNorm2d(32))
+    default = nn.Sequential(fnn.Bottleneck(16, 8, 2, ds), fnn.Bottleneck(32, 8), nn.Conv2d(32, 4, 1))
+    return {"default": default, "recompute": fnn.set_memory_mode(copy.deepcopy(default), "recompute")}
+
+
+def _layout_worker(rank, port, out_dir):
+    import warnings
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        mismatches = {}
+        # DDP warns ("Grad strides do not match bucket view strides") and copies when a gradient's strides differ
+        # from its parameter's: as an error here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for layout, (model_fmt, input_fmt) in LAYOUTS.items():
+                for mode, model in _layout_models().items():
+                    ddp = nn.parallel.DistributedDataParallel(model.to(memory_format=model_fmt))
+                    g = torch.Generator().manual_seed(rank)
+                    x = torch.randn(BATCH, 16, 6, 6, generator=g).contiguous(memory_format=input_fmt)
+                    ddp(x).square().mean().backward()
+                    mismatches[f"{layout}/{mode}"] = [
+                        (n, tuple(p.stride()), tuple(p.grad.stride())) for n, p in ddp.module.named_parameters()
+                        if p.grad is None or p.grad.stride() != p.stride()]
+        torch.save(mismatches, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gets_weight_gradients_in_their_parameters_strides_without_warnings(tmp_path):
+    mp.spawn(_layout_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        mismatches = torch.load(tmp_path / f"rank{rank}.pt")
+        assert set(mismatches) == {f"{l}/{m}" for l in LAYOUTS for m in ("default", "recompute")}
+        for case, bad in mismatches.items():
+            assert not bad, f"rank {rank}, {case}: (param, its strides, its grad's strides): {bad}"

@@ -41,7 +41,7 @@ from torch.autograd.function import once_differentiable
 
 from fastres import ops
 from fastres.ops import _backend, _compiled
-from fastres.ops._checks import memory_format
+from fastres.ops._checks import like_param, memory_format
 from fastres.nn import sync_bn
 from fastres.nn._fused import _affine, _bn_momentum, has_hooks, norm_kind, unit_fusable
 
@@ -213,7 +213,7 @@ def _bn_backward(grad_out, out, y, mean, invstd, gamma, relu, count, group, resi
     dims = _reduce_dims(y)
     dz = grad_out.to(acc)
     if relu:
-        dz = torch.where(out > 0, dz, torch.zeros_like(dz))
+        dz = torch.ops.aten.threshold_backward(dz, out, 0)  # relu's own backward: a NaN output passes
     xhat = (y.to(acc) - _channel_view(mean, y)) * _channel_view(invstd, y)
     sums = torch.stack([dz.sum(dims), (dz * xhat).sum(dims)])
     grad_beta, grad_gamma = sums[0].clone(), sums[1].clone()
@@ -237,10 +237,10 @@ def _conv_grads(grad, x, weight, stride, padding, need_x, need_w):
     conv_backward = getattr(backend, "conv_backward", None)
     if conv_backward is not None:
         gx, gw, _ = conv_backward(grad, x, weight, stride, padding, [need_x, need_w, False])
-        return gx, gw
-    gx, gw, _ = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, [1, 1], False, [0, 0],
-                                                    1, [need_x, need_w, False])
-    return gx, gw
+    else:
+        gx, gw, _ = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, [1, 1], False,
+                                                        [0, 0], 1, [need_x, need_w, False])
+    return gx, (None if gw is None else like_param(gw, weight))  # DDP needs the parameter's exact strides
 
 
 def _param_grad(g, like, needed):

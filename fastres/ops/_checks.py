@@ -12,6 +12,17 @@ def memory_format(t):
     return torch.contiguous_format
 
 
+def like_param(grad, param):
+    """grad with exactly param's strides (a copy only where they differ), or in param's memory format where param
+    is not dense. DistributedDataParallel compares a gradient's strides with its bucket's exactly, and size-1 dims
+    make .contiguous(memory_format=...) accept either layout of a 1x1 conv's weight ([512, 256, 1, 1] with strides
+    [256, 1, 256, 256] counts as contiguous), so the memory format alone is not enough."""
+    if grad.stride() == param.stride():
+        return grad
+    # empty_like keeps a dense tensor's exact strides (preserve_format), and suggests a format otherwise.
+    return torch.empty_like(param, dtype=grad.dtype, device=grad.device).copy_(grad)
+
+
 def _tensor(op, name, t, ndim=None, floating=True):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"fastres.{op}: {name} must be a Tensor, got {type(t).__name__}")

@@ -3,7 +3,7 @@ autograd and autocast. Each op's math lives in the backends (backend_torch is th
 import torch
 
 from . import _backend, _checks, backend_torch
-from ._checks import memory_format
+from ._checks import like_param, memory_format
 
 _SCHEMAS = {
     "fold_bn": "(Tensor conv_weight, Tensor? conv_bias, Tensor bn_weight, Tensor bn_bias, Tensor running_mean, "
@@ -111,7 +111,7 @@ def _fold_bn_backward(ctx, grad_weight, grad_bias):
     grad_scale = (gw * conv_weight.to(acc)).reshape(cout, -1).sum(1) + gb * centered
     g_conv_w = g_conv_b = g_bn_w = g_bn_b = None
     if ctx.req[0]:
-        g_conv_w = (gw * scale.view(bshape)).to(conv_weight.dtype)
+        g_conv_w = like_param((gw * scale.view(bshape)).to(conv_weight.dtype), conv_weight)
     if ctx.has_conv_bias and ctx.req[1]:
         g_conv_b = (gb * scale).to(conv_bias.dtype)
     if ctx.req[2]:
@@ -414,16 +414,17 @@ def _or_empty(t, like):
 def conv_backward(grad, x, weight, stride, padding, output_mask):
     gx, gw, gb = _backend.select("conv_backward", x.device).conv_backward(grad, x, weight, list(stride),
                                                                          list(padding), list(output_mask))
-    # Gradients are laid out like what they are gradients of (backends' convolutions may pick otherwise).
+    # Gradients are laid out like what they are gradients of (backends' convolutions may pick otherwise); the
+    # weight's with its exact strides (see like_param).
     gx = None if gx is None else gx.contiguous(memory_format=memory_format(x))
-    gw = None if gw is None else gw.contiguous(memory_format=memory_format(weight))
+    gw = None if gw is None else like_param(gw, weight)
     return _or_empty(gx, x), _or_empty(gw, x), _or_empty(gb, x)
 
 
 @conv_backward.register_fake
 def _(grad, x, weight, stride, padding, output_mask):
     return (torch.empty_like(x, memory_format=memory_format(x)) if output_mask[0] else x.new_empty(0),
-            torch.empty_like(weight, memory_format=memory_format(weight)) if output_mask[1] else x.new_empty(0),
+            torch.empty_like(weight) if output_mask[1] else x.new_empty(0),
             weight.new_empty((weight.shape[0],)) if output_mask[2] else x.new_empty(0))
 
 
@@ -448,14 +449,14 @@ def bn_relu_conv_backward(grad, x, scale, shift, weight, stride, padding, relu, 
     gx, gscale, gshift, gw = _backend.select("bn_relu_conv_backward", x.device).bn_relu_conv_backward(
         grad, x, scale, shift, weight, list(stride), list(padding), relu, list(output_mask))
     gx = None if gx is None else gx.contiguous(memory_format=memory_format(x))
-    gw = None if gw is None else gw.contiguous(memory_format=memory_format(weight))
+    gw = None if gw is None else like_param(gw, weight)
     return tuple(_or_empty(g, x) for g in (gx, gscale, gshift, gw))
 
 
 @bn_relu_conv_backward.register_fake
 def _(grad, x, scale, shift, weight, stride, padding, relu, output_mask):
     likes = (torch.empty_like(x, memory_format=memory_format(x)), torch.empty_like(scale), torch.empty_like(shift),
-             torch.empty_like(weight, memory_format=memory_format(weight)))
+             torch.empty_like(weight))
     return tuple(t if m else x.new_empty(0) for t, m in zip(likes, output_mask))
 
 

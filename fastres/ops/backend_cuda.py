@@ -64,9 +64,9 @@ _onednn_refused = set()
 
 
 def _onednn_fused_conv(x, weight, bias, stride, padding, residual, relu):
-    """oneDNN convolution with the bias, residual add and ReLU as post-ops of the conv itself, or None when
-    this build of torch or this dtype cannot do it. This is what makes the CPU eval path fast: the epilogue
-    costs nothing extra because it runs while the output tile is still in cache."""
+    """oneDNN convolution with the bias and residual add as post-ops of the conv itself (then the ReLU), or None
+    when this build of torch or this dtype cannot do it. This is what makes the CPU eval path fast: the bias and
+    residual cost nothing extra because they run while the output tile is still in cache."""
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and torch.backends.mkldnn.enabled and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
         return None
@@ -79,21 +79,26 @@ def _onednn_fused_conv(x, weight, bias, stride, padding, residual, relu):
     args = (weight, bias, list(padding), list(stride), [1, 1], 1)
     try:
         if residual is None:
-            return torch.ops.mkldnn._convolution_pointwise(x, *args, "relu" if relu else "none", [], "")
-        return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *args, "add", None,
-                                                              "relu" if relu else None, [], "")
+            out = torch.ops.mkldnn._convolution_pointwise(x, *args, "none", [], "")
+        else:
+            out = torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *args, "add", None, None, [], "")
     except RuntimeError:
         _onednn_refused.add(signature)
         return None
+    # Not oneDNN's relu post-op: it is max(v, 0), which maps NaN to 0 where torch.relu keeps it (a corrupt input
+    # would give a confident answer). torch's in-place relu is one more pass over the output.
+    return out.relu_() if relu else out
 
 
 def conv_bias_act(x, weight, bias, stride, padding, residual, relu):
     fmt = memory_format(x)
     out = _onednn_fused_conv(x, weight, bias, stride, padding, residual, relu)
     if out is None:
-        y = F.conv2d(x, weight, None, stride, padding).contiguous(memory_format=fmt)
-        shift = None if bias is None else bias.to(stat_dtype(y))
-        out = torch.ops.fastres._bn_act_forward(y, None, shift, residual, relu)
+        # The bias inside the conv, added to its fp32 accumulator as ATen does: added after the conv output's
+        # rounding to bf16, it would flip the ReLU of outputs near 0 (found by tests/test_properties.py).
+        out = F.conv2d(x, weight, bias, stride, padding).contiguous(memory_format=fmt)
+        if residual is not None or relu:
+            out = torch.ops.fastres._bn_act_forward(out, None, None, residual, relu)
     return out.contiguous(memory_format=fmt)
 
 

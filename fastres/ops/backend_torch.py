@@ -48,6 +48,12 @@ def _batch_norm(y, bn_weight, bn_bias, running_mean, running_var, training, mome
     training the batch statistics and the updated running statistics (computed on copies, so they come out exactly
     as nn.BatchNorm2d's), in eval the running statistics and empty tensors. Nothing is mutated."""
     acc = stat_dtype(y)
+    if training and y.numel() == 0:
+        # F.batch_norm's empty batch (native_batch_norm itself refuses one): nothing to normalize, running
+        # statistics unchanged; the statistics are an empty channel's (mean 0, variance 0), as the kernels have them.
+        save_mean = torch.zeros(y.shape[1], dtype=acc, device=y.device)
+        return (F.batch_norm(y, None, None, bn_weight, bn_bias, True, momentum, eps), save_mean,
+                torch.full_like(save_mean, eps).rsqrt(), running_mean.clone(), running_var.clone())
     if training:
         new_running_mean, new_running_var = running_mean.clone(), running_var.clone()
         z, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
@@ -102,13 +108,13 @@ def pack_relu_mask(out):
     padded = torch.zeros(rows, relu_mask_shape(out)[1] * 8, dtype=torch.uint8, device=out.device)
     padded[:, :cols] = passes
     weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=out.device)
-    return (padded.view(rows, -1, 8) * weights).sum(-1, dtype=torch.uint8)
+    return (padded.view(rows, relu_mask_shape(out)[1], 8) * weights).sum(-1, dtype=torch.uint8)  # rows may be 0
 
 
 def apply_relu_mask(grad, relu_mask):
     """grad where the mask's bit is set, else 0: threshold_backward(grad, out, 0) from the mask of out."""
     shifts = torch.arange(8, dtype=torch.uint8, device=grad.device)
-    bits = ((relu_mask.unsqueeze(-1) >> shifts) & 1).reshape(relu_mask.shape[0], -1)
+    bits = ((relu_mask.unsqueeze(-1) >> shifts) & 1).reshape(relu_mask.shape[0], relu_mask.shape[1] * 8)
     passes = torch.empty(grad.shape, dtype=torch.bool, device=grad.device,
                          memory_format=suggest_memory_format(grad))
     matrix = _memory_order_matrix(passes)  # a view of passes
@@ -148,7 +154,7 @@ def bn_act_backward(grad_out, out, conv_out, save_mean, save_invstd, bn_weight, 
     grad_bn_bias), the last two in the statistics dtype."""
     fmt = memory_format(conv_out)
     acc = save_mean.dtype
-    dz = torch.where(out > 0, grad_out, torch.zeros_like(grad_out)) if relu else grad_out
+    dz = torch.ops.aten.threshold_backward(grad_out, out, 0) if relu else grad_out
     shape = (1, -1, 1, 1)
     dz_acc = dz.to(acc)
     xhat = (conv_out.to(acc) - save_mean.view(shape)) * save_invstd.view(shape)
@@ -207,7 +213,7 @@ def bn_relu_conv_backward(grad, x, scale, shift, weight, stride, padding, relu, 
         acc = z.dtype
         grad_z = grad_a.to(acc)
         if relu:
-            grad_z = torch.where(z > 0, grad_z, torch.zeros_like(grad_z))
+            grad_z = torch.ops.aten.threshold_backward(grad_z, z, 0)  # relu's own backward: NaN z passes
         if need_x:
             grad_x = (grad_z * scale.to(acc).view(1, -1, 1, 1)).to(x.dtype).contiguous(
                 memory_format=memory_format(x))

@@ -148,8 +148,9 @@ def conv_bias_act(x, weight, bias, stride, padding, residual, relu):
         return conv.conv2d(x, weight, stride, padding, bias=bias, residual=residual, relu=relu, config=config)[0]
 
     def aten_fn():
-        y = F.conv2d(x, weight, None, stride, padding).contiguous(memory_format=fmt)
-        return bn.bn_act(y, shift=bias, residual=residual, relu=relu)
+        # The bias inside the conv, on its fp32 accumulator (see backend_cuda.conv_bias_act).
+        y = F.conv2d(x, weight, bias, stride, padding).contiguous(memory_format=fmt)
+        return bn.bn_act(y, residual=residual, relu=relu)
 
     def reference():
         return backend_torch.conv_bias_act(*_f64(x, weight, bias), stride, padding, *_f64(residual), relu)
@@ -317,7 +318,8 @@ def bn_relu_conv_backward(grad, x, scale, shift, weight, stride, padding, relu, 
         x_acc = x.to(acc)
         grad_u = grad_z.to(acc)
         if relu:
-            grad_u = torch.where(x_acc * scale.to(acc).view(view) + shift.to(acc).view(view) > 0, grad_u, 0.0)
+            z = x_acc * scale.to(acc).view(view) + shift.to(acc).view(view)
+            grad_u = torch.ops.aten.threshold_backward(grad_u, z, 0)  # relu's own backward: NaN z passes
         if need_x:
             grad_x = (grad_u * scale.to(acc).view(view)).to(x.dtype).contiguous(memory_format=memory_format(x))
         if need_scale:
