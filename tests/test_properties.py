@@ -21,7 +21,11 @@ from tolerance import assert_within
 CHANNELS = [1, 3, 8, 9, 16, 17]
 LAYOUTS = ["nchw", "nhwc", "strided", "offset"]
 STATS = ["plain", "tiny-var", "large-mean"]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The Triton interpreter converts fp32 to bf16 by truncation (a GPU rounds to nearest even), which doubles every
+# rounding error of a bf16 store: bf16 accuracy of the Triton kernels is checked on a GPU (pytest -m cuda,
+# benchmarks/gpu_check.py); in the interpreter their 16-bit cases run in fp16, which it rounds correctly.
+INTERPRETER_DTYPES = ["fp32", "fp16"]
 # Found: the torch reference backend's training BN refused an empty batch (aten's native_batch_norm does; F.batch_norm
 # returns an empty output and leaves the running statistics alone).
 EMPTY_BATCH = (0, 1, 1, 1, 1, 1, 1, 0, "nchw", "plain", "fp32", 0)
@@ -53,7 +57,8 @@ def cases(draw, triton=False):
         padding = 1
         kernel = 1 if min(h, w) + 2 < kernel else kernel
     return (n, c_in, c_out, h, w, kernel, stride, padding, draw(st.sampled_from(LAYOUTS)),
-            draw(st.sampled_from(STATS)), draw(st.sampled_from(list(DTYPES))), draw(st.integers(0, 2**16)))
+            draw(st.sampled_from(STATS)), draw(st.sampled_from(INTERPRETER_DTYPES if triton else ["fp32", "bf16"])),
+            draw(st.integers(0, 2**16)))
 
 
 def laid_out(t, layout):
@@ -159,6 +164,40 @@ def test_conv_bias_act_matches_reference(be):
     prop()
 
 
+def _real_values_per_channel(case):
+    """How many of a conv output channel's values read at least one input pixel (the rest are the conv of zero
+    padding alone)."""
+    n, _, _, h, w, kernel, stride, padding = case[:8]
+    reach = F.conv2d(torch.ones(1, 1, h, w), torch.ones(1, 1, kernel, kernel), None, stride, padding)
+    return n * int((reach > 0).sum())
+
+
+@pytest.mark.parametrize("be", [b for b in _backends("conv_bn_act_forward") if b != "cuda"])
+@pytest.mark.xfail(strict=True, reason="Found, not yet fixed: a training BN over a channel holding one real value "
+                   "among exact zeros (a 1x1 input under padding 1, or stride 2 over padding) has a grad_x error above "
+                   "the rule in the torch reference backend's own BN backward formula (5.7e-7 vs ATen's 4.5e-10, "
+                   "floor 4.8e-7) and in the Triton kernels (2.1e-6 vs 8.5e-8); ATen's backward cancels exactly there")
+def test_training_bn_of_one_value_among_padding_zeros(be):
+    case = {"torch": (1, 1, 16, 2, 2, 1, 2, 1, "nchw", "plain", "fp32", 8664),
+            "triton": (1, 1, 1, 1, 1, 1, 1, 1, "nchw", "plain", "fp32", 1)}[be]
+    dtype, g, x, weight, out_shape, stride, padding, layout = _conv_setup(case)
+    with_residual = be == "torch"
+    tensors = {"x": x, "weight": weight, **_bn_params(g, out_shape[1]),
+               "residual": laid_out(torch.randn(out_shape, generator=g).to(dtype), layout) if with_residual
+               else None}
+
+    def fused(x, weight, bn_weight, bn_bias, running_mean, running_var, residual):
+        return ops.conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, True, 0.1, 1e-5, stride,
+                               padding, residual, relu=with_residual), {}
+
+    def reference(x, weight, bn_weight, bn_bias, running_mean, running_var, residual):
+        y = F.batch_norm(F.conv2d(x, weight, None, stride, padding), running_mean, running_var, bn_weight, bn_bias,
+                         True, 0.1, 1e-5)
+        y = y if residual is None else y + residual
+        return (torch.relu(y) if with_residual else y), {}
+    check("conv_bn_act", be, fused, reference, tensors, dtype, ("x", "weight", "bn_weight", "bn_bias", "residual"))
+
+
 def _bn_params(g, c, prefix=""):
     return {prefix + "bn_weight": vec(g, c, 0.3, 1.0), prefix + "bn_bias": vec(g, c),
             prefix + "running_mean": vec(g, c, 0.2), prefix + "running_var": torch.rand(c, generator=g) + 0.5}
@@ -175,10 +214,14 @@ def test_conv_bn_act_matches_reference(be):
         n, _, ho, wo = out_shape
         if training and n * ho * wo == 1:
             return  # BatchNorm2d's own error (tested in test_ops.py)
-        assume(not (be == "cuda" and training and case[9] == "large-mean"))  # see below
-        # The Triton BN finalize crashes on an empty batch: fixed separately in kernels/bn.py's launcher (an early
-        # return); drop this line when that lands.
-        assume(not (be == "triton" and training and n == 0))
+        # Known, not yet fixed: see test_training_bn_of_one_value_among_padding_zeros.
+        assume(not (training and n > 0 and _real_values_per_channel(case) == 1))
+        # One weight per output channel (C_in = 1, 1x1): a training BN is invariant to its scale, so the exact weight
+        # gradient is 0 and every implementation returns rounding noise of the cancelling sum: no error ratio there.
+        assume(not (training and case[1] * case[5] ** 2 == 1))
+        # Known, not yet fixed: see test_cpp_training_bn_apply_of_a_large_mean_channel and
+        # test_cpp_training_bn_backward_of_a_tiny_variance_channel.
+        assume(not (be == "cuda" and training and case[9] in ("large-mean", "tiny-var")))
         tensors = {"x": x, "weight": weight, **_bn_params(g, out_shape[1]),
                    "residual": laid_out(torch.randn(out_shape, generator=g).to(dtype), layout) if with_residual
                    else None}
