@@ -202,3 +202,60 @@ def test_unchanged_weights_are_not_refolded(monkeypatch):
             model(X)
             model(X)
     assert len(calls) == 9  # inference mode is its own key: the 9 conv + BN pairs folded once there, never again
+
+
+# ------------------------------------------------------------------------------------------------ 2. double backward
+def _random_running_stats_(model):
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for bn in _bns(model):
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.3)
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.weight.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.bias.copy_(torch.randn(bn.num_features, generator=g) * 0.3)
+    return model
+
+
+def _pair(kind):
+    """(fastres model, the same network of torchvision's modules with the same weights), float64, random running
+    statistics and BN affine."""
+    torch.manual_seed(0)
+    if kind == "resnet18":  # fastres's stem and BasicBlocks (the lean chain, projections through the dual apply)
+        fr, tv = fastres.models.resnet18(num_classes=10), tvr.resnet18(num_classes=10)
+    else:  # Bottlenecks in each memory mode: the recomputed tail ("recompute"), the dual apply ("lean")
+        fr = tvr.ResNet(fastres.nn.Bottleneck, [1, 1, 1, 1], num_classes=10, width_per_group=16)
+        fastres.nn.set_memory_mode(fr, kind)
+        tv = tvr.ResNet(tvr.Bottleneck, [1, 1, 1, 1], num_classes=10, width_per_group=16)
+    _random_running_stats_(fr)
+    tv.load_state_dict(fr.state_dict())
+    return fr.double(), tv.double()
+
+
+def _gradient_penalty(model, x, wrt_params=True):
+    """R1 / WGAN-GP style: the input gradient's squared norm, differentiated again -> (input gradient, gradients of
+    the penalty w.r.t. the parameters, or w.r.t. the input when the parameters are frozen)."""
+    xi = x.clone().requires_grad_()
+    g, = torch.autograd.grad(model(xi).square().sum(), xi, create_graph=True)
+    penalty = (g.flatten(1).norm(dim=1) - 1).square().mean()
+    if wrt_params:
+        params = [p for p in model.parameters()]
+        return g.detach(), torch.autograd.grad(penalty, params)
+    return g.detach(), torch.autograd.grad(penalty, xi)
+
+
+def _assert_close_scaled(got, want, what):
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7 * b.abs().max().item(), msg=f"{what}[{i}]")
+
+
+@pytest.mark.parametrize("kind,mode", [("resnet18", "train"), ("resnet18", "eval"), ("resnet18", "eval-frozen"),
+                                       ("recompute", "train"), ("recompute", "eval"), ("lean", "train")])
+def test_gradient_penalty_matches_torchvision(kind, mode):
+    fr, tv = _pair(kind)
+    for m in (fr, tv):
+        m.train(mode == "train")
+        m.requires_grad_(mode != "eval-frozen")  # frozen: the eval forward runs the cached folds
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    got, want = (_gradient_penalty(m, x, wrt_params=mode != "eval-frozen") for m in (fr, tv))
+    _assert_close_scaled([got[0]], [want[0]], "input gradient")
+    _assert_close_scaled(got[1], want[1], "penalty gradients")
