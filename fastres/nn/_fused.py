@@ -7,8 +7,9 @@ decides per unit:
     as conv_bn_act(training=False) (see conv_norm_act);
   * the norm is nn.Identity or absent (e.g. after fastres.fold_bn) -> conv_bias_act with the conv's own bias;
   * the norm is a training-mode BatchNorm2d that tracks running stats -> fastres.ops.conv_bn_act(training=True);
-  * anything else (groups, dilation, padding modes, other norms, hooks, BN subclasses with their own forward) ->
-    the plain modules, exactly as torchvision calls them.
+  * anything else (groups, dilation, padding modes, other norms, hooks, BN subclasses with their own forward), and
+    everything under a torch.func transform (vmap, grad: see functorch_active) -> the plain modules, exactly as
+    torchvision calls them.
 """
 import math
 import weakref
