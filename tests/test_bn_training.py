@@ -112,6 +112,23 @@ def test_dual_bn_act_gradcheck(backend, training):
 
 
 @pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("relu", [True, False])
+def test_dual_bn_act_gradgradcheck(backend, training, relu):
+    y = torch.randn(2, 3, 2, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(2, 3, 2, 3, dtype=torch.float64)
+    p, q = _params(3), _params(3)
+
+    def f(y, r, w, b, rw, rb):
+        return fops.dual_bn_act(y, w, b, p[2].clone(), p[3].clone(), r, rw, rb, q[2].clone(), q[3].clone(), training,
+                                0.1, 1e-5, 0.1, 1e-3, relu)
+
+    leaves = [t.clone().requires_grad_() for t in (y, r, p[0], p[1], q[0], q[1])]
+    assert torch.autograd.gradgradcheck(f, leaves, fast_mode=True)
+    leaves[1].requires_grad_(False)  # no gradient for r: its BN's parameters still get theirs
+    assert torch.autograd.gradgradcheck(f, leaves, fast_mode=True)
+
+
+@pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
 def test_dual_bn_act_opcheck(backend, training, fmt):
     y = torch.randn(2, 5, 3, 3).contiguous(memory_format=FORMATS[fmt])

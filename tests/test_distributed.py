@@ -244,7 +244,7 @@ def test_lean_stats_match_batchnorm_on_1d_and_3d_inputs():
         beta = torch.randn(4, dtype=torch.float64, requires_grad=True)
         mean, invstd, count = _lean.batch_stats(x, nn.BatchNorm1d(4, track_running_stats=False), None)
         y = _lean._BnAddRelu.apply(x, gamma, beta, mean, invstd, count, None, None, None, None, None, None, None,
-                                   True, None, None)
+                                   True, None, None, 1e-5, None)
         expected = torch.relu(torch.nn.functional.batch_norm(x, None, None, gamma, beta, True))
         torch.testing.assert_close(y, expected)
         g = torch.randn_like(y)
@@ -252,6 +252,11 @@ def test_lean_stats_match_batchnorm_on_1d_and_3d_inputs():
         want = torch.autograd.grad(expected, (x, gamma, beta), g)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b)
+        # Twice differentiable (the batch statistics recomputed from x under create_graph=True).
+        assert torch.autograd.gradgradcheck(
+            lambda x, gamma, beta: _lean._BnAddRelu.apply(x, gamma, beta, mean, invstd, count, None, None, None, None,
+                                                          None, None, None, True, None, None, 1e-5, None),
+            (x, gamma, beta), fast_mode=True)
 
 
 # ------------------------------------------------------------------------------------------------ gradient layout

@@ -284,6 +284,51 @@ def test_gradcheck_float64(backend, training):
                                         req(x, scale, shift, w_))
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_gradgradcheck_float64(backend, training):
+    # Twice differentiable (gradient penalties): with create_graph=True the formulas run the reference math.
+    args = _op_args(training=training)
+    x, w, b, s, p, r, _ = args["conv_bias_act"]
+    req = lambda *ts: [t.clone().requires_grad_() for t in ts]  # noqa: E731
+    check = lambda f, inputs: torch.autograd.gradgradcheck(f, inputs, fast_mode=True)  # noqa: E731
+    for relu in (True, False):
+        assert check(lambda x, w, b, r: ops.conv_bias_act(x, w, b, s, p, r, relu), req(x, w, b, r))
+    _, _, gamma, beta, mean, var = args["conv_bn_act_forward"][:6]
+    for relu in (True, False):
+        assert check(lambda x, w, g, be, r: ops.conv_bn_act(x, w, g, be, mean.clone(), var.clone(), training, 0.1,
+                                                           1e-5, s, p, r, relu), req(x, w, gamma, beta, r))
+    # The functional op too, and a strict subset of inputs needing gradients.
+    assert check(lambda x, g: torch.ops.fastres.conv_bn_act_forward(x, w, g, beta, mean, var, training, 0.1, 1e-5,
+                                                                     [1, 1], [0, 0], None, True)[0],
+                 req(_fmt(x, "nhwc"), gamma))
+    w_, cb = args["fold_bn"][:2]
+    assert check(lambda w_, cb, g, be: ops.fold_bn(w_, cb, g, be, mean, var, 1e-5), req(w_, cb, gamma, beta))
+    assert check(lambda w_, g, be: ops.fold_bn(w_, None, g, be, mean, var, 1e-5), req(w_, gamma, beta))
+    a, r2 = args["add_relu"]
+    assert check(ops.add_relu, req(a, r2))
+    x, scale, shift, w_ = args["bn_relu_conv"][:4]
+    for relu in (True, False):
+        assert check(lambda x, sc, sh, w_: ops.bn_relu_conv(x, sc, sh, w_, 2, 1, relu), req(x, scale, shift, w_))
+
+
+def test_double_backward_matches_aten(backend):
+    # A gradient penalty through conv_bn_act (training) against the same through F.conv2d + F.batch_norm.
+    x, w, _, s, p, r, _ = _op_args(torch.float64)["conv_bias_act"]
+    _, _, gamma, beta, mean, var = _op_args(torch.float64)["conv_bn_act_forward"][:6]
+
+    def penalty_grads(f):
+        leaves = [t.clone().requires_grad_() for t in (x, w, gamma, beta, r)]
+        gx, = torch.autograd.grad(f(*leaves).square().sum(), leaves[0], create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), leaves[1:])
+
+    fused = penalty_grads(lambda x, w, g, b, r: ops.conv_bn_act(x, w, g, b, mean.clone(), var.clone(), True, 0.1,
+                                                                1e-5, s, p, r))
+    aten = penalty_grads(lambda x, w, g, b, r: torch.relu(F.batch_norm(F.conv2d(x, w, None, s, p), mean.clone(),
+                                                                       var.clone(), g, b, True, 0.1, 1e-5) + r))
+    for got, want in zip(fused, aten):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("name,training", [("conv_bias_act", False), ("conv_bn_act_forward", True),
                                            ("conv_bn_act_forward", False), ("conv_bn_act", True),
                                            ("conv_bn_act", False), ("fold_bn", False), ("add_relu", False),

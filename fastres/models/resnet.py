@@ -8,7 +8,7 @@ import sys
 import torch
 from torch import nn
 
-from fastres.nn._fused import FusedModuleMixin, conv_norm_act, is_plain_relu, keep_memory_format
+from fastres.nn._fused import FusedModuleMixin, conv_norm_act, functorch_active, is_plain_relu, keep_memory_format
 from fastres.nn.blocks import BasicBlock, Bottleneck, conv1x1
 
 VARIANTS = ("v1", "v1.5")
@@ -125,7 +125,7 @@ class ResNet(FusedModuleMixin, nn.Module):
     channels_last = True
 
     def _forward_impl(self, x):
-        if self.channels_last and x.dim() == 4:
+        if self.channels_last and x.dim() == 4 and not functorch_active():  # vmap cannot query memory formats
             x = x.contiguous(memory_format=torch.channels_last)
         x = keep_memory_format(self._stem(x), x)
         x = self.maxpool(x)

@@ -7,11 +7,14 @@ decides per unit:
     as conv_bn_act(training=False) (see conv_norm_act);
   * the norm is nn.Identity or absent (e.g. after fastres.fold_bn) -> conv_bias_act with the conv's own bias;
   * the norm is a training-mode BatchNorm2d that tracks running stats -> fastres.ops.conv_bn_act(training=True);
-  * anything else (groups, dilation, padding modes, other norms, hooks, BN subclasses with their own forward) ->
-    the plain modules, exactly as torchvision calls them.
+  * anything else (groups, dilation, padding modes, other norms, hooks, BN subclasses with their own forward), and
+    everything under a torch.func transform (vmap, grad: see functorch_active) -> the plain modules, exactly as
+    torchvision calls them.
 """
+import math
 import weakref
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules import module as _module_globals
@@ -125,13 +128,62 @@ def _bn_momentum(bn):
     return factor
 
 
+# Source tensors up to this many elements (every BN parameter and running statistic of the ResNets, small convs)
+# are compared whole; larger ones (conv weights) by a sample of _SAMPLED_ELEMENTS elements spread over them.
+_WHOLE_ELEMENTS = 4096
+_SAMPLED_ELEMENTS = 256
+_BITS_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class _Fingerprint:
+    """The bytes of (a fixed sample of) a CPU tensor, read in place through numpy in about a microsecond.
+
+    It keeps the tensor's storage alive, so an unchanged data_ptr means the same memory, never another allocation
+    that reused the address. Bits are compared (NaN equals NaN; -0.0 differs from 0.0)."""
+
+    __slots__ = ("_view", "_bytes")
+
+    def __init__(self, t):
+        bits = t.detach().view(_BITS_DTYPE[t.element_size()]).numpy()
+        n = t.numel()
+        if n > _WHOLE_ELEMENTS and (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
+            # Evenly spread over the dense memory, with a step coprime to the element count so that the samples
+            # fall on every residue of every inner dimension (no aliasing onto one input channel or one tap).
+            step = n // _SAMPLED_ELEMENTS
+            while math.gcd(step, n) != 1:
+                step -= 1
+            bits = np.lib.stride_tricks.as_strided(bits, shape=(_SAMPLED_ELEMENTS,),
+                                                   strides=(step * t.element_size(),), writeable=False)
+        self._view = bits
+        self._bytes = bits.tobytes()
+
+    def unchanged(self):
+        return self._view.tobytes() == self._bytes
+
+
+def _identity(t):
+    return None if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.shape, t.stride())
+
+
 class FoldCache:
     """Folded (weight, bias) per unit, reused only while every source tensor is provably unchanged.
 
-    An entry is keyed on the identity, data_ptr, _version, dtype and device of each source tensor (conv weight/bias,
-    BN weight/bias/running_mean/running_var) plus eps and inference mode, so an optimizer step, load_state_dict or
-    running-stat update (all bump _version) invalidates it. Weak references make sure a reused id() never aliases a
-    freed tensor. It is filled only when no gradient can flow into the fold and never under torch.compile.
+    Each source tensor (conv weight/bias, BN weight/bias/running_mean/running_var) is checked on every use by
+      * its identity, data_ptr, shape, strides, dtype and _version (plus eps and inference mode): an optimizer step,
+        load_state_dict, torch.nn.init, copy_ under no_grad, a running-statistic update, detach()-based edits (all
+        bump _version), set_, `.data = ...` and a Parameter replaced by a new one are all seen;
+      * and the bytes of its content: whole for tensors up to 4096 elements (so any change to a BN parameter or
+        running statistic is seen), 256 elements spread over it for larger ones (conv weights), which catches the
+        changes made through `.data` that bypass the version counter (EMA updates, pruning masks, init after a
+        first eval) for about a microsecond per tensor.
+    What it cannot see: an edit through `.data` (or another alias with its own version counter) that leaves all 256
+    sampled elements of a conv weight of more than 4096 elements as they were, e.g. `w.data[3, 7, 1, 1] += 1`.
+    fastres.refresh(model) forces a refold after such an edit.
+
+    Only CPU tensors are cached, since their bytes can be read in place. On other devices reading them back would
+    cost a synchronization and refolding is cheaper (about 50 us of GPU time for ResNet-50): they refold on every
+    call. Weak references make sure a reused id() never aliases a freed tensor. It is filled only when no gradient
+    can flow into the fold and never under torch.compile.
     """
 
     def __init__(self):
@@ -145,23 +197,19 @@ class FoldCache:
 
     @staticmethod
     def _key(sources, eps):
-        key = [eps, torch.is_inference_mode_enabled()]
-        for t in sources:
-            if t is None:
-                key.append(None)
-            else:
-                key.append((id(t), t.data_ptr(), t._version, t.dtype, t.device))
-        return tuple(key)
+        return (eps, torch.is_inference_mode_enabled()) + tuple(_identity(t) for t in sources)
 
     def get_or_fold(self, name, sources, eps, fold):
         key = self._key(sources, eps)
         entry = self._entries.get(name)
         if entry is not None and entry[0] == key and all(
-                (r is None and t is None) or (r is not None and r() is t) for r, t in zip(entry[1], sources)):
-            return entry[2]
+                (r is None and t is None) or (r is not None and r() is t) for r, t in zip(entry[1], sources)) \
+                and all(f.unchanged() for f in entry[2]):
+            return entry[3]
         folded = fold()
         refs = tuple(None if t is None else weakref.ref(t) for t in sources)
-        self._entries[name] = (key, refs, folded)
+        fingerprints = tuple(_Fingerprint(t) for t in sources if t is not None)
+        self._entries[name] = (key, refs, fingerprints, folded)
         return folded
 
     # A cache must never travel with a copy or a pickle of its module: weakrefs cannot be pickled, and a copy's
@@ -176,12 +224,33 @@ class FoldCache:
         return FoldCache()
 
 
+def refresh(model):
+    """Forget every fold that `model`'s fastres modules cached, so that the next eval forward refolds each conv + BN
+    pair from the current weights and running statistics. Needed only after an edit that the cache's cheap check
+    cannot see (see FoldCache: a few elements of a large conv weight changed through `.data`); every other change
+    is seen without it. Returns the model."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"refresh: model must be an nn.Module, got {type(model).__name__}")
+    for m in model.modules():
+        cache = m.__dict__.get("_fastres_fold_cache")
+        if cache is not None:
+            cache.clear()
+    return model
+
+
+def functorch_active():
+    """Whether a torch.func transform (vmap, grad, jacrev, jvp, ...) is running. fastres's modules then run their
+    plain modules, as torchvision does (the reference), which every transform supports, instead of the fused ops."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 def _cacheable(sources):
     if torch.compiler.is_compiling():
         return False
     present = [t for t in sources if t is not None]
-    if any(t.is_inference() for t in present):
-        return False  # inference tensors have no version counter: in-place changes could not be seen
+    if any(t.device.type != "cpu" or t.is_inference() for t in present):
+        # Inference tensors have no version counter: in-place changes could not be seen. Other devices refold.
+        return False
     return not torch.is_grad_enabled() or not any(t.requires_grad for t in present)
 
 
@@ -202,13 +271,17 @@ def folded_conv_params(conv, norm, kind, cache=None, name=None):
 
 
 def conv_norm_act(x, conv, norm, *, relu, residual=None, cache=None, name=None):
-    """relu?(norm(conv(x)) + residual?), through fastres.ops when a kernel covers the unit."""
-    if not unit_fusable(conv, norm):
+    """relu?(norm(conv(x)) + residual?), through fastres.ops when a kernel covers the unit (and no torch.func
+    transform runs: see functorch_active)."""
+    plain = functorch_active()
+    if plain or not unit_fusable(conv, norm):
         out = conv(x)
         if norm is not None:
             out = norm(out)
         if residual is not None:
-            return ops.add_relu(out, residual) if relu else out + residual
+            if not relu:
+                return out + residual
+            return torch.relu(out + residual) if plain else ops.add_relu(out, residual)
         return torch.relu(out) if relu else out
     kind = norm_kind(norm)
     if kind == "bn_train" or (kind == "bn_eval" and _affine_needs_grad(norm)):
@@ -230,7 +303,10 @@ def conv_norm_act(x, conv, norm, *, relu, residual=None, cache=None, name=None):
 
 
 def keep_memory_format(out, like):
-    """`out` laid out like `like` (channels_last in -> channels_last out)."""
+    """`out` laid out like `like` (channels_last in -> channels_last out); under a torch.func transform, which
+    cannot query memory formats, `out` as it is."""
+    if functorch_active():
+        return out
     if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
         fmt = torch.channels_last
     else:

@@ -37,10 +37,9 @@ synchronized. Nothing here writes into an input or a saved tensor.
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from fastres import ops
-from fastres.ops import _backend, _compiled
+from fastres.ops import _backend, _compiled, _create_graph
 from fastres.ops._checks import like_param, memory_format
 from fastres.nn import sync_bn
 from fastres.nn._fused import _affine, _bn_momentum, has_hooks, norm_kind, unit_fusable
@@ -247,24 +246,41 @@ def _param_grad(g, like, needed):
     return g.to(like.dtype) if needed and g is not None else None
 
 
+# ---------------------------------------------------------------------------------------------- double backward
+# With create_graph=True (grad mode on in backward) each function below takes its gradients from its reference
+# forward, recomputed from the saved tensors with the batch statistics recomputed from their input (see
+# fastres.ops._create_graph). Where a residual tensor was added (not kept), the ReLU's gradient comes from the saved
+# output and the residual's gradient is the gradient after it.
+def _require_local(*groups):
+    if any(g is not None for g in groups):
+        raise NotImplementedError("fastres: double backward (create_graph=True) through a SyncBatchNorm that "
+                                  "synchronizes over a process group is not supported")
+
+
+def _grad_after_relu(grad, out, relu):
+    """The gradient past the ReLU from its saved output, differentiable in grad."""
+    return torch.ops.aten.threshold_backward(grad, out, 0) if relu else grad
+
+
 # ---------------------------------------------------------------------------------------------- autograd functions
 class _BnReluConv(torch.autograd.Function):
     """conv2d(relu(bn(y)), weight) with bn's batch statistics given: keeps y, not relu(bn(y))."""
 
     @staticmethod
-    def forward(ctx, y, gamma, beta, weight, mean, invstd, count, stride, padding, group):
+    def forward(ctx, y, gamma, beta, weight, mean, invstd, count, stride, padding, group, eps):
         scale, shift = _coefficients(gamma, beta, mean, invstd)
         out = ops.bn_relu_conv(y, scale, shift, weight, stride, padding, True)
         ctx.selection = _backend.capture()
         ctx.conv = (list(stride), list(padding))
-        ctx.group = group
+        ctx.group, ctx.eps = group, eps
         ctx.save_for_backward(y, gamma, beta, weight, mean, invstd, count)
         return out
 
     @staticmethod
     @_backend.keeps_forward_selection
-    @once_differentiable
     def backward(ctx, grad):
+        if _create_graph.recording():
+            return _BnReluConv._backward_create_graph(ctx, grad)
         y, gamma, beta, weight, mean, invstd, count = ctx.saved_tensors
         need_y = any(ctx.needs_input_grad[:3])
         need_w = ctx.needs_input_grad[3]
@@ -277,7 +293,16 @@ class _BnReluConv(torch.autograd.Function):
                 grad_y, _, grad_gamma, grad_beta = _bn_backward(grad_a, a, y, mean, invstd, gamma, True, count,
                                                                 ctx.group, False)
         return (grad_y, _param_grad(grad_gamma, gamma, ctx.needs_input_grad[1]),
-                _param_grad(grad_beta, beta, ctx.needs_input_grad[2]), grad_w, None, None, None, None, None, None)
+                _param_grad(grad_beta, beta, ctx.needs_input_grad[2]), grad_w, None, None, None, None, None, None,
+                None)
+
+    @staticmethod
+    def _backward_create_graph(ctx, grad):
+        _require_local(ctx.group)
+        y, gamma, beta, weight = ctx.saved_tensors[:4]
+        grads = _create_graph.vjp(lambda *a: _create_graph.bn_relu_conv(*a[:3], ctx.eps, a[3], *ctx.conv),
+                                  (y, gamma, beta, weight), ctx.needs_input_grad[:4], grad)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 class _BnAddRelu(torch.autograd.Function):
@@ -286,29 +311,30 @@ class _BnAddRelu(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, gamma, beta, mean, invstd, count, residual, yd, gamma_d, beta_d, mean_d, invstd_d, count_d,
-                relu, group, group_d):
-        ctx.relu, ctx.group, ctx.group_d = relu, group, group_d
+                relu, group, group_d, eps, eps_d):
+        ctx.relu, ctx.group, ctx.group_d, ctx.eps, ctx.eps_d = relu, group, group_d, eps, eps_d
         ctx.selection = _backend.capture()
         ctx.dual = yd is not None and _dual_applies(y, group, group_d)
         if ctx.dual:  # the 1-bit mask is kept instead of the output; one backward kernel serves both BNs
             out, y, yd, mask = _dual_apply(y, gamma, beta, mean, invstd, yd, gamma_d, beta_d, mean_d, invstd_d, relu)
-            ctx.save_for_backward(y, gamma, mean, invstd, mask, yd, gamma_d, mean_d, invstd_d)
+            ctx.save_for_backward(y, gamma, mean, invstd, mask, yd, gamma_d, mean_d, invstd_d, beta, beta_d)
             return out
         shortcut = residual
         if yd is not None:
             shortcut = _bn_apply(yd, mean_d, invstd_d, gamma_d, beta_d, None, False)
         out = _bn_apply(y, mean, invstd, gamma, beta, shortcut, relu)
         ctx.save_for_backward(y, gamma, mean, invstd, count, out if relu else None, yd, gamma_d, mean_d, invstd_d,
-                              count_d)
+                              count_d, beta, beta_d)  # (the shifts for double backward only: parameters, no memory)
         return out
 
     @staticmethod
     @_backend.keeps_forward_selection
-    @once_differentiable
     def backward(ctx, grad):
+        if _create_graph.recording():
+            return _BnAddRelu._backward_create_graph(ctx, grad)
         if ctx.dual:
             return _BnAddRelu._backward_dual(ctx, grad)
-        y, gamma, mean, invstd, count, out, yd, gamma_d, mean_d, invstd_d, count_d = ctx.saved_tensors
+        y, gamma, mean, invstd, count, out, yd, gamma_d, mean_d, invstd_d, count_d = ctx.saved_tensors[:11]
         need = ctx.needs_input_grad
         need_shortcut = need[6] or any(need[7:10])
         grad_yd = grad_gamma_d = grad_beta_d = None
@@ -321,27 +347,44 @@ class _BnAddRelu(torch.autograd.Function):
         return (grad_y if need[0] else None, _param_grad(grad_gamma, gamma, need[1]),
                 _param_grad(grad_beta, gamma, need[2]), None, None, None,
                 dz if need[6] else None, grad_yd if need[7] else None, _param_grad(grad_gamma_d, gamma_d, need[8]),
-                _param_grad(grad_beta_d, gamma_d, need[9]), None, None, None, None, None, None)
+                _param_grad(grad_beta_d, gamma_d, need[9]), None, None, None, None, None, None, None, None)
+
+    @staticmethod
+    def _backward_create_graph(ctx, grad):
+        _require_local(ctx.group, ctx.group_d)
+        need = ctx.needs_input_grad
+        saved = ctx.saved_tensors
+        relu = ctx.relu
+        if ctx.dual:  # the ReLU recomputed (its 1-bit mask is laid out for the kernels)
+            y, gamma, yd, gamma_d, beta, beta_d = (saved[i] for i in (0, 1, 5, 6, 9, 10))
+        else:  # the ReLU from the saved output (a residual tensor is not kept to recompute it)
+            y, gamma, yd, gamma_d, beta, beta_d = (saved[i] for i in (0, 1, 6, 7, 11, 12))
+            grad, relu = _grad_after_relu(grad, saved[5], relu), False
+        grads = _create_graph.vjp(
+            lambda *a: _create_graph.bn_add_relu(*a, eps=ctx.eps, eps_d=ctx.eps_d, relu=relu),
+            (y, gamma, beta, yd, gamma_d, beta_d), [need[i] for i in (0, 1, 2, 7, 8, 9)], grad)
+        return (*grads[:3], None, None, None, grad if need[6] else None, *grads[3:], None, None, None, None, None,
+                None, None, None)
 
     @staticmethod
     def _backward_dual(ctx, grad):
-        y, gamma, mean, invstd, mask, yd, gamma_d, mean_d, invstd_d = ctx.saved_tensors
+        y, gamma, mean, invstd, mask, yd, gamma_d, mean_d, invstd_d = ctx.saved_tensors[:9]
         need = ctx.needs_input_grad
         with _no_autocast(y.device.type):
             grad_y, grad_yd, g_gamma, g_beta, g_gamma_d, g_beta_d = _dual_backward(
                 grad, mask, ctx.relu, y, mean, invstd, gamma, yd, mean_d, invstd_d, gamma_d, need[7])
         return (grad_y if need[0] else None, _param_grad(g_gamma, gamma, need[1]), _param_grad(g_beta, gamma, need[2]),
                 None, None, None, None, grad_yd if need[7] else None, _param_grad(g_gamma_d, gamma_d, need[8]),
-                _param_grad(g_beta_d, gamma_d, need[9]), None, None, None, None, None, None)
+                _param_grad(g_beta_d, gamma_d, need[9]), None, None, None, None, None, None, None, None)
 
 
 class _TailSpec:
     """The non-tensor half of a recomputed block tail: conv geometry, the BN modules (for their running
     statistics), process groups."""
 
-    def __init__(self, conv, norm, group_prev, ds_conv=None, ds_norm=None):
+    def __init__(self, conv, norm, group_prev, eps_prev, ds_conv=None, ds_norm=None):
         self.conv = (list(conv.stride), list(conv.padding))
-        self.norm, self.group_prev = norm, group_prev
+        self.norm, self.group_prev, self.eps_prev = norm, group_prev, eps_prev
         self.group = sync_bn.group_of(norm)
         self.ds_conv = None if ds_conv is None else (list(ds_conv.stride), list(ds_conv.padding))
         self.ds_norm = ds_norm
@@ -389,15 +432,16 @@ class _RecomputedTail(torch.autograd.Function):
         ctx.spec = spec
         ctx.save_for_backward(y_prev, gamma_p, beta_p, mean_p, invstd_p, count_p, weight, gamma, beta, mean, invstd,
                               count, kept, x if weight_d is not None else None, weight_d, gamma_d, mean_d, invstd_d,
-                              count_d)
+                              count_d, beta_d)
         return out
 
     @staticmethod
     @_backend.keeps_forward_selection
-    @once_differentiable
     def backward(ctx, grad):
+        if _create_graph.recording():
+            return _RecomputedTail._backward_create_graph(ctx, grad)
         (y_prev, gamma_p, beta_p, mean_p, invstd_p, count_p, weight, gamma, beta, mean, invstd, count, kept, x,
-         weight_d, gamma_d, mean_d, invstd_d, count_d) = ctx.saved_tensors
+         weight_d, gamma_d, mean_d, invstd_d, count_d, _) = ctx.saved_tensors
         spec, need = ctx.spec, ctx.needs_input_grad
         grads = [None] * 15
         with _no_autocast(y_prev.device.type):
@@ -436,6 +480,29 @@ class _RecomputedTail(torch.autograd.Function):
                 grads[1], grads[2] = _param_grad(g_gamma_p, gamma_p, need[1]), _param_grad(g_beta_p, beta_p, need[2])
         return tuple(grads)
 
+    @staticmethod
+    def _backward_create_graph(ctx, grad):
+        saved = ctx.saved_tensors
+        y_prev, gamma_p, beta_p, weight, gamma, beta, kept, x, weight_d, gamma_d, beta_d = (
+            saved[i] for i in (0, 1, 2, 6, 7, 8, 12, 13, 14, 15, 19))
+        spec, need = ctx.spec, ctx.needs_input_grad
+        _require_local(spec.group_prev, spec.group, spec.group_d)
+        # Through the dual apply the ReLU is recomputed (its 1-bit mask is laid out for the kernels); otherwise it
+        # comes from the saved output (a residual tensor is not kept to recompute it).
+        relu = ctx.dual
+        if not relu:
+            grad = _grad_after_relu(grad, kept, True)
+
+        def output(y_prev, gamma_p, beta_p, weight, gamma, beta, x, weight_d, gamma_d, beta_d):
+            y = _create_graph.bn_relu_conv(y_prev, gamma_p, beta_p, spec.eps_prev, weight, *spec.conv)
+            yd = None if weight_d is None else F.conv2d(x, weight_d, None, *spec.ds_conv)
+            return _create_graph.bn_add_relu(y, gamma, beta, yd, gamma_d, beta_d, eps=spec.norm.eps,
+                                             eps_d=None if yd is None else spec.ds_norm.eps, relu=relu)
+
+        g = _create_graph.vjp(output, (y_prev, gamma_p, beta_p, weight, gamma, beta, x, weight_d, gamma_d, beta_d),
+                              [need[i] for i in (0, 1, 2, 6, 7, 8, 10, 11, 12, 13)], grad)
+        return (*g[:3], None, None, None, *g[3:6], grad if need[9] else None, *g[6:], None)
+
 
 # ---------------------------------------------------------------------------------------------- units and blocks
 class _Unit:
@@ -446,6 +513,7 @@ class _Unit:
         self.group = sync_bn.group_of(norm)
         self.mean, self.invstd, self.count = batch_stats(y, norm, self.group)
         self.gamma, self.beta = _affine(norm, self.mean)
+        self.eps = float(norm.eps)
 
 
 def _raw_conv(x, conv):
@@ -455,7 +523,7 @@ def _raw_conv(x, conv):
 def _bn_relu_conv(unit, conv):
     weight = _autocast(conv.weight, unit.y.device.type)
     return _BnReluConv.apply(unit.y, unit.gamma, unit.beta, weight, unit.mean, unit.invstd, unit.count,
-                             list(conv.stride), list(conv.padding), unit.group)
+                             list(conv.stride), list(conv.padding), unit.group, unit.eps)
 
 
 def _finish(unit, relu, residual=None, shortcut=None):
@@ -463,9 +531,9 @@ def _finish(unit, relu, residual=None, shortcut=None):
     if residual is not None and residual.dtype != unit.y.dtype:
         residual = residual.to(unit.y.dtype)  # as `out += identity` would under autocast
     d = (shortcut.y, shortcut.gamma, shortcut.beta, shortcut.mean, shortcut.invstd, shortcut.count,
-         shortcut.group) if shortcut is not None else (None,) * 7
+         shortcut.group, shortcut.eps) if shortcut is not None else (None,) * 8
     return _BnAddRelu.apply(unit.y, unit.gamma, unit.beta, unit.mean, unit.invstd, unit.count, residual, *d[:6],
-                            relu, unit.group, d[6])
+                            relu, unit.group, d[6], unit.eps, d[7])
 
 
 def conv_bn_relu(x, conv, norm, relu, residual=None):
@@ -479,7 +547,7 @@ def sync_batch_norm(x, norm, group):
     mean, invstd, count = batch_stats(x, norm, group)
     gamma, beta = _affine(norm, mean)
     return _BnAddRelu.apply(x, gamma, beta, mean, invstd, count, None, None, None, None, None, None, None, False,
-                            group, None)
+                            group, None, float(norm.eps), None)
 
 
 def _lean_unit(conv, norm):
@@ -533,9 +601,9 @@ def _recomputed_tail(unit, conv, norm, x, ds, fused_ds, residual):
     weight = _autocast(conv.weight, device_type)
     gamma, beta = _affine(norm, unit.mean)
     shortcut = x_d = weight_d = gamma_d = beta_d = None
-    spec = _TailSpec(conv, norm, unit.group)
+    spec = _TailSpec(conv, norm, unit.group, unit.eps)
     if fused_ds:
-        spec = _TailSpec(conv, norm, unit.group, ds[0], ds[1])
+        spec = _TailSpec(conv, norm, unit.group, unit.eps, ds[0], ds[1])
         x_d, weight_d = _autocast(x, device_type), _autocast(ds[0].weight, device_type)
         gamma_d, beta_d = _affine(ds[1], unit.mean)
     elif residual:

@@ -8,8 +8,8 @@ from torch import nn
 
 from fastres import ops
 from fastres.nn import _lean
-from fastres.nn._fused import FusedModuleMixin, _affine, _bn_momentum, conv_norm_act, has_hooks, is_plain_relu, \
-    keep_memory_format, norm_kind, unit_fusable
+from fastres.nn._fused import FusedModuleMixin, _affine, _bn_momentum, conv_norm_act, functorch_active, has_hooks, \
+    is_plain_relu, keep_memory_format, norm_kind, unit_fusable
 from fastres.nn.sync_bn import group_of
 
 
@@ -46,8 +46,9 @@ class _FusedBlock(FusedModuleMixin, nn.Module):
         return ds(x)
 
     def forward(self, x):
-        if not is_plain_relu(self.relu):
-            # A replaced activation must be honoured: run the modules exactly as torchvision does.
+        if not is_plain_relu(self.relu) or functorch_active():
+            # A replaced activation must be honoured, and torch.func transforms need plain ops: run the modules
+            # exactly as torchvision does.
             return self._forward_modules(x)
         if self.training:
             # Training: the memory-lean chain (see fastres.nn._lean), where every unit is a conv + training BN.

@@ -1,8 +1,9 @@
 """The fastres ops as torch.library custom ops: schema, dispatch to a backend, fake (meta) implementation,
 autograd and autocast. Each op's math lives in the backends (backend_torch is the reference)."""
 import torch
+import torch.nn.functional as F
 
-from . import _backend, _checks, backend_torch
+from . import _backend, _checks, _create_graph, backend_torch
 from ._checks import like_param, memory_format
 
 _SCHEMAS = {
@@ -179,6 +180,8 @@ def _conv_backward(ctx, dz, x, weight, bias_grad):
     mask = [ctx.req[0], ctx.req[1], bias_grad]
     if not any(mask):
         return None, None, None
+    if _create_graph.recording():  # double backward: aten's convolution_backward has derivatives, the kernels not
+        return backend_torch.conv_backward(dz, x, weight, stride, padding, mask)
     grads = torch.ops.fastres.conv_backward(dz, x, weight, stride, padding, mask)
     return tuple(g if m else None for g, m in zip(grads, mask))
 
@@ -235,10 +238,29 @@ def _conv_bn_act_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(conv_out, save_mean, save_invstd, new_running_mean, new_running_var)
     ctx.conv = (list(stride), list(padding))
     ctx.training, ctx.relu, ctx.has_residual = training, relu, residual is not None
+    ctx.eps = inputs[8]
     ctx.save_for_backward(x, weight, bn_weight, out, conv_out, save_mean, save_invstd)
 
 
+def _conv_bn_act_backward_create_graph(ctx, grad_out):
+    """_conv_bn_act_backward as a differentiable graph (create_graph=True): conv_out and the batch statistics are
+    saved without one, so bn(conv(x)) is recomputed from x, weight and bn_weight."""
+    x, weight, bn_weight, out, _, save_mean, save_invstd = ctx.saved_tensors
+    dz = torch.ops.aten.threshold_backward(grad_out, out, 0) if ctx.relu else grad_out
+
+    def normalized(x, weight, bn_weight):  # without the shift, whose gradient is dz's sum
+        y = F.conv2d(x, weight, None, *ctx.conv)
+        return _create_graph.batch_norm(y, bn_weight, None, ctx.training, ctx.eps, save_mean, save_invstd)
+
+    gx, gw, g_gamma = _create_graph.vjp(normalized, (x, weight, bn_weight), ctx.req[:3], dz)
+    g_beta = dz.sum((0, 2, 3)).to(bn_weight.dtype) if ctx.req[3] else None
+    return (gx, gw, None if g_gamma is None else g_gamma.to(bn_weight.dtype), g_beta,
+            None, None, None, None, None, None, None, dz if ctx.has_residual and ctx.req[11] else None, None)
+
+
 def _conv_bn_act_backward(ctx, grad_out, *_grads_of_saved_outputs):
+    if _create_graph.recording():
+        return _conv_bn_act_backward_create_graph(ctx, grad_out)
     x, weight, bn_weight, out, conv_out, save_mean, save_invstd = ctx.saved_tensors
     need_residual = ctx.has_residual and ctx.req[11]
     grad_conv_out, grad_residual, grad_bn_weight, grad_bn_bias = torch.ops.fastres.bn_act_backward(
@@ -324,12 +346,27 @@ def _dual_bn_act_setup(ctx, inputs, output):
     relu_mask, mean, invstd, r_mean, r_invstd = output[1:6]
     ctx.mark_non_differentiable(*output[1:])
     ctx.training, ctx.relu = training, relu
+    ctx.eps, ctx.r_eps = inputs[12], inputs[14]
     # The ReLU's mask (1 bit per element), not its output: backward reads 1/16 to 1/32 of the bytes.
-    ctx.save_for_backward(y, r, bn_weight, r_bn_weight, relu_mask, mean, invstd, r_mean, r_invstd)
+    ctx.save_for_backward(y, r, bn_weight, r_bn_weight, relu_mask, mean, invstd, r_mean, r_invstd,
+                          inputs[2], inputs[7])  # (the BN shifts, for double backward only)
+
+
+def _dual_bn_act_backward_create_graph(ctx, grad_out):
+    """_dual_bn_act_backward as a differentiable graph (create_graph=True): the output recomputed from y and r,
+    the batch statistics and the ReLU with it."""
+    y, r, bn_weight, r_bn_weight, _, mean, invstd, r_mean, r_invstd, bn_bias, r_bn_bias = ctx.saved_tensors
+    grads = _create_graph.vjp(
+        lambda *a: _create_graph.bn_add_relu(*a[:3], *a[3:], eps=ctx.eps, eps_d=ctx.r_eps, relu=ctx.relu,
+                                             training=ctx.training, stats=(mean, invstd), stats_d=(r_mean, r_invstd)),
+        (y, bn_weight, bn_bias, r, r_bn_weight, r_bn_bias), [ctx.req[i] for i in (0, 1, 2, 5, 6, 7)], grad_out)
+    return (*grads[:3], None, None, *grads[3:], None, None, None, None, None, None, None, None)
 
 
 def _dual_bn_act_backward(ctx, grad_out, *_grads_of_saved_outputs):
-    y, r, bn_weight, r_bn_weight, relu_mask, mean, invstd, r_mean, r_invstd = ctx.saved_tensors
+    if _create_graph.recording():
+        return _dual_bn_act_backward_create_graph(ctx, grad_out)
+    y, r, bn_weight, r_bn_weight, relu_mask, mean, invstd, r_mean, r_invstd = ctx.saved_tensors[:9]
     grad_y, grad_r, gw, gb, grw, grb = torch.ops.fastres.dual_bn_act_backward(
         grad_out, relu_mask, y, mean, invstd, bn_weight, r, r_mean, r_invstd, r_bn_weight, ctx.relu, ctx.training,
         ctx.req[5])
@@ -398,7 +435,10 @@ def _bn_relu_conv_backward(ctx, grad):
     x, scale, shift, weight = ctx.saved_tensors
     grad = grad.contiguous(memory_format=memory_format(x))
     mask = list(ctx.req[:4])
-    grads = torch.ops.fastres.bn_relu_conv_backward(grad, x, scale, shift, weight, *ctx.conv, ctx.relu, mask)
+    if _create_graph.recording():  # double backward: the reference recomputes relu(x * scale + shift) from x
+        grads = backend_torch.bn_relu_conv_backward(grad, x, scale, shift, weight, *ctx.conv, ctx.relu, mask)
+    else:
+        grads = torch.ops.fastres.bn_relu_conv_backward(grad, x, scale, shift, weight, *ctx.conv, ctx.relu, mask)
     return (*(g if m else None for g, m in zip(grads, mask)), None, None, None)
 
 
