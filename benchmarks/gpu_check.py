@@ -383,9 +383,10 @@ def check_models(sweep, args, gen):
     the same weights and inputs, in each requested dtype, channels_last."""
     import torchvision
     tv = torchvision.models.resnet50(num_classes=args.num_classes)
-    _common.calibrate_bn_(tv, (2, 3, args.image_size, args.image_size))
+    size = args.model_image_size
+    _common.calibrate_bn_(tv, (2, 3, size, size))
     state = tv.state_dict()
-    x64 = representable((args.model_batch_size, 3, args.image_size, args.image_size), generator=gen)
+    x64 = representable((args.model_batch_size, 3, size, size), generator=gen)
     labels = torch.randint(0, args.num_classes, (args.model_batch_size,), generator=gen)
 
     def run(model, dtype, fmt, training):
@@ -409,7 +410,7 @@ def check_models(sweep, args, gen):
     for training in (False, True):
         mode = "train step" if training else "inference"
         ref = run(fresh("torchvision"), torch.float64, torch.contiguous_format, training)
-        for dtype_name in args.dtypes:
+        for dtype_name in args.model_dtypes:
             if not sweep.time_left():
                 return
             dtype = DTYPES[dtype_name]
@@ -464,9 +465,14 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, help="kernel checks' batch (default: 256 on a GPU, 2 on CPU)")
     parser.add_argument("--image-size", type=int, help="default: 224 on a GPU, 32 on CPU")
     parser.add_argument("--width-divisor", type=int, help="divide every channel count (default: 1 on a GPU, 16 on CPU)")
-    parser.add_argument("--model-batch-size", type=int, help="the model checks' batch (default: 32 on a GPU, 2 on CPU)")
+    parser.add_argument("--model-batch-size", type=int, help="the model checks' batch (default: 32 on a GPU, 4 on CPU)")
+    parser.add_argument("--model-image-size", type=int,
+                        help="the model checks' input size (default: --image-size on a GPU, 64 on CPU: at 32x32 and "
+                             "batch 2 layer4's BNs see 2 values per channel, too ill-conditioned to compare)")
     parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--dtypes", default="bf16,fp16,fp32,tf32", help="comma-separated, of bf16,fp16,fp32,tf32")
+    parser.add_argument("--dtypes", help="comma-separated, of bf16,fp16,fp32,tf32 (default: all four on a GPU; fp32,fp16 "
+                        "on CPU, where the Triton interpreter truncates fp32 -> bf16 instead of rounding)")
+    parser.add_argument("--model-dtypes", help="the model checks' dtypes (default: --dtypes)")
     parser.add_argument("--layouts", default="nhwc,nchw", help="comma-separated, of nhwc,nchw")
     parser.add_argument("--layers", help="comma-separated layer names to check (default: every distinct conv)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: kernels, models")
@@ -478,17 +484,23 @@ def parse_args(argv=None):
     args.batch_size = args.batch_size or (256 if gpu else 2)
     args.image_size = args.image_size or (224 if gpu else 32)
     args.width_divisor = args.width_divisor or (1 if gpu else 16)
-    args.model_batch_size = args.model_batch_size or (32 if gpu else 2)
-    for name, value, allowed in (("--dtypes", args.dtypes, DTYPES), ("--layouts", args.layouts, LAYOUTS),
-                                 ("--skip", args.skip, ("kernels", "models"))):
+    args.model_batch_size = args.model_batch_size or (32 if gpu else 4)
+    args.model_image_size = args.model_image_size or (args.image_size if gpu else 64)
+    if args.dtypes is None:
+        args.dtypes = "bf16,fp16,fp32,tf32" if gpu else "fp32,fp16"
+    if args.model_dtypes is None:
+        args.model_dtypes = args.dtypes
+    for name, value, allowed in (("--dtypes", args.dtypes, DTYPES), ("--model-dtypes", args.model_dtypes, DTYPES),
+                                 ("--layouts", args.layouts, LAYOUTS), ("--skip", args.skip, ("kernels", "models"))):
         items = [v for v in value.split(",") if v]
         bad = [v for v in items if v not in allowed]
         if bad:
             parser.error(f"{name}: unknown {', '.join(bad)} (choose from {', '.join(allowed)})")
-        setattr(args, name[2:], items)
-    if device.type == "cpu" and "tf32" in args.dtypes:
-        args.dtypes.remove("tf32")  # TF32 needs a GPU's tensor cores
-    for name in ("batch_size", "image_size", "width_divisor", "model_batch_size", "num_classes"):
+        setattr(args, name[2:].replace("-", "_"), items)
+    if device.type == "cpu":  # TF32 needs a GPU's tensor cores
+        args.dtypes = [d for d in args.dtypes if d != "tf32"]
+        args.model_dtypes = [d for d in args.model_dtypes if d != "tf32"]
+    for name in ("batch_size", "image_size", "width_divisor", "model_batch_size", "model_image_size", "num_classes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     return args, device
@@ -497,6 +509,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args, device = parse_args(argv)
     start = time.monotonic()
+    torch.manual_seed(0)  # the models' initial weights: the same run every time
     gen = torch.Generator().manual_seed(0)
     convs, bn_shapes = resnet50_problems(args.image_size, args.width_divisor)
     if args.layers:

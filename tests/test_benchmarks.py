@@ -54,7 +54,8 @@ def suite(tmp_path_factory):
     out = tmp_path_factory.mktemp("suite")
     r = subprocess.run(["bash", os.path.join(BENCHMARKS, "gpu_suite.sh"), str(out)], capture_output=True, text=True,
                        timeout=600, cwd=ROOT,
-                       env=script_env(FASTRES_SUITE_SMOKE="1", FASTRES_SUITE_SKIP="tune", PYTHON=sys.executable))
+                       env=script_env(FASTRES_SUITE_SMOKE="1", FASTRES_SUITE_SKIP="tune", PYTHON=sys.executable,
+                                      FASTRES_SUITE_RETURN=str(out / "returned")))
     return out, r
 
 
@@ -62,7 +63,8 @@ def test_suite_runs_every_step(suite):
     out, r = suite
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     steps = {row["step"]: row for row in csv.DictReader(open(out / "steps.tsv"), delimiter="\t")}
-    assert list(steps) == ["env", "build", "tune", "throughput_cifar_resnet20_infer", "pytest",
+    # correctness first (gpu_check, pytest), then the headline, the tuning pass, and the rest
+    assert list(steps) == ["env", "build", "gpu_check", "pytest", "throughput_cifar_resnet20_infer", "tune",
                            "throughput_cifar_resnet20_train", "kernels", "bn_kernels", "memory", "train_modes",
                            "flops", "plot", "bundle"]
     assert steps["build"]["status"] == "skipped (smoke)" and steps["tune"]["status"].startswith("skipped")
@@ -75,8 +77,61 @@ def test_suite_runs_every_step(suite):
     with tarfile.open(out / "bundle.tar.gz") as bundle:
         names = bundle.getnames()
     for path in ("./env.txt", "./steps.tsv", "./results/throughput.jsonl", "./results/kernels.csv",
-                 "./results/bn_kernels.jsonl", "./results/train_modes.jsonl", "./plots/summary.md"):
+                 "./results/bn_kernels.jsonl", "./results/train_modes.jsonl", "./plots/summary.md",
+                 "./results/gpu_check.jsonl"):
         assert path in names
+    # what a device run brings back: at most 8 files
+    returned = sorted(os.listdir(out / "returned"))
+    assert returned == ["bundle.tar.gz", "gpu_check.jsonl", "kernels.jsonl", "steps.tsv", "summary.md",
+                        "throughput.jsonl", "train_modes.jsonl"]
+
+
+def test_suite_gpu_check_results(suite):
+    """The correctness sweep ran every op kind on both layouts and both dtypes it was given, held each result to
+    the rule, and logged the backend and kernel each op ran."""
+    out, _ = suite
+    rows = read_json_lines(out / "results" / "gpu_check.jsonl")
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+    checks = {r["check"] for r in rows}
+    assert {"model resnet50 inference fp32 nhwc", "model resnet50 train step fp32 nhwc"} <= checks
+    kernel_rows = [r for r in rows if not r["check"].startswith("model")]
+    assert {(r["backend"], r["op"]) for r in kernel_rows} == {
+        ("triton", op) for op in ("conv_bias_act", "conv_bn_eval", "conv_bn_train", "bn_relu_conv")} | {
+        ("cuda", op) for op in ("conv_bn_eval", "conv_bn_train", "dual_bn_act")}
+    assert {(r["dtype"], r["layout"]) for r in kernel_rows} == {(d, l) for d in ("fp32", "fp16")
+                                                               for l in ("nhwc", "nchw")}
+    for r in kernel_rows:
+        assert all(names == [r["backend"]] for names in r["backends_run"].values()), r
+        assert r["errors"] and all(len(e) == 2 for e in r["errors"].values())
+    triton_train = next(r for r in kernel_rows if r["backend"] == "triton" and r["op"] == "conv_bn_train")
+    assert {"conv_bn_act_forward", "bn_act_backward", "conv_backward"} <= set(triton_train["backends_run"])
+    assert set(triton_train["kernels_run"]) == {"conv_stats", "dgrad", "wgrad"}
+
+
+def test_suite_build_falls_back_without_cuda(tmp_path):
+    """A CUDA build that fails (here: a pip that refuses unless FASTRES_SKIP_CUDA_BUILD=1) is rebuilt without CUDA
+    kernels, the step says so, and the reason lands in the log and the summary."""
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+if [ "$1 $2" = "-m pip" ]; then
+    if [ "${{FASTRES_SKIP_CUDA_BUILD:-0}}" = 1 ]; then echo "built without CUDA"; exit 0; fi
+    echo "nvcc fatal   : Unsupported gpu architecture 'compute_100'" >&2; exit 1
+fi
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    out = tmp_path / "suite"
+    r = subprocess.run(["bash", os.path.join(BENCHMARKS, "gpu_suite.sh"), str(out)], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT,
+                       env=script_env(FASTRES_SUITE_SMOKE="1", FASTRES_SUITE_BUILD="1", FASTRES_SUITE_ONLY="env build",
+                                      PYTHON=str(fake)))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    steps = {row["step"]: row for row in csv.DictReader(open(out / "steps.tsv"), delimiter="\t")}
+    assert steps["build"]["status"] == "fallback: built without CUDA kernels" and steps["build"]["exit"] == "3"
+    assert steps["gpu_check"]["status"].startswith("skipped")
+    log = (out / "logs" / "build.log").read_text()
+    assert "FALLBACK" in log and "Unsupported gpu architecture" in log and "built without CUDA" in log
+    assert "Unsupported gpu architecture" in (out / "build_fallback.txt").read_text()
 
 
 def test_suite_throughput_results(suite):
