@@ -23,6 +23,7 @@ out; train_fwd: y, r, out; train_bwd: g, out, y, grad_y, grad_r; dual_bwd: g, ma
 GB/s = bytes / median time; "share" = GB/s over a device-to-device copy's GB/s measured in the same run (bytes
 read + written). A two-pass design (statistics, then apply; reductions, then the elementwise gradients)
 reads its inputs twice, so its share of that minimum is below 100% by construction.
+SIGTERM ends the run early: the rows measured so far are reported and written, with "stopped_early": true, exit 0.
 Timing: the providers of a row in rotating order over --rounds rounds (interleaved, so load changes on a shared
 machine hit them alike), medians of the calls; CUDA events on GPUs, the wall clock on CPUs; a buffer larger than
 the last-level cache is overwritten before every call unless --no-flush. The whole conv + BN + ReLU layer (the

@@ -27,6 +27,8 @@ autotuning happens there), then --rounds rounds over the providers in rotating o
 calls; CUDA events on GPUs, the wall clock on CPUs; a buffer larger than the last-level cache is overwritten before
 every call (--no-flush: not), so no call reads what the previous one left in cache. "agree" is the relative max
 difference between the fastres and ATen outputs (and input gradients) of the row.
+Each row's CSV lines are appended as soon as it is measured; SIGTERM ends the run early, and the rows measured so
+far are reported and written (the run's JSON line with "stopped_early": true), exit 0.
 """
 import argparse
 import dataclasses

@@ -343,6 +343,18 @@ def test_memory_sigterm_keeps_the_measured_rows(tmp_path):
     assert len(read_csv(csv_path)) == len(run["rows"])
 
 
+def test_bn_kernels_sigterm_keeps_the_measured_rows(tmp_path):
+    json_path = tmp_path / "b.jsonl"
+    shapes = ["16x8", "32x8", "48x8", "64x8", "80x8", "96x8"]
+    rc, stdout, stderr = run_until_first_row("bn_kernels.py", [
+        "--device", "cpu", "--batch-size", "2", "--shapes", ",".join(shapes), "--reps", "200", "--rounds", "1",
+        "--json", str(json_path)], "fastres")
+    assert rc == 0, stdout + stderr
+    (run,) = read_json_lines(json_path)
+    assert run["stopped_early"] is True and 1 <= len(run["results"]) < len(shapes) * 6
+    assert run["results"][0]["shape"] == [2, 16, 8, 8]
+
+
 def test_train_modes_sigterm_keeps_the_timed_steps(tmp_path):
     json_path = tmp_path / "t.jsonl"
     rc, stdout, stderr = run_until_first_row("train_modes.py", [
