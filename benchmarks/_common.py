@@ -2,7 +2,10 @@
 version a result came from, timing and memory measurement, and how results are appended to files.
 
 Result files: --json appends one JSON object per run (JSON Lines); --csv appends rows (header when new).
+Stopped by SIGTERM (the GPU suite runs each benchmark under `timeout -s TERM`, SIGKILL 10 s later), a benchmark
+writes what it measured, with "stopped_early": true, and exits 0 (see Interrupts).
 """
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -11,6 +14,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import time
 
@@ -277,6 +281,78 @@ def _load_average():
         return None
 
 
+# ---------------------------------------------------------------- stopping early
+class TimeLimit(Exception):
+    """Raised into a step run under Interrupts.abandonable() by SIGTERM or by the alarm of its time limit."""
+
+
+class Stopped(BaseException):
+    """Raised by SIGTERM into a measuring function run by Interrupts.run(). A BaseException, as KeyboardInterrupt
+    is, so that a measuring step's own `except Exception` (e.g. around a compilation) does not swallow it."""
+
+
+class Interrupts:
+    """How a benchmark keeps what it measured when the caller's time limit ends it with SIGTERM.
+
+    After install(), SIGTERM sets `stop`. Inside run(fn) it also raises Stopped into fn (between two Python
+    bytecodes: a long C++ or CUDA call finishes first), ending fn where it is: fn keeps its results in the
+    caller's lists and dicts as it measures them, so the caller then has every completed row. Inside
+    abandonable() SIGTERM, or the alarm of its time limit, raises TimeLimit instead. The benchmark then writes the
+    run as usual with "stopped_early": true and exits 0: the caller (`timeout`) reports the time limit itself
+    (exit 124). Only the first SIGTERM raises; later ones only set `stop`, so that writing is not interrupted."""
+
+    def __init__(self):
+        self.stop = False
+        self._raise = None  # the exception class SIGTERM raises now; None: SIGTERM only sets `stop`
+
+    def install(self):
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGALRM, self._on_alarm)
+        return self
+
+    def _on_term(self, signum, frame):
+        self.stop = True
+        exc, self._raise = self._raise, None
+        if exc is TimeLimit:
+            raise TimeLimit("interrupted by SIGTERM (the caller's time limit)")
+        if exc is not None:
+            raise Stopped("SIGTERM (the caller's time limit)")
+
+    def _on_alarm(self, signum, frame):
+        if self._raise is TimeLimit:
+            self._raise = None
+            raise TimeLimit("compile timeout")
+
+    def run(self, fn, *args):
+        """fn(*args), ended early by SIGTERM; returns `stop`: True when SIGTERM came (before or during fn)."""
+        if self.stop:
+            return True
+        try:
+            self._raise = Stopped
+            fn(*args)
+        except Stopped:
+            pass
+        finally:
+            self._raise = None
+        return self.stop
+
+    @contextlib.contextmanager
+    def abandonable(self, seconds=0.0):
+        """A step given up (TimeLimit) at SIGTERM or after `seconds` (0: no limit), e.g. a compilation that would
+        eat the rest of the time; TimeLimit at once when SIGTERM came before."""
+        if self.stop:
+            raise TimeLimit("not started: SIGTERM received")
+        outer, self._raise = self._raise, TimeLimit
+        if seconds:
+            signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield
+        finally:
+            if seconds:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            self._raise = outer if not self.stop else None
+
+
 # ---------------------------------------------------------------- result files
 def append_json(path, row):
     """Append one JSON object as one line (JSON Lines)."""
@@ -321,8 +397,8 @@ def add_output_args(parser):
     g.add_argument("--results-dir", metavar="DIR", help="for --save (default: benchmarks/results/)")
 
 
-def write_results(args, benchmark, run, csv_rows, csv_fields):
-    """Append the run (one JSON line) and its CSV rows where the flags of add_output_args ask; returns the paths."""
+def result_paths(args, benchmark):
+    """(JSON Lines paths, CSV paths) the flags of add_output_args ask for."""
     json_paths, csv_paths = [], []
     if args.json:
         json_paths.append(args.json)
@@ -332,11 +408,25 @@ def write_results(args, benchmark, run, csv_rows, csv_fields):
         d = results_dir(args.results_dir)
         json_paths.append(os.path.join(d, f"{benchmark}.jsonl"))
         csv_paths.append(os.path.join(d, f"{benchmark}.csv"))
+    return json_paths, csv_paths
+
+
+def write_results(args, benchmark, run, csv_rows, csv_fields):
+    """Append the run (one JSON line) and its CSV rows where the flags of add_output_args ask; returns the paths.
+    csv_rows None: the CSV rows were appended as they were measured (append_csv_rows)."""
+    json_paths, csv_paths = result_paths(args, benchmark)
     for path in json_paths:
         append_json(path, run)
-    for path in csv_paths:
-        append_csv(path, csv_rows, csv_fields)
+    if csv_rows is not None:
+        for path in csv_paths:
+            append_csv(path, csv_rows, csv_fields)
     return json_paths + csv_paths
+
+
+def append_csv_rows(args, benchmark, csv_rows, csv_fields):
+    """Append CSV rows where the flags of add_output_args ask, as soon as they are measured."""
+    for path in result_paths(args, benchmark)[1]:
+        append_csv(path, csv_rows, csv_fields)
 
 
 ENV_CSV_FIELDS = ["date", "commit", "device", "torch", "triton"]

@@ -23,6 +23,7 @@ out; train_fwd: y, r, out; train_bwd: g, out, y, grad_y, grad_r; dual_bwd: g, ma
 GB/s = bytes / median time; "share" = GB/s over a device-to-device copy's GB/s measured in the same run (bytes
 read + written). A two-pass design (statistics, then apply; reductions, then the elementwise gradients)
 reads its inputs twice, so its share of that minimum is below 100% by construction.
+SIGTERM ends the run early: the rows measured so far are reported and written, with "stopped_early": true, exit 0.
 Timing: the providers of a row in rotating order over --rounds rounds (interleaved, so load changes on a shared
 machine hit them alike), medians of the calls; CUDA events on GPUs, the wall clock on CPUs; a buffer larger than
 the last-level cache is overwritten before every call unless --no-flush. The whole conv + BN + ReLU layer (the
@@ -220,23 +221,28 @@ def main(argv=None):
     if not _compiled.has_kernel("_bn_stats", args.device.type):
         print(f"fastres._C has no {args.device.type} kernels for _bn_stats ({_compiled.load_error() or 'not built'})")
         return 1
+    interrupts = C.Interrupts().install()
     env = C.environment(args.device)
     copy = C.measure_copy_bandwidth(args.device)
     flush = C.CacheFlusher(args.device) if args.flush else None
     results = []
-    for shape in args.shapes:
-        x = Inputs(shape, args)
-        for row, (row_bytes, providers) in build_rows(x, args.rows).items():
-            timed = measure(providers, args, flush)
-            for provider, t in timed.items():
-                t["gbps"] = row_bytes / (t["ms"] * 1e-3) / 1e9
-                t["share_of_copy"] = t["gbps"] / copy["gbps"]
-            fast, aten = timed["fastres"]["ms"], timed["aten"]["ms"]
-            results.append({"row": row, "shape": list(shape), "bytes": row_bytes, "providers": timed,
-                            "aten_over_fastres": aten / fast})
-            print(f"{row:>9} {'x'.join(map(str, shape)):<16} fastres {fast:.4g} ms, aten {aten:.4g} ms",
-                  file=sys.stderr, flush=True)
-        del x
+
+    def measure_all():
+        for shape in args.shapes:
+            x = Inputs(shape, args)
+            for row, (row_bytes, providers) in build_rows(x, args.rows).items():
+                timed = measure(providers, args, flush)
+                for provider, t in timed.items():
+                    t["gbps"] = row_bytes / (t["ms"] * 1e-3) / 1e9
+                    t["share_of_copy"] = t["gbps"] / copy["gbps"]
+                fast, aten = timed["fastres"]["ms"], timed["aten"]["ms"]
+                results.append({"row": row, "shape": list(shape), "bytes": row_bytes, "providers": timed,
+                                "aten_over_fastres": aten / fast})
+                print(f"{row:>9} {'x'.join(map(str, shape)):<16} fastres {fast:.4g} ms, aten {aten:.4g} ms",
+                      file=sys.stderr, flush=True)
+            del x
+
+    stopped = interrupts.run(measure_all)
     print(f"BN training kernels | {args.dtype} | {'channels_last' if args.channels_last else 'NCHW'} | "
           f"{env['device']} | torch {env['versions']['torch']} | commit {env['commit'][:12]} | {env['date']}")
     print(f"device-to-device copy: {copy['gbps']:.4g} GB/s (bytes read + written, best of {copy['reps']})")
@@ -250,12 +256,14 @@ def main(argv=None):
                       f"{a['ms']:.4g}", f"{r['aten_over_fastres']:.2f}x", f"{f['gbps']:.4g}",
                       f"{100 * f['share_of_copy']:.0f}%", others or "-"])
     print(C.format_table(header, table, align="llrrrrrrl"))
+    if stopped:
+        print(f"SIGTERM: stopped early after {len(results)} rows")
     if args.json:
         settings = {"dtype": args.dtype, "batch_size": args.batch_size, "channels_last": args.channels_last,
                     "rows": args.rows, "reps": args.reps, "rounds": args.rounds, "flush": args.flush,
                     "threads": torch.get_num_threads(), "seed": args.seed}
         C.append_json(args.json, {"benchmark": "bn_kernels", **env, "settings": settings, "copy": copy,
-                                  "results": results})
+                                  "results": results, "stopped_early": stopped})
         print(f"appended to {args.json}")
     return 0
 

@@ -27,6 +27,8 @@ autotuning happens there), then --rounds rounds over the providers in rotating o
 calls; CUDA events on GPUs, the wall clock on CPUs; a buffer larger than the last-level cache is overwritten before
 every call (--no-flush: not), so no call reads what the previous one left in cache. "agree" is the relative max
 difference between the fastres and ATen outputs (and input gradients) of the row.
+Each row's CSV lines are appended as soon as it is measured; SIGTERM ends the run early, and the rows measured so
+far are reported and written (the run's JSON line with "stopped_early": true), exit 0.
 """
 import argparse
 import dataclasses
@@ -429,6 +431,7 @@ def parse_args(argv=None):
 def main(argv=None):
     start = time.perf_counter()
     args = parse_args(argv)
+    interrupts = C.Interrupts().install()
     if args.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # ATen's convs get their fastest cuDNN algorithm
     env = C.environment(args.device)
@@ -437,24 +440,36 @@ def main(argv=None):
     ceilings = {"matmul": C.measure_matmul_ceiling(args.device, DTYPES[args.dtype]),
                 "copy": C.measure_copy_bandwidth(args.device)}
     items = row_items(args)
-    measured, not_measured, no_kernel = {}, [], []
-    for i in measure_order(items):
-        op, item = items[i]
-        if args.time_budget and time.perf_counter() - start > args.time_budget:
-            not_measured.append(f"{op}:{item}")
-            continue
-        row = build_row(maker, op, item)
-        if row is None:
-            no_kernel.append(f"{op}:{item}")
-            continue
-        measured[i] = r = measure_row(row, args, flush, ceilings)
-        print(f"{op:>13} {item:<12} fastres {r['providers']['fastres']['ms']:.4g} ms, "
-              f"aten {r['providers']['aten']['ms']:.4g} ms", file=sys.stderr, flush=True)
-        del row
+    measured, over_budget, no_kernel = {}, [], []
+
+    def measure_all():
+        for i in measure_order(items):
+            op, item = items[i]
+            if args.time_budget and time.perf_counter() - start > args.time_budget:
+                over_budget.append(f"{op}:{item}")
+                continue
+            row = build_row(maker, op, item)
+            if row is None:
+                no_kernel.append(f"{op}:{item}")
+                continue
+            r = measure_row(row, args, flush, ceilings)
+            measured[i] = r
+            # each row's CSV lines as soon as it is measured: a run killed later keeps them
+            C.append_csv_rows(args, "kernels", csv_rows(env, args, [r], ceilings), CSV_FIELDS)
+            print(f"{op:>13} {item:<12} fastres {r['providers']['fastres']['ms']:.4g} ms, "
+                  f"aten {r['providers']['aten']['ms']:.4g} ms", file=sys.stderr, flush=True)
+            del row
+
+    stopped = interrupts.run(measure_all)
     results = [measured[i] for i in sorted(measured)]
     print_table(results, ceilings, args, env)
-    if not_measured:
-        print(f"not measured (the {args.time_budget:g} s time budget was spent): {', '.join(not_measured)}")
+    if over_budget:
+        print(f"not measured (the {args.time_budget:g} s time budget was spent): {', '.join(over_budget)}")
+    # rows SIGTERM left unmeasured (those beyond the time budget or without a kernel are listed above and below)
+    cut = [f"{op}:{item}" for i, (op, item) in enumerate(items)
+           if stopped and i not in measured and f"{op}:{item}" not in over_budget + no_kernel]
+    if cut:
+        print(f"not measured (SIGTERM: stopped early): {', '.join(cut)}")
     if no_kernel:
         print(f"no fused kernel on this backend: {', '.join(no_kernel)}")
     wall_s = time.perf_counter() - start
@@ -465,8 +480,8 @@ def main(argv=None):
                 "flush": args.flush, "tiny": args.tiny, "time_budget_s": args.time_budget, "seed": args.seed,
                 "num_threads": torch.get_num_threads()}
     run = {"benchmark": "kernels", **env, "settings": settings, "ceilings": ceilings, "rows": results,
-           "not_measured": not_measured, "no_kernel": no_kernel, "wall_s": wall_s}
-    for path in C.write_results(args, "kernels", run, csv_rows(env, args, results, ceilings), CSV_FIELDS):
+           "not_measured": over_budget + cut, "no_kernel": no_kernel, "stopped_early": stopped, "wall_s": wall_s}
+    for path in C.write_results(args, "kernels", run, None, CSV_FIELDS):
         print(f"appended to {path}")
     return 0
 

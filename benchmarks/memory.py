@@ -19,6 +19,9 @@ Both providers hold the same weights (fastres's state_dict loaded into the refer
 GiB of device memory (torch.cuda.set_per_process_memory_fraction; weights and optimizer state included, as in
 training): batch sizes doubled from 32 until a step runs out of memory, then bisected to within 1/64. cuDNN's
 benchmark mode is off for the search; FASTRES_AUTOTUNE=0 keeps fastres from autotuning every new batch size.
+
+SIGTERM ends either early: what was measured is reported and written, with "stopped_early": true (and, for
+--largest-batch, the bounds found so far of a search cut short), and the command exits 0.
 """
 import argparse
 import gc
@@ -143,27 +146,41 @@ def step_fits(model, optimizer, batch, args, device, dtype, fmt):
     return ok
 
 
-def largest_batches(args, models, device, dtype, fmt):
-    """{provider: largest batch} under the --largest-batch cap, one provider's model on the device at a time."""
+def largest_batches(args, models, device, dtype, fmt, interrupts):
+    """({provider: largest batch}, {provider: {"fits": b, "fails": b}}) under the --largest-batch cap, one
+    provider's model on the device at a time. The second: the bounds known so far for a provider whose search
+    SIGTERM cut short (the largest batch seen to fit, the smallest seen to fail; None where none did)."""
     total = torch.cuda.get_device_properties(device).total_memory
     cap = args.largest_batch * (1 << 30)
     if cap > total:
         raise SystemExit(f"memory.py: --largest-batch {args.largest_batch} GiB is more than the device's "
                          f"{total / (1 << 30):.1f} GiB")
     torch.cuda.set_per_process_memory_fraction(cap / total, device)
-    found = {}
-    for name in args.providers:
-        model = models[name].to(device=device, dtype=dtype, memory_format=fmt).train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-        found[name] = largest_fitting(lambda b: step_fits(model, optimizer, b, args, device, dtype, fmt))
-        print(f"{name:>8}: largest batch {found[name]} within {args.largest_batch:g} GiB", file=sys.stderr,
-              flush=True)
-        models[name] = model.to("cpu")
-        del optimizer
-        gc.collect()
-        torch.cuda.empty_cache()
+    found, searching = {}, {}
+
+    def search():
+        for name in args.providers:
+            model = models[name].to(device=device, dtype=dtype, memory_format=fmt).train()
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+            bounds = searching[name] = {"fits": None, "fails": None}
+
+            def fits(b):
+                ok = step_fits(model, optimizer, b, args, device, dtype, fmt)
+                key, better = ("fits", max) if ok else ("fails", min)
+                bounds[key] = b if bounds[key] is None else better(bounds[key], b)
+                return ok
+            found[name] = largest_fitting(fits)
+            del searching[name]
+            print(f"{name:>8}: largest batch {found[name]} within {args.largest_batch:g} GiB", file=sys.stderr,
+                  flush=True)
+            models[name] = model.to("cpu")
+            del optimizer
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    interrupts.run(search)
     torch.cuda.set_per_process_memory_fraction(1.0, device)
-    return found
+    return found, searching
 
 
 def parse_args(argv=None):
@@ -223,6 +240,7 @@ def main(argv=None):
         # The largest-batch search steps through many batch sizes: no per-shape cuDNN autotuning (its workspace
         # trials would also blur the memory bound); run it with FASTRES_AUTOTUNE=0 for fastres's default choices.
         torch.backends.cudnn.benchmark = args.largest_batch is None
+    interrupts = C.Interrupts().install()
     env = C.environment(device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     fast, ref = C.build_pair(arch, seed=args.seed)
@@ -234,30 +252,34 @@ def main(argv=None):
                 "num_threads": torch.get_num_threads(), "optimizer": "SGD(momentum=0.9, weight_decay=1e-4)",
                 "memory_mode": args.memory_mode}
     if args.largest_batch is not None:
-        return report_largest(args, env, settings, largest_batches(args, models, device, dtype, fmt))
+        found, searching = largest_batches(args, models, device, dtype, fmt, interrupts)
+        return report_largest(args, env, settings, found, searching, interrupts.stop)
     gen = torch.Generator().manual_seed(args.seed + 1)
     rows = []
-    for name in args.providers:
-        # One provider's model on the device at a time: the other's weights and state stay out of its peak.
-        model = models[name].to(device=device, dtype=dtype, memory_format=fmt).train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-        param_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
-        for batch in args.batch_sizes:
-            gen.manual_seed(args.seed + batch)
-            x = torch.randn(batch, 3, args.input_size, args.input_size, generator=gen).to(
-                device, dtype).contiguous(memory_format=fmt)
-            target = torch.randint(0, arch.num_classes, (batch,), generator=gen).to(device)
-            peak, saved = measure(model, optimizer, x, target, device)
-            rows.append({"provider": name, "batch_size": batch, "peak_memory_bytes": peak, **saved,
-                         "param_bytes": param_bytes})
-            print(f"{name:>8} batch {batch:>4}: peak {C.fmt_bytes(peak)}, saved for backward "
-                  f"{C.fmt_bytes(saved['saved_bytes'])} ({C.fmt_bytes(saved['saved_activation_bytes'])} "
-                  f"activations)", file=sys.stderr, flush=True)
-        models[name] = model.to("cpu")
-        del optimizer
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
 
+    def sweep():
+        for name in args.providers:
+            # One provider's model on the device at a time: the other's weights and state stay out of its peak.
+            model = models[name].to(device=device, dtype=dtype, memory_format=fmt).train()
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+            param_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
+            for batch in args.batch_sizes:
+                gen.manual_seed(args.seed + batch)
+                x = torch.randn(batch, 3, args.input_size, args.input_size, generator=gen).to(
+                    device, dtype).contiguous(memory_format=fmt)
+                target = torch.randint(0, arch.num_classes, (batch,), generator=gen).to(device)
+                peak, saved = measure(model, optimizer, x, target, device)
+                rows.append({"provider": name, "batch_size": batch, "peak_memory_bytes": peak, **saved,
+                             "param_bytes": param_bytes})
+                print(f"{name:>8} batch {batch:>4}: peak {C.fmt_bytes(peak)}, saved for backward "
+                      f"{C.fmt_bytes(saved['saved_bytes'])} ({C.fmt_bytes(saved['saved_activation_bytes'])} "
+                      f"activations)", file=sys.stderr, flush=True)
+            models[name] = model.to("cpu")
+            del optimizer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    stopped = interrupts.run(sweep)
     eager = {r["batch_size"]: r for r in rows if r["provider"] == "eager"}
     for r in rows:
         e = eager.get(r["batch_size"])
@@ -278,8 +300,10 @@ def main(argv=None):
     print(f"* {C.memory_label(device)}; weights: "
           + ", ".join(f"{C.fmt_bytes(r['param_bytes'])} ({r['provider']})"
                       for r in rows if r["batch_size"] == args.batch_sizes[0]))
+    if stopped:
+        print(f"SIGTERM: stopped early, {len(rows)} of {len(args.providers) * len(args.batch_sizes)} rows measured")
     run = {"benchmark": "memory", **env, "settings": settings, "memory_measure": C.memory_label(device),
-           "rows": rows}
+           "rows": rows, "stopped_early": stopped}
     csv_rows = [{**C.env_csv_columns(env), "arch": arch.name, "variant": arch.variant, "dtype": args.dtype,
                  "input_size": args.input_size, "channels_last": args.channels_last,
                  **{k: r[k] for k in CSV_FIELDS[len(C.ENV_CSV_FIELDS) + 5:]}} for r in rows]
@@ -288,7 +312,7 @@ def main(argv=None):
     return 0
 
 
-def report_largest(args, env, settings, found):
+def report_largest(args, env, settings, found, searching, stopped):
     eager = found.get("eager")
     print(f"{args.arch_spec.label} | largest training batch within {args.largest_batch:g} GiB | {args.dtype} | "
           f"{args.input_size}x{args.input_size} | {'channels_last' if args.channels_last else 'NCHW'} | "
@@ -297,8 +321,11 @@ def report_largest(args, env, settings, found):
     print(C.format_table(["provider", "largest batch", "vs eager"],
                          [[r["provider"], r["largest_batch"], "-" if r["vs_eager"] is None else f"{r['vs_eager']:.2f}x"]
                           for r in rows], align="lrr"))
+    if stopped:
+        print("SIGTERM: stopped early; searches cut short (largest batch seen to fit, smallest seen to fail): "
+              + (", ".join(f"{n} {b['fits']}, {b['fails']}" for n, b in searching.items()) or "none"))
     run = {"benchmark": "memory_largest_batch", **env, "settings": {**settings, "cap_gib": args.largest_batch},
-           "rows": rows}
+           "rows": rows, "stopped_early": stopped, "search_cut_short": searching}
     csv_rows = [{**C.env_csv_columns(env), "arch": args.arch_spec.name, "dtype": args.dtype,
                  "input_size": args.input_size, "cap_gib": args.largest_batch, **r} for r in rows]
     for path in C.write_results(args, "memory_largest_batch", run, csv_rows, LARGEST_CSV_FIELDS):

@@ -27,18 +27,17 @@ per batch on GPUs, the wall clock on CPUs. --mode infer: eval mode under torch.i
 forward, cross-entropy, backward and an SGD step (momentum 0.9, weight decay 1e-4, the paper's) in train mode.
 TFLOP/s = 2 x the multiply-adds counted by fastres.flops (forward, or forward + backward in train mode) x images/s;
 its share is against a large matrix product in the run's dtype, measured in the same run.
-SIGTERM (e.g. from `timeout`) ends the run early but still reports what was measured.
+SIGTERM (e.g. from `timeout`) ends the run early but still reports and writes what was measured (exit 0,
+"stopped_early": true; benchmarks/_common.py's Interrupts).
 """
 import time
 
 _PROCESS_START = time.perf_counter()  # the reported wall time includes imports and model building
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import signal  # noqa: E402
 import sys  # noqa: E402
 
 import torch  # noqa: E402
@@ -131,47 +130,6 @@ class Provider:
     peak_memory: int = None
     graphed: bool = False
     notes: list = dataclasses.field(default_factory=list)
-
-
-# ---------------------------------------------------------------- stopping early
-class TimeLimit(Exception):
-    """Raised into a first batch (compilation) that outlasted --compile-timeout or was interrupted by SIGTERM."""
-
-
-class Interrupts:
-    """SIGTERM sets `stop` (the run then reports what it has); inside `abandonable()` it, or the alarm of a
-    compile timeout, also raises TimeLimit, so that a compilation that would eat the rest of the time is given up."""
-
-    def __init__(self):
-        self.stop = False
-        self._raising = False
-
-    def install(self):
-        signal.signal(signal.SIGTERM, self._on_term)
-        signal.signal(signal.SIGALRM, self._on_alarm)
-
-    def _on_term(self, signum, frame):
-        self.stop = True
-        if self._raising:
-            raise TimeLimit("interrupted by SIGTERM (the caller's time limit)")
-
-    def _on_alarm(self, signum, frame):
-        if self._raising:
-            raise TimeLimit("compile timeout")
-
-    @contextlib.contextmanager
-    def abandonable(self, seconds=0.0):
-        if self.stop:
-            raise TimeLimit("not started: SIGTERM received")
-        self._raising = True
-        if seconds:
-            signal.setitimer(signal.ITIMER_REAL, seconds)
-        try:
-            yield
-        finally:
-            if seconds:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-            self._raising = False
 
 
 # ---------------------------------------------------------------- setup
@@ -292,7 +250,7 @@ def first_calls(providers, inputs, s, interrupts, skipped):
         try:
             with interrupts.abandonable(timeout):
                 p.first_call_s = (p.first_call_s or 0.0) + timer(p.step, x, target)
-        except TimeLimit as e:
+        except C.TimeLimit as e:
             skipped[p.name] = f"first batch not finished: {e}" + (f" ({timeout:g} s)" if "timeout" in str(e) else "")
         except torch.cuda.OutOfMemoryError as e:  # the others may still fit: measure them
             skipped[p.name] = f"out of memory in the first batch: {_short(e)}"
@@ -602,8 +560,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args, s = parse_args(argv)
-    interrupts = Interrupts()
-    interrupts.install()
+    interrupts = C.Interrupts().install()
     if s.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every provider's convs pick their fastest cuDNN algorithm
     env = C.environment(s.device)

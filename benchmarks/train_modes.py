@@ -8,7 +8,8 @@ a Bottleneck's last 1x1 conv and its projection in backward, "lean" keeps their 
 the same weights in the same dtype; a step is throughput.py's training step (forward, cross-entropy, backward, SGD
 with momentum 0.9 and weight decay 1e-4), channels_last, on the same batch. The providers run in rotating order in each of --rounds rounds (so that load changes on a shared machine
 hit them alike), after two untimed steps each; the table gives each provider's median step (p20-p80) and eager's
-median over it. Memory per mode: benchmarks/memory.py.
+median over it. Memory per mode: benchmarks/memory.py. SIGTERM ends the run early: the steps timed so far are
+reported and written, with "stopped_early": true, and the command exits 0.
 """
 import argparse
 import copy
@@ -55,6 +56,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    interrupts = C.Interrupts().install()
     device = args.device
     fast, ref = C.build_pair(args.arch_spec, seed=args.seed)
     models = {f"fastres {mode}": fnn.set_memory_mode(copy.deepcopy(fast), mode) for mode in fnn.MEMORY_MODES}
@@ -68,32 +70,44 @@ def main(argv=None):
     for name, model in models.items():
         train_step = make_step(model.to(device, dtype, memory_format=torch.channels_last), "train")[0]
         steps[name] = lambda train_step=train_step: train_step(x, target)
-    for step in steps.values():  # first steps: allocations, lazy initialization, autotuning
-        step()
-        step()
-    C.synchronize(device)
     names = list(steps)
     samples = {n: [] for n in names}
-    for rnd in range(args.rounds):
-        for i in range(len(names)):
-            name = names[(rnd + i) % len(names)]
-            samples[name] += C.time_calls(steps[name], device, 1, warmup=0)
+
+    def measure_all():
+        for step in steps.values():  # first steps: allocations, lazy initialization, autotuning
+            step()
+            step()
+        C.synchronize(device)
+        for rnd in range(args.rounds):
+            for i in range(len(names)):
+                name = names[(rnd + i) % len(names)]
+                samples[name] += C.time_calls(steps[name], device, 1, warmup=0)
+            print(f"round {rnd + 1} of {args.rounds} timed", file=sys.stderr, flush=True)
+
+    stopped = interrupts.run(measure_all)
     env = C.environment(device)
-    q = {n: C.quantiles(s) for n, s in samples.items()}
-    eager = q["eager"][1]
-    rows = [[n, f"{1e3 * v[1]:.1f}", f"{1e3 * v[0]:.1f}-{1e3 * v[2]:.1f}", f"{eager / v[1]:.3f}x"]
-            for n, v in q.items()]
+    # after SIGTERM: the providers with at least one timed step, each over the steps it has
+    q = {n: C.quantiles(s) for n, s in samples.items() if s}
+    eager = q["eager"][1] if "eager" in q else None
+    ratio = {n: None if eager is None else eager / v[1] for n, v in q.items()}
+    rows = [[n, f"{1e3 * v[1]:.1f}", f"{1e3 * v[0]:.1f}-{1e3 * v[2]:.1f}",
+             "-" if ratio[n] is None else f"{ratio[n]:.3f}x"] for n, v in q.items()]
     print(f"{args.arch} training step | {args.dtype} | batch {args.batch_size} | {args.input_size}x{args.input_size} | "
           f"channels_last | {env['device']} | torch {env['versions']['torch']} | commit {env['commit'][:12]} | "
           f"{env['date']}")
     print(C.format_table(["provider", "median ms", "p20-p80 ms", "eager / this"], rows, align="lrrr"))
+    if stopped:
+        print("SIGTERM: stopped early; timed steps per provider: "
+              + ", ".join(f"{n} {len(s)}" for n, s in samples.items()))
     if args.json:
         settings = {"arch": args.arch, "dtype": args.dtype, "batch_size": args.batch_size,
                     "input_size": args.input_size, "rounds": args.rounds, "seed": args.seed,
                     "threads": torch.get_num_threads()}
         C.append_json(args.json, {"benchmark": "train_modes", **env, "settings": settings,
                                   "results": {n: {"ms": 1e3 * v[1], "ms_p20": 1e3 * v[0], "ms_p80": 1e3 * v[2],
-                                                  "eager_over_this": eager / v[1]} for n, v in q.items()}})
+                                                  "eager_over_this": ratio[n], "timed_steps": len(samples[n])}
+                                              for n, v in q.items()},
+                                  "stopped_early": stopped})
         print(f"appended to {args.json}")
     return 0
 

@@ -287,6 +287,110 @@ def test_throughput_compile_timeout_and_sigterm(tmp_path):
     assert all(len(r["times_s"]) == run["timed_batches"] for r in run["results"].values())
 
 
+# ------------------------------------------------------------------------------------------------ SIGTERM
+def run_until_first_row(script, args, row_marker):
+    """Start benchmarks/SCRIPT with ARGS, send SIGTERM once its stderr shows a measured row (a line containing
+    row_marker), and return (exit code, stdout, stderr after the signal)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(BENCHMARKS, script), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=script_env())
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if row_marker in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert any(row_marker in line for line in seen), "".join(seen)[-3000:]
+    return proc.returncode, stdout, "".join(seen) + stderr
+
+
+def test_kernels_sigterm_keeps_the_measured_rows(tmp_path):
+    """SIGTERM after the first row: the rows measured so far are written (CSV rows as each is measured, the run's
+    JSON line at the end, with stopped_early and the rows not reached)."""
+    json_path, csv_path = tmp_path / "k.jsonl", tmp_path / "k.csv"
+    layers = ["l1.conv1", "l1.conv3", "l2.conv2", "l3.conv2s2", "l3.conv2", "l4.conv2"]
+    rc, stdout, stderr = run_until_first_row("kernels.py", [
+        "--device", "cpu", "--tiny", "--ops", "conv_bias_act", "--layers", ",".join(layers), "--reps", "40",
+        "--rounds", "1", "--json", str(json_path), "--csv", str(csv_path)], "fastres")
+    assert rc == 0, stdout + stderr
+    assert "SIGTERM: stopped early" in stdout
+    (run,) = read_json_lines(json_path)
+    assert run["stopped_early"] is True
+    measured = [r["item"] for r in run["rows"]]
+    assert 1 <= len(measured) < len(layers)
+    assert sorted(measured + [k.split(":")[1] for k in run["not_measured"]]) == sorted(layers)
+    table = read_csv(csv_path)
+    assert [(r["item"], r["provider"]) for r in table] == [
+        (r["item"], p) for r in run["rows"] for p in r["providers"]]
+
+
+def test_memory_sigterm_keeps_the_measured_rows(tmp_path):
+    json_path, csv_path = tmp_path / "m.jsonl", tmp_path / "m.csv"
+    batches = [2, 4, 6, 8, 10, 12, 14, 16]
+    rc, stdout, stderr = run_until_first_row("memory.py", [
+        "--device", "cpu", "--arch", "cifar_resnet20", "--batch-sizes", ",".join(map(str, batches)),
+        "--json", str(json_path), "--csv", str(csv_path)], "batch    2: peak")
+    assert rc == 0, stdout + stderr
+    assert "SIGTERM: stopped early" in stdout
+    (run,) = read_json_lines(json_path)
+    assert run["stopped_early"] is True
+    assert 1 <= len(run["rows"]) < 2 * len(batches)
+    assert run["rows"][0]["provider"] == "fastres" and run["rows"][0]["batch_size"] == 2
+    assert all(r["peak_memory_bytes"] > 0 and r["saved_activation_bytes"] > 0 for r in run["rows"])
+    assert len(read_csv(csv_path)) == len(run["rows"])
+
+
+def test_bn_kernels_sigterm_keeps_the_measured_rows(tmp_path):
+    json_path = tmp_path / "b.jsonl"
+    shapes = ["16x8", "32x8", "48x8", "64x8", "80x8", "96x8"]
+    rc, stdout, stderr = run_until_first_row("bn_kernels.py", [
+        "--device", "cpu", "--batch-size", "2", "--shapes", ",".join(shapes), "--reps", "200", "--rounds", "1",
+        "--json", str(json_path)], "fastres")
+    assert rc == 0, stdout + stderr
+    (run,) = read_json_lines(json_path)
+    assert run["stopped_early"] is True and 1 <= len(run["results"]) < len(shapes) * 6
+    assert run["results"][0]["shape"] == [2, 16, 8, 8]
+
+
+def test_train_modes_sigterm_keeps_the_timed_steps(tmp_path):
+    json_path = tmp_path / "t.jsonl"
+    rc, stdout, stderr = run_until_first_row("train_modes.py", [
+        "--device", "cpu", "--arch", "cifar_resnet20", "--batch-size", "2", "--rounds", "10000",
+        "--json", str(json_path)], "round 1 of 10000 timed")
+    assert rc == 0, stdout + stderr
+    (run,) = read_json_lines(json_path)
+    assert run["stopped_early"] is True and "eager" in run["results"]
+    for r in run["results"].values():
+        assert 1 <= r["timed_steps"] < 10000 and r["ms_p20"] <= r["ms"] <= r["ms_p80"]
+
+
+def test_interrupts_run_ends_the_function_at_sigterm():
+    """Interrupts.run: SIGTERM raises into the function (past its own `except Exception`), later ones do not."""
+    interrupts = C.Interrupts()
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGALRM)
+    interrupts.install()
+    done = []
+
+    def work():
+        for i in range(5):
+            try:
+                if i == 2:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            except Exception:  # a measuring step's own error handling must not swallow the stop
+                pass
+            done.append(i)
+    try:
+        assert interrupts.run(work) is True and done == [0, 1]
+        os.kill(os.getpid(), signal.SIGTERM)  # outside run(): only sets `stop`
+        assert interrupts.run(done.append, 9) is True and done == [0, 1]
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGALRM, before[1])
+
+
 @pytest.mark.parametrize("script, args, message", [
     ("throughput", ["--arch", "resnet19"], "--arch"),
     ("throughput", ["--arch", "resnet18", "--providers", "fastres,bogus"], "--providers"),
