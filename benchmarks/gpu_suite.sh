@@ -223,7 +223,7 @@ export OUT PY REPO SMOKE FALLBACK_RC
 RESULTS=(--save --results-dir "$OUT/results")
 if [ "$SMOKE" = 1 ]; then
     ARCH=cifar_resnet20
-    GPU_CHECK=(80 --device cpu --layers layer1.0.conv2,layer2.0.downsample.0 --dtypes fp32,fp16 --model-dtypes fp32)
+    GPU_CHECK=(240 --device cpu --layers layer1.0.conv2,layer2.0.downsample.0 --dtypes fp32,fp16 --model-dtypes fp32)
     TUNE=(60 --arch cifar_resnet20 --batch-size 2 --dtype fp32 --device cpu --time-budget 30)   # limit, arguments
     THROUGHPUT=(--device cpu --dtype fp32 --batch-size 2 --iters 2 --warmup 0 --providers fastres,eager --no-progress)
     KERNELS=(--device cpu --tiny --reps 2 --rounds 1 --layers l1.conv1,l2.conv2 --stages stage1)
