@@ -10,6 +10,8 @@ by autograd with create_graph=True. Slower than the fused kernels (the forward r
 import torch
 import torch.nn.functional as F
 
+from .backend_torch import stat_dtype
+
 
 def recording():
     """Whether the running backward records a graph of its own (create_graph=True): autograd runs backward
@@ -39,10 +41,6 @@ def vjp(forward, inputs, needs, grad):
             g = torch.zeros_like(t)
         result.append(g)
     return result
-
-
-def stat_dtype(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def batch_norm(y, gamma, beta, training, eps, mean=None, invstd=None):

@@ -63,6 +63,11 @@ def add_relu(x, residual):
 _onednn_refused = set()
 
 
+def _call_signature(x, weight, bias, stride, padding, residual):
+    return (tuple(x.shape), x.stride(), tuple(weight.shape), weight.stride(), bias is not None,
+            None if residual is None else residual.stride(), tuple(stride), tuple(padding))
+
+
 def _onednn_fused_conv(x, weight, bias, stride, padding, residual, relu):
     """oneDNN convolution with the bias and residual add as post-ops of the conv itself (then the ReLU), or None
     when this build of torch or this dtype cannot do it. This is what makes the CPU eval path fast: the bias and
@@ -72,9 +77,8 @@ def _onednn_fused_conv(x, weight, bias, stride, padding, residual, relu):
         return None
     if residual is not None:
         residual = residual.contiguous(memory_format=memory_format(x))
-    signature = (tuple(x.shape), x.stride(), tuple(weight.shape), weight.stride(), bias is not None,
-                 None if residual is None else residual.stride(), tuple(stride), tuple(padding))
-    if signature in _onednn_refused:
+    # The signature is built only once some call was refused: the steady-state eval path pays nothing for it.
+    if _onednn_refused and _call_signature(x, weight, bias, stride, padding, residual) in _onednn_refused:
         return None
     args = (weight, bias, list(padding), list(stride), [1, 1], 1)
     try:
@@ -83,7 +87,7 @@ def _onednn_fused_conv(x, weight, bias, stride, padding, residual, relu):
         else:
             out = torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *args, "add", None, None, [], "")
     except RuntimeError:
-        _onednn_refused.add(signature)
+        _onednn_refused.add(_call_signature(x, weight, bias, stride, padding, residual))
         return None
     # Not oneDNN's relu post-op: it is max(v, 0), which maps NaN to 0 where torch.relu keeps it (a corrupt input
     # would give a confident answer). torch's in-place relu is one more pass over the output.
