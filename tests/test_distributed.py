@@ -18,7 +18,7 @@ from torch import nn
 
 import fastres.models as fm
 import fastres.nn as fnn
-from fastres.nn import _lean, sync_bn
+from fastres.nn import _collectives, _lean
 from tolerance import assert_within
 
 WORLD = 2
@@ -94,7 +94,7 @@ def _worker(rank, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         calls = {"gather": 0, "reduce": 0}
-        real_gather, real_reduce = sync_bn.gather_stats, sync_bn.all_reduce_sums
+        real_gather, real_reduce = _collectives.gather_stats, _collectives.all_reduce_sums
 
         def gather(*args):
             calls["gather"] += 1
@@ -104,7 +104,7 @@ def _worker(rank, port, out_dir):
             calls["reduce"] += 1
             return real_reduce(*args)
 
-        sync_bn.gather_stats, sync_bn.all_reduce_sums = gather, reduce
+        _collectives.gather_stats, _collectives.all_reduce_sums = gather, reduce
         results = {}
         for name, (model, shape) in make_models().items():
             n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())

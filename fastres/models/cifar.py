@@ -3,7 +3,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fastres.nn._fused import FusedModuleMixin, conv_norm_act, is_plain_relu, keep_memory_format
+from fastres.nn._fused import FusedModuleMixin, is_plain_relu, keep_memory_format
+from fastres.nn._lean import conv_norm_act
 from fastres.nn.blocks import BasicBlock, conv1x1, conv3x3
 from fastres.models.resnet import init_resnet_
 

@@ -8,7 +8,8 @@ import sys
 import torch
 from torch import nn
 
-from fastres.nn._fused import FusedModuleMixin, conv_norm_act, functorch_active, is_plain_relu, keep_memory_format
+from fastres.nn._fused import FusedModuleMixin, functorch_active, is_plain_relu, keep_memory_format
+from fastres.nn._lean import conv_norm_act
 from fastres.nn.blocks import BasicBlock, Bottleneck, conv1x1
 
 VARIANTS = ("v1", "v1.5")

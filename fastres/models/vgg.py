@@ -5,8 +5,9 @@ features' Conv2d (+ BatchNorm2d) + ReLU triples run as one fastres op each; the 
 import torch
 from torch import nn
 
-from fastres.nn._fused import FusedModuleMixin, conv_norm_act, has_hooks, is_plain_relu, keep_memory_format, \
+from fastres.nn._fused import FusedModuleMixin, has_hooks, is_plain_relu, keep_memory_format, \
     norm_kind
+from fastres.nn._lean import conv_norm_act
 
 # torchvision's configuration "E": numbers are 3x3 conv widths, "M" a 2x2 max pool.
 VGG19_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")

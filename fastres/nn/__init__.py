@@ -1,7 +1,7 @@
 """fastres.nn: drop-in ResNet blocks and BN utilities that run through fastres.ops."""
 from fastres.nn._fused import refresh
-from fastres.nn._lean import DEFAULT_MEMORY_MODE, MEMORY_MODES, set_memory_mode
-from fastres.nn.blocks import BasicBlock, Bottleneck, conv1x1, conv3x3
+from fastres.nn._lean import DEFAULT_MEMORY_MODE, MEMORY_MODES
+from fastres.nn.blocks import BasicBlock, Bottleneck, conv1x1, conv3x3, set_memory_mode
 from fastres.nn.fold import fold_bn
 from fastres.nn.frozen_bn import FrozenBatchNorm2d, freeze_bn
 from fastres.nn.sync_bn import SyncBatchNorm, convert_sync_batchnorm

@@ -1,7 +1,9 @@
 """One conv + norm (+ residual) (+ ReLU) unit, run through fastres.ops when a kernel covers it.
 
-Every layer of fastres (blocks, the ResNet stem, VGG features) runs its convolutions through `conv_norm_act`, which
-decides per unit:
+The bottom of fastres.nn's chain of modules (then the lean chain in _lean.py, SyncBatchNorm, the blocks, and the
+converters in fastres._convert). Every layer of fastres (blocks, the ResNet stem, VGG features) runs its
+convolutions through `conv_norm_act` (in _lean.py, since a synchronized BN's unit is a one-unit lean chain), which
+decides per unit with the predicates here:
   * the norm is in eval mode (BatchNorm2d with running stats, FrozenBatchNorm2d) -> fold it into the conv
     (fastres.ops.fold_bn) and run fastres.ops.conv_bias_act; but a BatchNorm2d whose affine needs a grad runs
     as conv_bn_act(training=False) (see conv_norm_act);
@@ -23,7 +25,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from fastres import ops
 from fastres.nn.frozen_bn import FrozenBatchNorm2d
-from fastres.nn.sync_bn import SyncBatchNorm, group_of
+from fastres.nn._collectives import is_sync_bn
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
@@ -74,7 +76,7 @@ def norm_kind(norm):
         return "frozen"
     # fastres's SyncBatchNorm: the same kinds; in training the units reduce their statistics over its group.
     if (isinstance(norm, nn.BatchNorm2d) and type(norm).forward is _BatchNorm.forward
-            and not isinstance(norm, LazyModuleMixin)) or type(norm) is SyncBatchNorm:
+            and not isinstance(norm, LazyModuleMixin)) or is_sync_bn(norm):
         if norm.training:
             # Mirrors _BatchNorm.forward: without tracked stats the batch statistics are used and nothing is
             # updated, which conv_bn_act does not express.
@@ -268,38 +270,6 @@ def folded_conv_params(conv, norm, kind, cache=None, name=None):
     if cache is not None and _cacheable(sources):
         return cache.get_or_fold(name, sources, eps, fold)
     return fold()
-
-
-def conv_norm_act(x, conv, norm, *, relu, residual=None, cache=None, name=None):
-    """relu?(norm(conv(x)) + residual?), through fastres.ops when a kernel covers the unit (and no torch.func
-    transform runs: see functorch_active)."""
-    plain = functorch_active()
-    if plain or not unit_fusable(conv, norm):
-        out = conv(x)
-        if norm is not None:
-            out = norm(out)
-        if residual is not None:
-            if not relu:
-                return out + residual
-            return torch.relu(out + residual) if plain else ops.add_relu(out, residual)
-        return torch.relu(out) if relu else out
-    kind = norm_kind(norm)
-    if kind == "bn_train" or (kind == "bn_eval" and _affine_needs_grad(norm)):
-        # Eval-mode BN whose affine is being trained is normalized after the conv rather than folded: through a
-        # fold, gamma's grad is sum(dW' * W) + db' * (conv_bias - mean), two large terms that cancel whenever the
-        # conv outputs sit near the running mean, and it comes out several times less accurate than ATen's.
-        training = kind == "bn_train"
-        if training and group_of(norm) is not None:
-            from fastres.nn import _lean  # _lean builds on this module
-            return _lean.conv_bn_relu(x, conv, norm, relu, residual)
-        weight_bn, bias_bn = _affine(norm, norm.running_var)
-        momentum = _bn_momentum(norm) if training else 0.0
-        return ops.conv_bn_act(x, conv.weight, weight_bn, bias_bn, norm.running_mean, norm.running_var,
-                               training=training, momentum=momentum, eps=norm.eps, stride=conv.stride,
-                               padding=conv.padding, residual=residual, relu=relu)
-    weight, bias = folded_conv_params(conv, norm, kind, cache, name)
-    return ops.conv_bias_act(x, weight, bias, stride=conv.stride, padding=conv.padding, residual=residual,
-                             relu=relu)
 
 
 def keep_memory_format(out, like):

@@ -41,8 +41,9 @@ from torch import nn
 from fastres import ops
 from fastres.ops import _backend, _compiled, _create_graph
 from fastres.ops._checks import like_param, memory_format
-from fastres.nn import sync_bn
-from fastres.nn._fused import _affine, _bn_momentum, has_hooks, norm_kind, unit_fusable
+from fastres.nn import _collectives
+from fastres.nn._fused import _affine, _affine_needs_grad, _bn_momentum, folded_conv_params, functorch_active, \
+    has_hooks, norm_kind, unit_fusable
 
 
 def _acc(t):
@@ -108,7 +109,7 @@ def batch_stats(y, norm, group=None):
             mean = var = torch.zeros(y.shape[1], dtype=acc, device=y.device)
         count = None
         if group is not None:
-            mean, var, count = sync_bn.gather_stats(mean, var, n, group)
+            mean, var, count = _collectives.gather_stats(mean, var, n, group)
         invstd = torch.rsqrt(var + norm.eps)
         if _tracks_running_stats(norm):
             momentum = _bn_momentum(norm)
@@ -217,7 +218,7 @@ def _bn_backward(grad_out, out, y, mean, invstd, gamma, relu, count, group, resi
     sums = torch.stack([dz.sum(dims), (dz * xhat).sum(dims)])
     grad_beta, grad_gamma = sums[0].clone(), sums[1].clone()
     if group is not None:
-        sync_bn.all_reduce_sums(sums, group)
+        _collectives.all_reduce_sums(sums, group)
         total = count[0]
     else:
         total = y.numel() // y.shape[1]
@@ -385,10 +386,10 @@ class _TailSpec:
     def __init__(self, conv, norm, group_prev, eps_prev, ds_conv=None, ds_norm=None):
         self.conv = (list(conv.stride), list(conv.padding))
         self.norm, self.group_prev, self.eps_prev = norm, group_prev, eps_prev
-        self.group = sync_bn.group_of(norm)
+        self.group = _collectives.group_of(norm)
         self.ds_conv = None if ds_conv is None else (list(ds_conv.stride), list(ds_conv.padding))
         self.ds_norm = ds_norm
-        self.group_d = None if ds_norm is None else sync_bn.group_of(ds_norm)
+        self.group_d = None if ds_norm is None else _collectives.group_of(ds_norm)
 
 
 def _recompute_conv(y_prev, scale_p, shift_p, weight, conv):
@@ -510,7 +511,7 @@ class _Unit:
 
     def __init__(self, y, norm):
         self.y = y
-        self.group = sync_bn.group_of(norm)
+        self.group = _collectives.group_of(norm)
         self.mean, self.invstd, self.count = batch_stats(y, norm, self.group)
         self.gamma, self.beta = _affine(norm, self.mean)
         self.eps = float(norm.eps)
@@ -550,6 +551,37 @@ def sync_batch_norm(x, norm, group):
                             group, None, float(norm.eps), None)
 
 
+def conv_norm_act(x, conv, norm, *, relu, residual=None, cache=None, name=None):
+    """relu?(norm(conv(x)) + residual?), through fastres.ops when a kernel covers the unit (and no torch.func
+    transform runs: see functorch_active)."""
+    plain = functorch_active()
+    if plain or not unit_fusable(conv, norm):
+        out = conv(x)
+        if norm is not None:
+            out = norm(out)
+        if residual is not None:
+            if not relu:
+                return out + residual
+            return torch.relu(out + residual) if plain else ops.add_relu(out, residual)
+        return torch.relu(out) if relu else out
+    kind = norm_kind(norm)
+    if kind == "bn_train" or (kind == "bn_eval" and _affine_needs_grad(norm)):
+        # Eval-mode BN whose affine is being trained is normalized after the conv rather than folded: through a
+        # fold, gamma's grad is sum(dW' * W) + db' * (conv_bias - mean), two large terms that cancel whenever the
+        # conv outputs sit near the running mean, and it comes out several times less accurate than ATen's.
+        training = kind == "bn_train"
+        if training and _collectives.group_of(norm) is not None:
+            return conv_bn_relu(x, conv, norm, relu, residual)
+        weight_bn, bias_bn = _affine(norm, norm.running_var)
+        momentum = _bn_momentum(norm) if training else 0.0
+        return ops.conv_bn_act(x, conv.weight, weight_bn, bias_bn, norm.running_mean, norm.running_var,
+                               training=training, momentum=momentum, eps=norm.eps, stride=conv.stride,
+                               padding=conv.padding, residual=residual, relu=relu)
+    weight, bias = folded_conv_params(conv, norm, kind, cache, name)
+    return ops.conv_bias_act(x, weight, bias, stride=conv.stride, padding=conv.padding, residual=residual,
+                             relu=relu)
+
+
 def _lean_unit(conv, norm):
     return unit_fusable(conv, norm) and norm_kind(norm) == "bn_train"
 
@@ -575,7 +607,7 @@ def block_forward(block, x):
     units = block._units()
     if not all(_lean_unit(conv, norm) for conv, norm in units):
         return None
-    synced = any(sync_bn.group_of(norm) is not None for _, norm in units)
+    synced = any(_collectives.group_of(norm) is not None for _, norm in units)
     if torch.compiler.is_compiling() and not synced:
         return None
     ds = block.downsample if block.residual else None
@@ -612,20 +644,3 @@ def _recomputed_tail(unit, conv, norm, x, ds, fused_ds, residual):
             shortcut = shortcut.to(unit.y.dtype)
     return _RecomputedTail.apply(unit.y, unit.gamma, unit.beta, unit.mean, unit.invstd, unit.count, weight, gamma,
                                  beta, shortcut, x_d, weight_d, gamma_d, beta_d, spec)
-
-
-def set_memory_mode(model, mode):
-    """Sets how every fastres block in `model` (the root included) trains: "recompute" (the default: each conv's
-    raw output is kept, BN + ReLU recomputed in backward, and a Bottleneck's last 1x1 conv and its projection run
-    again in backward: the least memory, for about 1/4 more forward conv work) or "lean" (every conv's raw output
-    kept: 1-8% faster steps on CPU, 0.85x instead of 0.52x of torchvision's activation memory for ResNet-50).
-    Returns the model."""
-    if mode not in MEMORY_MODES:
-        raise ValueError(f"set_memory_mode: mode must be one of {', '.join(map(repr, MEMORY_MODES))}, got {mode!r}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"set_memory_mode: model must be an nn.Module, got {type(model).__name__}")
-    from fastres.nn.blocks import _FusedBlock  # blocks imports this module
-    for m in model.modules():
-        if isinstance(m, _FusedBlock):
-            m.memory_mode = mode
-    return model

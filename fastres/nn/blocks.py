@@ -8,9 +8,10 @@ from torch import nn
 
 from fastres import ops
 from fastres.nn import _lean
-from fastres.nn._fused import FusedModuleMixin, _affine, _bn_momentum, conv_norm_act, functorch_active, has_hooks, \
-    is_plain_relu, keep_memory_format, norm_kind, unit_fusable
-from fastres.nn.sync_bn import group_of
+from fastres.nn._collectives import group_of
+from fastres.nn._fused import FusedModuleMixin, _affine, _bn_momentum, functorch_active, has_hooks, is_plain_relu, \
+    keep_memory_format, norm_kind, unit_fusable
+from fastres.nn._lean import MEMORY_MODES, conv_norm_act
 
 
 def conv3x3(in_planes, out_planes, stride=1, groups=1, dilation=1):
@@ -177,3 +178,19 @@ class Bottleneck(_FusedBlock):
 
     def _units(self):
         return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
+
+
+def set_memory_mode(model, mode):
+    """Sets how every fastres block in `model` (the root included) trains: "recompute" (the default: each conv's
+    raw output is kept, BN + ReLU recomputed in backward, and a Bottleneck's last 1x1 conv and its projection run
+    again in backward: the least memory, for about 1/4 more forward conv work) or "lean" (every conv's raw output
+    kept: 1-8% faster steps on CPU, 0.85x instead of 0.52x of torchvision's activation memory for ResNet-50).
+    Returns the model."""
+    if mode not in MEMORY_MODES:
+        raise ValueError(f"set_memory_mode: mode must be one of {', '.join(map(repr, MEMORY_MODES))}, got {mode!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"set_memory_mode: model must be an nn.Module, got {type(model).__name__}")
+    for m in model.modules():
+        if isinstance(m, _FusedBlock):
+            m.memory_mode = mode
+    return model
