@@ -121,7 +121,7 @@ setup(
     python_requires=">=3.9",
     # Triton kernels live in the top-level kernels/ folder and install as fastres.kernels
     # (never as a top-level module named `kernels`).
-    packages=["fastres", "fastres.ops", "fastres.nn", "fastres.models", "fastres.kernels"],
+    packages=["fastres", "fastres.ops", "fastres.nn", "fastres.models", "fastres.kernels", "fastres._convert"],
     package_dir={"fastres": "fastres", "fastres.kernels": "kernels"},
     install_requires=["torch>=2.11", "torchvision", "numpy", "tqdm"],
     extras_require={

@@ -7,10 +7,10 @@
 from . import ops
 from .ops import BackendUnavailableError, backend
 from . import nn, models, flops  # noqa: E402  (nn and models build on ops)
-from ._convert import convert
+from ._convert import convert, report as convert_report
 from .nn import fold_bn, freeze_bn, refresh
 from .tune import tune
 
 __version__ = "0.1.0"
-__all__ = ["ops", "nn", "models", "flops", "backend", "BackendUnavailableError", "convert", "fold_bn", "freeze_bn",
+__all__ = ["ops", "nn", "models", "flops", "backend", "BackendUnavailableError", "convert", "convert_report", "fold_bn", "freeze_bn",
            "refresh", "tune"]

@@ -5,9 +5,8 @@ features' Conv2d (+ BatchNorm2d) + ReLU triples run as one fastres op each; the 
 import torch
 from torch import nn
 
-from fastres.nn._fused import FusedModuleMixin, has_hooks, is_plain_relu, keep_memory_format, \
-    norm_kind
-from fastres.nn._lean import conv_norm_act
+from fastres.nn._fused import FusedModuleMixin, has_hooks, keep_memory_format
+from fastres.nn._lean import run_sequence, sequence_units
 
 # torchvision's configuration "E": numbers are 3x3 conv widths, "M" a 2x2 max pool.
 VGG19_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
@@ -58,28 +57,17 @@ class VGG(FusedModuleMixin, nn.Module):
                     nn.init.constant_(m.bias, 0)
         self._init_fold_cache()
 
+    def _fused_units(self):
+        if type(self.features) is not nn.Sequential:
+            return []
+        return [(conv, norm) for _, _, conv, norm, _ in
+                sequence_units([(str(i), m) for i, m in enumerate(self.features)])]
+
     def _features(self, x):
         features = self.features
         if type(features) is not nn.Sequential or has_hooks(features):
             return features(x)
-        mods = list(features)
-        i = 0
-        while i < len(mods):
-            conv = mods[i]
-            if not isinstance(conv, nn.Conv2d):
-                x = mods[i](x)
-                i += 1
-                continue
-            # conv, an optional norm a kernel understands, an optional ReLU: one unit.
-            j = i + 1
-            norm = None
-            if j < len(mods) and not isinstance(mods[j], nn.ReLU) and norm_kind(mods[j]) is not None:
-                norm = mods[j]
-                j += 1
-            relu = j < len(mods) and is_plain_relu(mods[j])
-            x = conv_norm_act(x, conv, norm, relu=relu, cache=self.fold_cache, name=str(i))
-            i = j + 1 if relu else j
-        return x
+        return run_sequence([(str(i), m) for i, m in enumerate(features)], x, self.fold_cache)
 
     def forward(self, x):
         x = keep_memory_format(self._features(x), x)

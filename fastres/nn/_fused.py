@@ -294,6 +294,11 @@ class FusedModuleMixin:
     def _init_fold_cache(self):
         self._fastres_fold_cache = FoldCache()
 
+    def _fused_units(self):
+        """[(conv, norm)]: the units this module runs through conv_norm_act (norm None: a conv on its own), for
+        fastres.convert_report. By default its `_conv_norm_pairs` (which fastres.fold_bn folds too)."""
+        return [(getattr(self, c), getattr(self, n)) for c, n in getattr(self, "_conv_norm_pairs", ())]
+
     @property
     def fold_cache(self):
         cache = self.__dict__.get("_fastres_fold_cache")

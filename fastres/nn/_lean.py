@@ -43,7 +43,7 @@ from fastres.ops import _backend, _compiled, _create_graph
 from fastres.ops._checks import like_param, memory_format
 from fastres.nn import _collectives
 from fastres.nn._fused import _affine, _affine_needs_grad, _bn_momentum, folded_conv_params, functorch_active, \
-    has_hooks, norm_kind, unit_fusable
+    has_hooks, is_plain_relu, norm_kind, unit_fusable
 
 
 def _acc(t):
@@ -644,3 +644,41 @@ def _recomputed_tail(unit, conv, norm, x, ds, fused_ds, residual):
             shortcut = shortcut.to(unit.y.dtype)
     return _RecomputedTail.apply(unit.y, unit.gamma, unit.beta, unit.mean, unit.invstd, unit.count, weight, gamma,
                                  beta, shortcut, x_d, weight_d, gamma_d, beta_d, spec)
+
+
+def sequence_units(mods, observed=()):
+    """Where a list of (name, module) pairs, called one after another, holds fusable units: [(i, j, conv, norm, relu)]
+    for mods[i:j] = a Conv2d, an optional norm that a kernel runs, an optional plain ReLU. A unit does not swallow a
+    module whose output is `observed` (returned by the caller) unless that module ends the unit."""
+    units, i = [], 0
+    while i < len(mods):
+        conv = mods[i][1]
+        if not isinstance(conv, nn.Conv2d):
+            i += 1
+            continue
+        j, norm = i + 1, None
+        if mods[i][0] not in observed and j < len(mods) and not isinstance(mods[j][1], nn.ReLU) \
+                and norm_kind(mods[j][1]) not in (None, "none"):
+            norm, j = mods[j][1], j + 1
+        relu = mods[j - 1][0] not in observed and j < len(mods) and is_plain_relu(mods[j][1])
+        units.append((i, j + 1 if relu else j, conv, norm, relu))
+        i = units[-1][1]
+    return units
+
+
+def run_sequence(mods, x, cache, observed=(), on_output=None):
+    """Calls a list of (name, module) pairs in order, each fusable unit (see sequence_units) as one conv_norm_act;
+    on_output(name, x) is called after every `observed` name."""
+    units = {i: (j, conv, norm, relu) for i, j, conv, norm, relu in sequence_units(mods, observed)}
+    i = 0
+    while i < len(mods):
+        if i in units:
+            j, conv, norm, relu = units[i]
+            x = conv_norm_act(x, conv, norm, relu=relu, cache=cache, name=mods[i][0])
+        else:
+            j = i + 1
+            x = mods[i][1](x)
+        if on_output is not None and mods[j - 1][0] in observed:
+            on_output(mods[j - 1][0], x)
+        i = j
+    return x

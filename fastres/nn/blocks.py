@@ -33,6 +33,11 @@ class _FusedBlock(FusedModuleMixin, nn.Module):
         """[(conv, norm)] of the residual branch, in order."""
         raise NotImplementedError
 
+    def _fused_units(self):
+        ds = self.downsample
+        shortcut = [(ds[0], ds[1])] if type(ds) is nn.Sequential and len(ds) == 2 else []
+        return self._units() + shortcut
+
     def _check_downsample(self, downsample):
         if downsample is not None and not self.residual:
             raise ValueError(f"{type(self).__name__}: downsample is given but residual=False: a block without a "

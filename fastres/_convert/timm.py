@@ -1,0 +1,6 @@
+"""timm: not converted yet."""
+LIBRARY = "timm"
+
+
+def converters():
+    return {}

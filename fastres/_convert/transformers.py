@@ -1,0 +1,6 @@
+"""transformers: not converted yet."""
+LIBRARY = "transformers"
+
+
+def converters():
+    return {}
