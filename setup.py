@@ -127,6 +127,9 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm", "numpy"],
         "bench": ["matplotlib", "tqdm"],
+        # benchmarks/throughput.py's CPU peers: onnxruntime (torch.onnx.export(dynamo=True) needs onnx and
+        # onnxscript) and OpenVINO; never needed by the library or its tests
+        "peers": ["onnx", "onnxscript", "onnxruntime", "openvino"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

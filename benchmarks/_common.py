@@ -247,6 +247,23 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+
+
+def cpu_flags():
+    """Which of CPU_FLAGS (the vector and matrix units CPU inference engines pick kernels by) cpu0 has, per
+    /proc/cpuinfo; None where it does not say."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    present = set(line.split(":", 1)[1].split())
+                    return [flag for flag in CPU_FLAGS if flag in present]
+    except OSError:
+        pass
+    return None
+
+
 def device_name(device):
     device = torch.device(device)
     if device.type == "cuda":
@@ -270,7 +287,8 @@ def environment(device):
     """Where and when a result was measured: for every result row."""
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "commit": git_commit(), "device": device_name(device), "device_type": torch.device(device).type,
-            "host": platform.node(), "load_average": _load_average(), "versions": versions()}
+            "host": platform.node(), "load_average": _load_average(), "versions": versions(),
+            "cpu": cpu_name(), "cpu_flags": cpu_flags()}
 
 
 def _load_average():

@@ -14,7 +14,38 @@ large net takes minutes):
                         ("reduce-overhead" with --cuda-graphs)
   compile-max-autotune  the same with mode "max-autotune-no-cudagraphs" ("max-autotune" with --cuda-graphs, i.e.
                         exactly torch.compile(mode="max-autotune"))
-A compile provider whose compilation fails or outlasts --compile-timeout is dropped, and the reason printed.
+CPU inference peers (--device cpu --mode infer; what a user would run instead, same weights and inputs):
+  eager-nchw            the reference in NCHW, with NCHW batches (eager itself runs in the run's layout,
+                        channels_last by default on CPU)
+  compile-freezing      torch.compile of a copy of the reference, mode "default", with
+                        torch._inductor.config.freezing = True only around its first call (the compilation):
+                        weights become constants, BN folded into the convolutions
+  onnxruntime           the reference exported with torch.onnx.export(dynamo=True) (dynamo=False, with a note, if
+                        that fails), an InferenceSession on CPUExecutionProvider, graph optimizations ALL (folds BN),
+                        intra-op threads = torch.get_num_threads()
+  openvino              the reference converted by openvino.convert_model, compiled for "CPU" with
+                        INFERENCE_PRECISION_HINT f32, INFERENCE_NUM_THREADS = torch's threads, PERFORMANCE_HINT LATENCY
+  openvino-bf16         the same with INFERENCE_PRECISION_HINT bf16 (skipped on a CPU OpenVINO lists without BF16)
+  eager-autocast        the reference (fp32 weights, the run's layout) under torch.autocast("cpu", torch.bfloat16)
+  fastres-autocast      fastres under the same autocast
+  --providers peers     fastres, eager and all of the above (eager-nchw only where eager is channels_last)
+The onnxruntime and OpenVINO engines take NCHW batches (what their users hold; the conversion from the run's layout
+is untimed, as for eager-nchw) and get them as numpy arrays: Tensor.numpy() shares the tensor's memory, inside the
+timed call. Their peak memory is not measured (they allocate outside torch's allocator). Packages:
+`pip install -e ".[peers]"`; a peer whose package is missing is skipped with a note, as is one whose export,
+conversion or compilation fails. --dtype bf16 is not autocast: it converts weights and inputs to bf16 (no fp32
+anywhere); the autocast providers keep fp32 weights and inputs, as a user of autocast does.
+When peers run, every provider but eager is held to fastres's tolerance rule (fastres.testing) on the first images
+of a batch against a float64 forward: its error at most twice eager's in the same precision (the worse of NCHW and
+channels_last; the bf16 peers against eager under autocast) plus a few ulps ("agreement_float64"; a provider outside
+the bound is measured and marked DISAGREES). Each run records the CPU, its flags (avx2, avx512f, avx512_vnni,
+avx512_bf16, amx_bf16) and the engines' versions.
+The CPU peer table (ResNet-50 v1.5, 224x224, 2 threads, batch 1 and 8):
+    for b in 1 8; do OMP_NUM_THREADS=2 python benchmarks/throughput.py --arch resnet50 --providers peers \
+        --batch-size $b --save; done
+Its two autocast rows alone: --providers eager,eager-autocast,fastres,fastres-autocast (channels_last, the default).
+A compile provider (or an engine) whose compilation fails or outlasts --compile-timeout is dropped, and the reason
+printed.
 --cuda-graphs (CUDA only): fastres and eager are captured whole into a CUDA graph (the training step with its
 optimizer step; a provider whose capture fails is timed without one, and says so), the compile providers use
 their CUDA-graph modes. Each replay first copies the batch into the graph's static input, as the compile modes do.
@@ -35,6 +66,7 @@ import time
 _PROCESS_START = time.perf_counter()  # the reported wall time includes imports and model building
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -45,14 +77,26 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
+import _peers  # noqa: E402
 import fastres.nn as fnn  # noqa: E402
+from fastres import testing  # noqa: E402
 
-PROVIDERS = ("fastres", "eager", "compile", "compile-max-autotune")
-DEFAULT_PROVIDERS = {"cuda": PROVIDERS, "cpu": ("fastres", "eager")}
+# What a CPU user would run instead of fastres (--mode infer, --device cpu): see the module docstring.
+CPU_PEERS = ("eager-nchw", "compile-freezing", "onnxruntime", "openvino", "openvino-bf16", "eager-autocast",
+             "fastres-autocast")
+PROVIDERS = ("fastres", "eager", "compile", "compile-max-autotune") + CPU_PEERS
+DEFAULT_PROVIDERS = {"cuda": PROVIDERS[:4], "cpu": ("fastres", "eager")}
+PEERS_KEYWORD = "peers"  # --providers peers: fastres, eager and every CPU peer
+FP32_ONLY = ("onnxruntime", "openvino", "openvino-bf16", "eager-autocast", "fastres-autocast")
+AUTOCAST = ("eager-autocast", "fastres-autocast")  # fp32 weights and inputs, forward under autocast to bf16
+BF16_PEERS = ("openvino-bf16",) + AUTOCAST  # held to eager under autocast to bf16 in the agreement check
+OPENVINO_PRECISION = {"openvino": "f32", "openvino-bf16": "bf16"}
 # torch.compile mode per (provider, --cuda-graphs)
 COMPILE_MODES = {("compile", False): "default", ("compile", True): "reduce-overhead",
                  ("compile-max-autotune", False): "max-autotune-no-cudagraphs",
-                 ("compile-max-autotune", True): "max-autotune"}
+                 ("compile-max-autotune", True): "max-autotune",
+                 ("compile-freezing", False): "default"}
+AGREEMENT_IMAGES = 2  # images of the first batch held to a float64 forward when CPU peers run
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Per device type: batch size, timed batches, warm-up rounds, time budget of the timed batches (seconds; 0: none).
 # The CPU budget keeps a default run of the largest nets within about three minutes on a small, shared machine.
@@ -125,11 +169,33 @@ class Provider:
     body: object = None     # what a CUDA graph captures (fastres, eager), see make_step
     zero_grad: object = None
     compile_mode: str = None
+    fallible: bool = False  # compilers and engines: a first batch that fails or times out drops the provider
+    inputs: list = None     # the batches in this provider's own layout (same values); None: the run's
+    measure_memory: bool = True  # False: the engine allocates outside torch's allocator
     times: list = dataclasses.field(default_factory=list)
     first_call_s: float = None
     peak_memory: int = None
     graphed: bool = False
     notes: list = dataclasses.field(default_factory=list)
+
+    def batch(self, inputs, i):
+        """The i-th (x, target) of the run's batches, in this provider's layout."""
+        own = self.inputs or inputs
+        return own[i % len(own)]
+
+
+class LazyEngine:
+    """A step that builds its engine (export or conversion, then compilation) from the first batch it is given, so
+    that the first batch's time includes it and a failure or timeout drops the provider as for torch.compile."""
+
+    def __init__(self, provider_notes, build):
+        self.notes, self.build, self.run = provider_notes, build, None
+
+    def __call__(self, x, target):
+        if self.run is None:
+            self.run, notes = self.build(x)
+            self.notes.extend(notes)
+        return self.run(x)
 
 
 # ---------------------------------------------------------------- setup
@@ -174,34 +240,96 @@ def make_step(model, mode, forward=None, mark_cudagraph_step=False):
     return train, body, zero_grad
 
 
-def prepare(model, s):
-    fmt = torch.channels_last if s.channels_last else torch.contiguous_format
+def prepare(model, s, channels_last=None):
+    channels_last = s.channels_last if channels_last is None else channels_last
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     return model.to(device=s.device, dtype=s.dtype, memory_format=fmt)
 
 
-def build_providers(s):
+def twin(model, build):
+    """A fresh model from build() holding `model`'s weights and buffers (strict)."""
+    copy_ = build()
+    copy_.load_state_dict(model.state_dict(), strict=True)
+    return copy_.train(model.training)
+
+
+def freezing_on_first_call(compiled):
+    """compiled(x), with torch._inductor.config.freezing set only around its first call (where torch.compile
+    compiles): the weights become constants of the graph (BN folded into the convolutions, weights prepacked)."""
+    state = {"compiled": False}
+
+    def forward(x):
+        if state["compiled"]:
+            return compiled(x)
+        with torch._inductor.config.patch(freezing=True):
+            out = compiled(x)
+        state["compiled"] = True
+        return out
+    return forward
+
+
+def autocast_bf16(model, device):
+    def forward(x):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return model(x)
+    return forward
+
+
+def build_engine(name, reference, s):
+    """The build function of an onnxruntime or OpenVINO provider's LazyEngine: from the reference model's weights,
+    an fp32, eval, NCHW copy is exported or converted for the first batch's shape."""
+    converted = {}  # the OpenVINO conversion, shared by that provider's first (and only) build
+
+    def build(x):
+        model = twin(reference, lambda: C.build_reference(s.arch)).float().eval()
+        if name == "onnxruntime":
+            return _peers.onnxruntime_engine(model, x, torch.get_num_threads())
+        return _peers.openvino_engine(model, x, torch.get_num_threads(), OPENVINO_PRECISION[name], converted)
+    return build
+
+
+def build_providers(s, inputs, skipped):
+    """The providers of --providers that can run here; those that cannot (a package not installed, no bf16 on this
+    CPU) go into `skipped`, with a note on stderr."""
     # BN statistics calibrated on a small random batch: keeps activations in range (fp16) like a trained net's.
     fast, ref = C.build_pair(s.arch, seed=s.seed, calibrate_shape=(4, 3, s.input_size, s.input_size))
     if s.memory_mode is not None:
         fnn.set_memory_mode(fast, s.memory_mode)
     models = {"fastres": fast, "eager": ref}
     for name in s.providers:
-        if name.startswith("compile"):
-            twin = C.build_reference(s.arch)
-            twin.load_state_dict(ref.state_dict(), strict=True)
-            models[name] = twin
+        why = _peers.unavailable(name)
+        if why is not None:
+            skipped[name] = why
+            print(f"{name} provider skipped: {why}", file=sys.stderr)
+        elif name.startswith("compile") or name in ("eager-nchw", "eager-autocast"):
+            models[name] = twin(ref, lambda: C.build_reference(s.arch))
+        elif name == "fastres-autocast":
+            models[name] = twin(fast, lambda: C.build_fastres(s.arch))
+    # eager-nchw and the engines take NCHW batches (the same values): what their users hold, converted untimed
+    nchw_inputs = [(x.contiguous(), target) for x, target in inputs] if s.channels_last else None
     providers = []
     for name in s.providers:
-        model = prepare(models[name], s)
+        if name in skipped:
+            continue
+        if name in _peers.ENGINES:
+            p = Provider(name, prepare(ref, s), None, fallible=True, inputs=nchw_inputs, measure_memory=False)
+            p.step = LazyEngine(p.notes, build_engine(name, ref, s))
+            providers.append(p)
+            continue
+        model = prepare(models[name], s, channels_last=False if name == "eager-nchw" else None)
         if name.startswith("compile"):
             compile_mode = COMPILE_MODES[(name, s.cuda_graphs)]
             forward = torch.compile(model, mode=compile_mode)
+            if name == "compile-freezing":
+                forward = freezing_on_first_call(forward)
             step, body, zero_grad = make_step(model, s.mode, forward, mark_cudagraph_step=s.cuda_graphs)
-            providers.append(Provider(name, model, step, None, zero_grad, compile_mode))
+            providers.append(Provider(name, model, step, None, zero_grad, compile_mode, fallible=True))
         else:
-            step, body, zero_grad = make_step(model, s.mode)
-            providers.append(Provider(name, model, step, body, zero_grad))
-    return providers
+            forward = autocast_bf16(model, s.device) if name in AUTOCAST else None
+            step, body, zero_grad = make_step(model, s.mode, forward)
+            providers.append(Provider(name, model, step, body, zero_grad,
+                                      inputs=nchw_inputs if name == "eager-nchw" else None))
+    return providers, ref
 
 
 def make_inputs(s):
@@ -236,6 +364,50 @@ def check_agreement(providers, x, device):
     return {"max_abs_diff": diff, "max_abs_eager": scale, "relative": diff / scale if scale else diff}
 
 
+def check_against_float64(providers, inputs, s, reference):
+    """When CPU peers run (--mode infer): every provider but eager on the first batch (its first AGREEMENT_IMAGES
+    images), held to fastres's tolerance rule (fastres.testing) against a float64 forward of the reference: error
+    at most twice eager's in the same precision (the worse of its NCHW and channels_last runs) plus a few ulps.
+    The bf16 peers (OpenVINO bf16, the autocast providers) are held to eager under autocast to bf16. Run after the
+    first batches (engines and compilations exist then), untimed. A provider outside the bound is not dropped: its
+    row says so. Returns {provider: {precision, max_error, eager_error, bound, ok}}."""
+    k = min(s.batch_size, AGREEMENT_IMAGES)
+    x = inputs[0][0][:k]
+    reference = copy.deepcopy(reference).eval()
+    with torch.inference_mode():
+        ref64 = copy.deepcopy(reference).to(torch.float64, memory_format=torch.contiguous_format)(x.double())
+    eager_errors = {}
+
+    def eager_error(autocast):
+        if autocast not in eager_errors:
+            errors = []
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                model = reference.to(memory_format=fmt)
+                with torch.inference_mode(), torch.autocast(s.device.type, torch.bfloat16, enabled=autocast):
+                    errors.append(testing.max_error(model(x.contiguous(memory_format=fmt)), ref64))
+            eager_errors[autocast] = max(errors)
+        return eager_errors[autocast]
+
+    checks = {}
+    for p in providers:
+        if p.name == "eager":
+            continue
+        autocast = p.name in BF16_PEERS
+        with torch.inference_mode():
+            out = p.step(*p.batch(inputs, 0))[:k]
+        aten = eager_error(autocast)
+        dtype = torch.bfloat16 if autocast else s.dtype
+        err = testing.max_error(out, ref64)
+        limit = testing.bound(aten, dtype, ref64)
+        checks[p.name] = {"precision": "bf16 (vs eager under autocast)" if autocast else s.dtype_name,
+                          "max_error": err, "eager_error": aten, "bound": limit, "ok": err <= limit}
+        if err > limit:
+            p.notes.append(f"DISAGREES with the float64 reference: max error {err:.3g} > 2 x eager's {aten:.3g} "
+                           f"+ floor ({limit:.3g})")
+            print(f"{p.name}: {p.notes[-1]}", file=sys.stderr)
+    return checks
+
+
 def _short(e):
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
@@ -244,9 +416,9 @@ def first_calls(providers, inputs, s, interrupts, skipped):
     """Each provider's first batch, one provider after another (compilation and autotuning happen here; a
     compile provider that fails or runs out of time is dropped into `skipped`)."""
     timer = C.Timer(s.device)
-    x, target = inputs[0]
     for p in providers:
-        timeout = s.compile_timeout if p.compile_mode else 0.0
+        x, target = p.batch(inputs, 0)
+        timeout = s.compile_timeout if p.fallible else 0.0
         try:
             with interrupts.abandonable(timeout):
                 p.first_call_s = (p.first_call_s or 0.0) + timer(p.step, x, target)
@@ -256,8 +428,8 @@ def first_calls(providers, inputs, s, interrupts, skipped):
             skipped[p.name] = f"out of memory in the first batch: {_short(e)}"
             p.model, p.step, p.body = None, None, None
             torch.cuda.empty_cache()
-        except Exception as e:  # torch.compile can fail for reasons outside fastres (no C++ compiler, ...)
-            if not p.compile_mode:
+        except Exception as e:  # torch.compile, exporters, engines can fail for reasons outside fastres
+            if not p.fallible:
                 raise
             # torch.compile re-raises a TimeLimit raised inside it wrapped in its own error
             skipped[p.name] = (f"first batch not finished: compile timeout ({timeout:g} s)"
@@ -310,12 +482,15 @@ def memory_and_graphs(providers, inputs, s):
     """Each provider's second batch: its peak memory (C.peak_memory); with --cuda-graphs, fastres and eager are
     captured here instead, and the peak of the capture is theirs (it runs the step on a side stream and records
     it; the graph's memory is the step's)."""
-    x, target = inputs[0]
     pool = None
     if s.cuda_graphs:
         torch.cuda.empty_cache()  # memory cached by the first batches cannot serve the graphs' private pool
         pool = torch.cuda.graph_pool_handle()
     for p in providers:
+        x, target = p.batch(inputs, 0)
+        if not p.measure_memory:
+            p.notes.append("peak memory not measured: the engine allocates outside torch's allocator")
+            continue
         if s.cuda_graphs and p.body is not None:
             plain_step = p.step
             torch.cuda.synchronize(s.device)
@@ -357,10 +532,9 @@ def run_interleaved(providers, inputs, s, interrupts):
             break
         if interrupts.stop and i < s.warmup:
             continue  # skip the rest of the warm-up
-        x, target = inputs[i % len(inputs)]
         k = i % len(providers)
         for p in providers[k:] + providers[:k]:
-            dt = timer(p.step, x, target)
+            dt = timer(p.step, *p.batch(inputs, i))
             if i >= s.warmup:
                 p.times.append(dt)
             bar.update(1)
@@ -412,7 +586,7 @@ def count_macs(providers, s):
 
 
 # ---------------------------------------------------------------- report
-def report(s, env, results, counted, ceiling, agreement, skipped, timed_rounds, wall_s, stopped):
+def report(s, env, results, counted, ceiling, agreement, float64_checks, skipped, timed_rounds, wall_s, stopped):
     arch = s.arch
     fmt = "channels_last" if s.channels_last else "NCHW"
     print(f"{arch.label} | {s.mode} | {s.dtype_name} | batch {s.batch_size} | "
@@ -451,11 +625,18 @@ def report(s, env, results, counted, ceiling, agreement, skipped, timed_rounds, 
     print(C.format_table(header, rows))
     print(f"* {C.memory_label(s.device)}" + ("; for graph-captured providers, during the capture"
                                              if s.cuda_graphs else ""))
-    print("** the first batch: compilation and autotuning (fastres, eager: with the agreement check's forward)")
+    print("** the first batch: compilation and autotuning (fastres, eager: with the agreement check's forward; "
+          "onnxruntime, openvino: with the export or conversion)")
     print("vs X: this provider's median images/s over X's")
     if agreement is not None:
         print(f"outputs agree? max |fastres - eager| = {agreement['max_abs_diff']:.3g} "
               f"(max |eager| = {agreement['max_abs_eager']:.3g}, relative {agreement['relative']:.2g})")
+    if float64_checks:
+        print(f"against a float64 forward ({AGREEMENT_IMAGES} images; bound: 2 x eager's error in that precision + "
+              "floor, fastres.testing): " + "; ".join(
+                  f"{name} {c['max_error']:.2g} <= {c['bound']:.2g}" if c["ok"]
+                  else f"{name} {c['max_error']:.2g} > {c['bound']:.2g} DISAGREES"
+                  for name, c in float64_checks.items()))
     for name, r in results.items():
         for note in r["notes"]:
             print(f"note {name}: {note}")
@@ -498,8 +679,9 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
                    help="default: on (CUDA; CPU too: measured faster there)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    p.add_argument("--providers", help=f"comma-separated, from {','.join(PROVIDERS)} "
-                                       "(default: all on CUDA, fastres,eager on CPU)")
+    p.add_argument("--providers", help=f"comma-separated, from {','.join(PROVIDERS)}; {PEERS_KEYWORD}: fastres, "
+                                       "eager and every CPU peer (default: fastres,eager,compile,compile-max-autotune "
+                                       "on CUDA, fastres,eager on CPU)")
     p.add_argument("--cuda-graphs", action="store_true", help="capture each provider into CUDA graphs (CUDA only)")
     p.add_argument("--compile-timeout", type=float, default=0.0, metavar="SECONDS",
                    help="drop a compile provider whose first batch (compilation) takes longer (default 0: no limit)")
@@ -520,13 +702,34 @@ def parse_args(argv=None):
     except ValueError as e:
         p.error(f"--arch: {e}")
     device = C.parse_device(p, args.device, tuple(DEFAULTS))
+    if args.channels_last is not None:
+        channels_last, why = args.channels_last, "flag"
+    elif device.type == "cuda":
+        channels_last, why = True, "cuda default"
+    else:
+        channels_last, why = CPU_CHANNELS_LAST, CPU_CHANNELS_LAST_NOTE
     if args.providers is None:
         providers = DEFAULT_PROVIDERS[device.type]
     else:
-        providers = tuple(n.strip() for n in args.providers.split(",") if n.strip())
+        providers = ()
+        for n in (n.strip() for n in args.providers.split(",") if n.strip()):
+            if n == PEERS_KEYWORD:  # eager-nchw only where eager is not NCHW already
+                providers += tuple(q for q in ("fastres", "eager") + CPU_PEERS
+                                   if q not in providers and (q != "eager-nchw" or channels_last))
+            else:
+                providers += (n,)
     unknown = [n for n in providers if n not in PROVIDERS]
     if unknown or not providers or len(set(providers)) != len(providers):
-        p.error(f"--providers must be distinct names from {','.join(PROVIDERS)}, got {args.providers!r}")
+        p.error(f"--providers must be distinct names from {','.join(PROVIDERS)} (or {PEERS_KEYWORD}: fastres, "
+                f"eager and every CPU peer), got {args.providers!r}")
+    peers = [n for n in providers if n in CPU_PEERS]
+    if peers and (device.type != "cpu" or args.mode != "infer"):
+        p.error(f"--providers {','.join(peers)}: CPU inference peers, for --device cpu --mode infer")
+    if [n for n in providers if n in FP32_ONLY] and args.dtype not in (None, "fp32"):
+        p.error(f"--providers {','.join(n for n in providers if n in FP32_ONLY)} need --dtype fp32 "
+                "(their bf16 is a precision hint or autocast over fp32 weights)")
+    if "eager-nchw" in providers and not channels_last:
+        p.error("--providers eager-nchw: eager already runs NCHW with --no-channels-last")
     if args.memory_mode is not None and args.mode != "train":
         p.error("--memory-mode applies to --mode train")
     if args.cuda_graphs and device.type != "cuda":
@@ -546,12 +749,6 @@ def parse_args(argv=None):
         p.error(f"--time-budget and --compile-timeout must be >= 0, got {time_budget} and {args.compile_timeout}")
     if input_size < 8:
         p.error(f"--input-size must be >= 8, got {input_size}")
-    if args.channels_last is not None:
-        channels_last, why = args.channels_last, "flag"
-    elif device.type == "cuda":
-        channels_last, why = True, "cuda default"
-    else:
-        channels_last, why = CPU_CHANNELS_LAST, CPU_CHANNELS_LAST_NOTE
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     return args, Settings(arch, args.mode, dtype, device, batch_size, input_size, channels_last, why,
                           iters, warmup, time_budget, providers, args.cuda_graphs, args.compile_timeout, args.seed,
@@ -564,16 +761,20 @@ def main(argv=None):
     if s.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # every provider's convs pick their fastest cuDNN algorithm
     env = C.environment(s.device)
-    providers = build_providers(s)
+    env["versions"].update(_peers.versions(s.providers))
     inputs = make_inputs(s)
+    skipped = {}
+    providers, reference = build_providers(s, inputs, skipped)
     counted = count_macs(providers, s)
     agreement = check_agreement(providers, inputs[0][0], s.device)
-    skipped = {}
     providers = first_calls(providers, inputs, s, interrupts, skipped)
     if not providers:
         print("no provider finished its first batch: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()),
               file=sys.stderr)
         return 1
+    float64_checks = None
+    if any(p.name in CPU_PEERS for p in providers):
+        float64_checks = check_against_float64(providers, inputs, s, reference)
     memory_and_graphs(providers, inputs, s)
     timed_rounds = run_interleaved(providers, inputs, s, interrupts)
     for p in providers:  # timings of overflowed arithmetic would be fiction: say so if it happened
@@ -584,11 +785,13 @@ def main(argv=None):
     results = {p.name: summarize(p, s, macs, ceiling) for p in providers}
     add_ratios(results)
     wall_s = time.perf_counter() - _PROCESS_START
-    report(s, env, results, counted, ceiling, agreement, skipped, timed_rounds, wall_s, interrupts.stop)
+    report(s, env, results, counted, ceiling, agreement, float64_checks, skipped, timed_rounds, wall_s,
+           interrupts.stop)
     run = {"benchmark": "throughput", **env, "settings": s.to_dict(),
            "macs_per_image": {"paper": s.arch.paper_macs, "counted": counted,
                               "counted_work": "forward + backward" if s.mode == "train" else "forward"},
            "ceiling": ceiling, "memory_measure": C.memory_label(s.device), "agreement": agreement,
+           "agreement_float64": float64_checks,
            "results": results, "timed_batches": timed_rounds, "skipped": skipped,
            "stopped_early": interrupts.stop, "wall_s": wall_s}
     for path in C.write_results(args, "throughput", run, csv_rows(env, s, results, ceiling, timed_rounds),

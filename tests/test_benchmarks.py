@@ -399,6 +399,13 @@ def test_interrupts_run_ends_the_function_at_sigterm():
     ("throughput", ["--arch", "resnet18", "--compile-timeout", "-1"], "--compile-timeout"),
     ("throughput", ["--arch", "resnet18", "--memory-mode", "lean"], "--memory-mode applies to --mode train"),
     ("throughput", ["--arch", "resnet18", "--mode", "train", "--memory-mode", "checkpoint"], "--memory-mode"),
+    ("throughput", ["--arch", "resnet18", "--device", "cpu", "--mode", "train", "--providers", "fastres,onnxruntime"],
+     "CPU inference peers"),
+    ("throughput", ["--arch", "resnet18", "--device", "cpu", "--providers", "eager,openvino", "--dtype", "bf16"],
+     "need --dtype fp32"),
+    ("throughput", ["--arch", "resnet18", "--device", "cpu", "--no-channels-last", "--providers", "eager,eager-nchw"],
+     "eager already runs NCHW"),
+    ("throughput", ["--arch", "resnet18", "--device", "cpu", "--providers", "peers,eager"], "--providers"),
     ("train_modes", ["--batch-size", "1"], "--batch-size"),
     ("train_modes", ["--rounds", "0"], "--rounds"),
     ("train_modes", ["--arch", "resnet9000"], "--arch"),
@@ -426,6 +433,109 @@ def test_throughput_defaults():
     modes = throughput.COMPILE_MODES
     assert modes[("compile-max-autotune", True)] == "max-autotune"  # exactly torch.compile(mode="max-autotune")
     assert modes[("compile", False)] == "default"
+
+
+# ------------------------------------------------------------------------------------------------ CPU peers
+def test_throughput_peers_keyword():
+    """--providers peers: fastres, eager and every CPU peer; eager-nchw only where eager is channels_last."""
+    _, s = throughput.parse_args(["--arch", "resnet50", "--device", "cpu", "--providers", "peers"])
+    assert s.providers == ("fastres", "eager", "eager-nchw", "compile-freezing", "onnxruntime", "openvino",
+                           "openvino-bf16", "eager-autocast", "fastres-autocast") and s.channels_last
+    _, s = throughput.parse_args(["--arch", "resnet50", "--device", "cpu", "--providers", "onnxruntime,peers",
+                                  "--no-channels-last"])
+    assert s.providers[0] == "onnxruntime" and "eager-nchw" not in s.providers and len(s.providers) == 8
+
+
+def test_freezing_only_around_the_first_call():
+    """compile-freezing sets inductor's freezing for the first call (where torch.compile compiles), and restores it."""
+    import torch._inductor.config as inductor_config
+    seen = []
+    forward = throughput.freezing_on_first_call(lambda x: seen.append(inductor_config.freezing) or x)
+    before = inductor_config.freezing
+    forward(1), forward(2)
+    assert seen == [True, before] and inductor_config.freezing == before
+
+
+def run_throughput(tmp_path, providers, *extra, env=None):
+    """throughput.py on cifar_resnet20, batch 2, two timed batches; returns (the process, its run)."""
+    json_path = tmp_path / "t.jsonl"
+    r = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "throughput.py"), "--arch", "cifar_resnet20",
+                        "--batch-size", "2", "--iters", "2", "--warmup", "0", "--providers", providers,
+                        "--json", str(json_path), *extra], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env=env or script_env())
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (run,) = read_json_lines(json_path)
+    return r, run
+
+
+def assert_peers_agree(run):
+    checks = run["agreement_float64"]
+    assert set(checks) == set(run["results"]) - {"eager"}
+    for name, c in checks.items():
+        assert c["ok"] and 0 <= c["max_error"] <= c["bound"], (name, c)
+        assert c["eager_error"] > 0  # eager's own error in that precision sets the bound
+        assert c["precision"].startswith("bf16" if name in throughput.BF16_PEERS else "fp32")
+
+
+def test_throughput_cpu_peers(tmp_path):
+    """onnxruntime, OpenVINO (bf16 where the CPU has it), eager NCHW and the autocast providers run beside fastres and
+    eager on the same weights and inputs, agree with a float64 forward under the tolerance rule, and their rows
+    record the engines' versions and the CPU."""
+    pytest.importorskip("onnxruntime")
+    openvino = pytest.importorskip("openvino")
+    has_bf16 = "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    providers = ["fastres", "eager", "eager-nchw", "onnxruntime", "openvino", "openvino-bf16", "eager-autocast",
+                 "fastres-autocast"]
+    r, run = run_throughput(tmp_path, ",".join(providers), "--csv", str(tmp_path / "t.csv"))
+    ran = [p for p in providers if has_bf16 or p != "openvino-bf16"]
+    assert list(run["results"]) == ran
+    if not has_bf16:
+        assert "no bf16 support" in run["skipped"]["openvino-bf16"]
+        assert "openvino-bf16 provider skipped: this CPU has no bf16 support" in r.stderr
+    assert_peers_agree(run)
+    for name, result in run["results"].items():
+        assert len(result["times_s"]) == 2 and all(t > 0 for t in result["times_s"])
+        assert result["first_call_s"] > 0
+        assert (result["peak_memory_bytes"] is None) == (name in ("onnxruntime", "openvino", "openvino-bf16"))
+    assert run["results"]["onnxruntime"]["notes"][0].startswith("torch.onnx.export(")
+    assert "INFERENCE_PRECISION_HINT f32" in run["results"]["openvino"]["notes"][0]
+    assert run["versions"]["onnxruntime"] and run["versions"]["openvino"] and run["versions"]["onnx"]
+    assert run["cpu"] and isinstance(run["cpu_flags"], list) and set(run["cpu_flags"]) <= set(C.CPU_FLAGS)
+    assert [row["provider"] for row in read_csv(tmp_path / "t.csv")] == ran
+
+
+def test_throughput_missing_peer_package_is_skipped(tmp_path, monkeypatch, capsys):
+    """A peer whose package is not installed (here: made unimportable, as a missing one is) is skipped with a note
+    naming the install command; the others are measured and the run exits 0. In-process: no interpreter start."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    monkeypatch.setenv("FASTRES_BENCH_CEILING_SIZE", "256")
+    json_path = tmp_path / "t.jsonl"
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGALRM)  # main installs its own
+    try:
+        assert throughput.main(["--arch", "cifar_resnet20", "--batch-size", "2", "--iters", "2", "--warmup", "0",
+                                "--providers", "fastres,eager,onnxruntime,openvino", "--no-progress",
+                                "--json", str(json_path)]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, handlers[0])
+        signal.signal(signal.SIGALRM, handlers[1])
+    err = capsys.readouterr().err
+    assert 'onnxruntime provider skipped: onnxruntime is not installed (pip install -e ".[peers]")' in err
+    assert 'openvino provider skipped: openvino is not installed (pip install -e ".[peers]")' in err
+    (run,) = read_json_lines(json_path)
+    assert set(run["results"]) == {"fastres", "eager"} and set(run["skipped"]) == {"onnxruntime", "openvino"}
+    assert run["agreement_float64"] is None and run["versions"]["onnxruntime"] is None
+
+
+@pytest.mark.slow
+def test_throughput_compile_freezing(tmp_path):
+    """torch.compile with inductor's freezing compiles (C++ on CPU: about 10 s here), agrees with float64 and leaves
+    inductor's configuration as it was."""
+    _, run = run_throughput(tmp_path, "eager,compile-freezing")
+    assert list(run["results"]) == ["eager", "compile-freezing"] and run["skipped"] == {}
+    assert run["results"]["compile-freezing"]["compile_mode"] == "default"
+    assert run["settings"]["compile_modes"] == {"compile-freezing": "default"}
+    assert_peers_agree(run)
 
 
 def test_suite_train_modes_results(suite):

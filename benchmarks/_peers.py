@@ -1,0 +1,123 @@
+"""The CPU inference engines a user would run instead of PyTorch, for benchmarks/throughput.py: onnxruntime and
+OpenVINO, each built from the reference (torchvision) model with the run's weights, never from fastres's (its ops
+do not export). Optional: `pip install -e ".[peers]"`; a provider whose package is missing is skipped with a note.
+
+Each engine takes the batch as a numpy array: Tensor.numpy() of the contiguous NCHW batch, which shares the tensor's
+memory (no copy), inside the timed call; its output comes back as a torch tensor (torch.from_numpy, no copy; OpenVINO
+copies its 8x1000 logits out of the request first)."""
+import importlib
+import os
+import sys
+import tempfile
+import warnings
+
+import torch
+
+INSTALL_HINT = 'pip install -e ".[peers]"'
+# provider -> the package it needs
+ENGINE_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "openvino-bf16": "openvino"}
+ENGINES = tuple(ENGINE_PACKAGES)
+# where a version is reported from, for each package a run used
+VERSION_PACKAGES = {"onnxruntime": ("onnxruntime", "onnx", "onnxscript"), "openvino": ("openvino",)}
+
+
+def _import(package):
+    """The module, or None when it is not installed (or its import fails: that is not installed either)."""
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        return None
+
+
+def unavailable(provider):
+    """Why `provider` cannot run on this machine (its package is not installed; OpenVINO bf16 on a CPU without
+    bf16 support), or None."""
+    package = ENGINE_PACKAGES.get(provider)
+    if package is None:
+        return None
+    if _import(package) is None:
+        return f"{package} is not installed ({INSTALL_HINT})"
+    if provider == "openvino-bf16":
+        import openvino
+        capabilities = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if "BF16" not in capabilities:
+            return f"this CPU has no bf16 support (OpenVINO's CPU capabilities: {', '.join(capabilities)})"
+    return None
+
+
+def versions(providers):
+    """{package: version} of the engines' packages that `providers` use (None: not importable)."""
+    out = {}
+    for provider in providers:
+        for package in VERSION_PACKAGES.get(ENGINE_PACKAGES.get(provider), ()):
+            module = _import(package)
+            out[package] = None if module is None else getattr(module, "__version__", "?")
+    return out
+
+
+def _short(e):
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+
+
+def _is_time_limit(e):
+    """A benchmark's time limit (its TimeLimit, maybe wrapped in an exporter's error): never to be retried."""
+    return type(e).__name__ == "TimeLimit" or "TimeLimit" in str(e)
+
+
+def export_onnx(model, x, path):
+    """model (fp32, eval) to ONNX at `path`: torch.onnx.export(dynamo=True), else dynamo=False with a printed note.
+    Returns how it was exported."""
+    kwargs = {"input_names": ["input"], "output_names": ["logits"]}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x,), path, dynamo=True, verbose=False, **kwargs)
+        return "torch.onnx.export(dynamo=True)"
+    except Exception as e:
+        if _is_time_limit(e):
+            raise
+        why = _short(e)
+    print(f"onnxruntime: the dynamo exporter failed ({why}); exporting with dynamo=False", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), path, dynamo=False, **kwargs)
+    return f"torch.onnx.export(dynamo=False) (dynamo=True failed: {why})"
+
+
+def onnxruntime_engine(model, x, threads):
+    """(run, notes): run(x) -> logits, an onnxruntime CPU session of `model` exported for x's shape, with every
+    graph optimization (BN folded into the convolutions) and `threads` intra-op threads."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "model.onnx")
+        how = export_onnx(model, x, path)
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])  # loads the weights now
+    name = session.get_inputs()[0].name
+
+    def run(x):
+        return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+    return run, [f"{how}; onnxruntime {ort.__version__} CPUExecutionProvider, graph optimizations ALL, "
+                 f"{threads} intra-op threads; input Tensor.numpy() (no copy) inside the timed call"]
+
+
+def openvino_engine(model, x, threads, precision, converted):
+    """(run, notes): run(x) -> logits, `model` converted by openvino.convert_model (once per run: `converted`
+    caches it) and compiled for "CPU" with INFERENCE_PRECISION_HINT `precision` ("f32", "bf16"),
+    INFERENCE_NUM_THREADS `threads`, PERFORMANCE_HINT LATENCY (one request uses every thread)."""
+    import openvino as ov
+    if "model" not in converted:
+        with warnings.catch_warnings():  # convert_model traces with torch.jit, which warns it is deprecated
+            warnings.simplefilter("ignore")
+            converted["model"] = ov.convert_model(model, example_input=x)
+    config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    compiled = ov.Core().compile_model(converted["model"], "CPU", config)
+    request = compiled.create_infer_request()
+
+    def run(x):
+        return torch.from_numpy(request.infer({0: x.numpy()}, share_inputs=True)[0])
+    config_text = ", ".join(f"{k} {v}" for k, v in config.items())
+    return run, [f"openvino.convert_model(torchvision model); OpenVINO {ov.__version__} CPU, {config_text}; input "
+                 f"Tensor.numpy() shared with the request (no copy) inside the timed call"]
