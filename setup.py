@@ -125,7 +125,9 @@ setup(
     package_dir={"fastres": "fastres", "fastres.kernels": "kernels"},
     install_requires=["torch>=2.11", "torchvision", "numpy", "tqdm"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm", "numpy"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm", "numpy",
+                 # the ecosystems fastres.convert and the exporters meet (their tests skip where these are missing)
+                 "timm", "transformers", "onnx", "onnxscript", "onnxruntime"],
         "bench": ["matplotlib", "tqdm"],
         # benchmarks/throughput.py's CPU peers: onnxruntime (torch.onnx.export(dynamo=True) needs onnx and
         # onnxscript) and OpenVINO; never needed by the library or its tests

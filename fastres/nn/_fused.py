@@ -247,7 +247,9 @@ def functorch_active():
 
 
 def _cacheable(sources):
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        # A graph must compute the fold from the parameters (a cached fold would be baked in as constants: it would
+        # not follow load_state_dict, and would double the saved file).
         return False
     present = [t for t in sources if t is not None]
     if any(t.device.type != "cpu" or t.is_inference() for t in present):
@@ -305,6 +307,14 @@ class FusedModuleMixin:
         if cache is None:
             cache = self.__dict__["_fastres_fold_cache"] = FoldCache()
         return cache
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every module before compiling: fastres modules pick their kernels in
+        # Python (per unit, per mode), which TorchScript's language cannot express.
+        raise TypeError(
+            f"torch.jit.script cannot compile fastres's {type(self).__name__}: its forward chooses kernels in Python. "
+            "Use torch.jit.trace(model.eval(), example) or torch.export.export(model, (example,)) (both keep the "
+            "fused ops), or script fastres.fold_bn(model.eval(), plain=True), a plain-torch copy.")
 
     def _apply(self, fn, *args, **kwargs):
         self.fold_cache.clear()

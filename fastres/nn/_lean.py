@@ -565,7 +565,8 @@ def conv_norm_act(x, conv, norm, *, relu, residual=None, cache=None, name=None):
             return torch.relu(out + residual) if plain else ops.add_relu(out, residual)
         return torch.relu(out) if relu else out
     kind = norm_kind(norm)
-    if kind == "bn_train" or (kind == "bn_eval" and _affine_needs_grad(norm)):
+    # A traced graph takes the fold whatever the grad mode (jit.trace checks its graph again under no_grad).
+    if kind == "bn_train" or (kind == "bn_eval" and _affine_needs_grad(norm) and not torch.jit.is_tracing()):
         # Eval-mode BN whose affine is being trained is normalized after the conv rather than folded: through a
         # fold, gamma's grad is sum(dW' * W) + db' * (conv_bias - mean), two large terms that cancel whenever the
         # conv outputs sit near the running mean, and it comes out several times less accurate than ATen's.

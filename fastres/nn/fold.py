@@ -51,7 +51,43 @@ def _fold_pair(conv, norm):
     conv.bias = nn.Parameter(bias.detach(), requires_grad=requires_grad)
 
 
-def fold_bn(model):
+def _plain_twin(module):
+    """The plain-torch class that runs `module`'s submodules as its fastres class does, or None: the class
+    fastres.convert swapped it from, else torchvision's class of the same structure."""
+    original = module.__dict__.get("_fastres_original_class")
+    if original is not None:
+        return original
+    from fastres.nn.blocks import BasicBlock, Bottleneck  # fold comes last in fastres.nn's chain
+    if isinstance(module, (BasicBlock, Bottleneck)) and not module.residual:
+        return None  # a plain net's block: torchvision's blocks always add a shortcut
+    twins = {"BasicBlock": ("torchvision.models.resnet", "BasicBlock"),
+             "Bottleneck": ("torchvision.models.resnet", "Bottleneck"),
+             "ResNet": ("torchvision.models.resnet", "ResNet"),
+             "VGG": ("torchvision.models.vgg", "VGG")}
+    where = twins.get(type(module).__name__) if type(module).__module__.startswith("fastres.") else None
+    if where is None:
+        return None
+    import importlib
+    return getattr(importlib.import_module(where[0]), where[1])
+
+
+def _to_plain(model):
+    """Every fastres module of `model` swapped, in place, to its plain-torch twin (see _plain_twin)."""
+    from fastres.nn._fused import FusedModuleMixin
+    for name, module in model.named_modules():
+        if not isinstance(module, FusedModuleMixin):
+            continue
+        twin = _plain_twin(module)
+        if twin is None:
+            raise ValueError(f"fold_bn(plain=True): {name or 'model'} ({type(module).__name__}) has no plain-torch "
+                             "twin (a fastres class of its own: plain nets, CIFAR ResNets)")
+        for attribute in ("_fastres_fold_cache", "_fastres_original_class", "_fastres_swapped"):
+            module.__dict__.pop(attribute, None)
+        module.__class__ = twin
+    return model
+
+
+def fold_bn(model, *, plain=False):
     """An eval-mode deep copy of `model` with each BatchNorm2d / FrozenBatchNorm2d that directly follows a Conv2d
     folded into the conv (which gains a bias) and replaced by nn.Identity. `model` itself is not touched.
 
@@ -59,6 +95,11 @@ def fold_bn(model):
     Conv2d -> BatchNorm2d in an nn.Sequential (downsample shortcuts, VGG-BN features). The copy is for inference
     only: training it would train a network without its normalization. `model` must be in eval mode, since folding
     uses the running statistics.
+
+    plain=True also turns every fastres module of the copy into plain torch (the class fastres.convert swapped it
+    from, else torchvision's BasicBlock / Bottleneck / ResNet / VGG): Conv2d with bias, ReLU and add, which any tool
+    exports or scripts (legacy ONNX export, torch.jit.script, ...). Raises ValueError for fastres classes without a
+    plain twin (plain nets, CIFAR ResNets).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_bn: model must be an nn.Module, got {type(model).__name__}")
@@ -73,4 +114,6 @@ def fold_bn(model):
             if _foldable(conv, norm):
                 _fold_pair(conv, norm)
                 setattr(module, norm_name, nn.Identity())
+    if plain:
+        _to_plain(folded)
     return folded.eval()

@@ -14,6 +14,7 @@ The backend is chosen by device (see fastres.ops._backend); `fastres.backend(nam
 import torch
 
 from . import _library  # noqa: F401  (registers the ops)
+from . import _decompositions  # noqa: F401  (registers their decompositions, for the ONNX exporter)
 from ._backend import BACKENDS, BackendUnavailableError, backend, forced_backend, select
 
 
