@@ -9,8 +9,8 @@ import torchvision
 from torch import nn
 
 import fastres
-from tests.test_nn import randomize_
-from tests.tolerance import assert_within
+from test_nn import randomize_
+from tolerance import assert_within
 
 
 def _eval_resnet(arch, seed=1):

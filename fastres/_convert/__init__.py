@@ -41,12 +41,12 @@ class ConversionReport:
     left_alone: dict       # {"layer1.0.conv2": "groups=32"}
     unfused_pairs: list    # names of convs directly followed by a norm that no fastres kernel runs
 
-    @property
-    def blocks(self):
-        return len(self.swapped)
+    blocks: int            # how many of the swapped modules are residual blocks
 
     def __str__(self):
-        text = f"converted {self.blocks} modules, {self.convs_fused}/{self.convs_total} convs through fastres"
+        others = len(self.swapped) - self.blocks
+        text = f"converted {self.blocks} blocks" + (f" and {others} other module{'s' * (others > 1)}" if others else "")
+        text += f", {self.convs_fused}/{self.convs_total} convs through fastres"
         if self.left_alone:
             shown = [f"{name} ({why})" for name, why in list(self.left_alone.items())[:8]]
             more = len(self.left_alone) - len(shown)
@@ -73,7 +73,10 @@ def _is_norm(m):
 
 def report(model):
     """The ConversionReport of `model` as it is now (see fastres.convert)."""
+    from fastres.nn.blocks import _FusedBlock
+
     swapped = getattr(model, "_fastres_swapped", {})
+    blocks = sum(isinstance(m, _FusedBlock) for m in model.modules())
     units = {}
     for m in model.modules():
         if isinstance(m, FusedModuleMixin):
@@ -99,7 +102,7 @@ def report(model):
                 following = children[k + 1][1] if k + 1 < len(children) else None
                 if following is not None and _is_norm(following):
                     pairs.append(full)
-    return ConversionReport(dict(swapped), fused, total, left, pairs)
+    return ConversionReport(dict(swapped), fused, total, left, pairs, blocks)
 
 
 def convert(model, *, strict=False):
@@ -146,7 +149,7 @@ def convert(model, *, strict=False):
     # The swap record travels with the root (not a module attribute: nothing in the state_dict or repr changes).
     model.__dict__["_fastres_swapped"] = swapped
     result = report(model)
-    log.log(logging.INFO if result.blocks else logging.WARNING, "fastres.convert(%s): %s", type(model).__name__,
+    log.log(logging.INFO if result.swapped else logging.WARNING, "fastres.convert(%s): %s", type(model).__name__,
             result)
     if strict and result.unfused_pairs:
         raise ValueError(f"convert(strict=True): {len(result.unfused_pairs)} conv + norm pairs stay unfused: "
