@@ -329,3 +329,22 @@ def test_converted_block_trains_through_the_lean_chain(case, mode, monkeypatch):
     x = torch.randn(2, fr.conv1.in_channels, 9, 9)
     assert_runs_match(fr, tv, ref, x, f"{case} {mode} train")
     assert ran and all(ran), "the lean chain did not run"
+
+
+@pytest.mark.parametrize("mode", ["lean", "recompute"])
+def test_converted_block_double_backward(mode):
+    """A gradient penalty through the lean chain (create_graph=True re-derives each conv from its saved geometry)
+    equals torchvision's, in float64."""
+    _, _, tv = _converted("dilated-projection")
+    fr = fastres.convert(copy.deepcopy(tv))
+    fnn.set_memory_mode(fr, mode)
+    set_mode(True, fr, tv)
+    x = torch.randn(2, 8, 7, 7, dtype=torch.float64)
+
+    def penalty_grads(model):
+        xi = x.clone().requires_grad_()
+        gx, = torch.autograd.grad(model(xi).square().sum(), xi, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), [p for p in model.parameters()])
+
+    for got, want in zip(penalty_grads(fr), penalty_grads(tv)):
+        torch.testing.assert_close(got, want)
