@@ -62,13 +62,20 @@ def _problem_key(kind, x, weight, stride, padding, flags, dilation=(1, 1), group
             f"{geometry}{str(x.dtype).replace('torch.', '')}{precision}|{layout}|{flags}")
 
 
-def _default_provider(x, strided_gather=False):
+def _narrow_groups(weight, groups):
+    """Groups too narrow for the MMA tiles (fewer than 16 channels a side, e.g. ResNeXt-50's first 3x3 with 4, or a
+    depthwise conv): most of every tile would be masked off."""
+    return groups > 1 and min(weight.shape[0] // groups, weight.shape[1]) < 16
+
+
+def _default_provider(x, masked_tiles=False):
     """Without a measurement: the Triton kernel on NHWC (its fast layout), and always in the interpreter (so CI
-    tests it); ATen on a GPU for NCHW, for fp32 without TF32, and for the input gradient of a strided conv (the
-    transposed gather leaves most of the Triton kernel's MMA rows masked off)."""
+    tests it); ATen on a GPU for NCHW, for fp32 without TF32, and where most of the Triton kernel's MMA tiles would
+    be masked off (masked_tiles: the input gradient of a strided conv, whose transposed gather skips most rows;
+    narrow conv groups, see _narrow_groups)."""
     if conv.interpreting() or x.device.type != "cuda":
         return "triton"
-    if memory_format(x) != torch.channels_last or strided_gather:
+    if memory_format(x) != torch.channels_last or masked_tiles:
         return "aten"
     if x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
         return "aten"  # full-fp32 FMA loops: cuDNN's fp32 kernels are the better unmeasured guess
@@ -76,12 +83,12 @@ def _default_provider(x, strided_gather=False):
 
 
 def _run_chosen(key, x, triton_fn, aten_fn, default_config, configs, reference, comparable=autotune.result_tensors,
-                strided_gather=False):
+                masked_tiles=False):
     """Runs the problem the way the autotuner chose for `key`: triton_fn(config) or aten_fn(). default_config: the
     Triton kernel's config when nothing is measured (None: its launcher's default); configs(): the ones to
     measure; reference(): the problem's outputs in float64 (comparable(result) of each candidate is checked
     against them before it is timed)."""
-    provider = _default_provider(x, strided_gather)
+    provider = _default_provider(x, masked_tiles)
     default = Choice(provider, default_config if provider == "triton" else None)
 
     def candidates():
@@ -105,7 +112,7 @@ def _run_forward(kind, flags, x, weight, stride, padding, dilation, groups, trit
 
     return _run_chosen(_problem_key(kind, x, weight, stride, padding, flags, dilation, groups), x, triton_fn,
                        aten_fn, conv.default_config(m_rows, c_out, c_in, x.dtype, kh * kw), configs, reference,
-                       comparable)
+                       comparable, masked_tiles=_narrow_groups(weight, groups))
 
 
 def _f64(*tensors):
@@ -258,7 +265,8 @@ def conv_backward(grad, x, weight, stride, padding, output_mask, dilation=(1, 1)
 
         grad_x = _run_chosen(_problem_key("dgrad", x, weight, stride, padding, "", dilation, groups), x,
                              dgrad_triton, dgrad_aten, conv.default_config(rows, c_in, c_out_g, grad.dtype, kh * kw),
-                             dgrad_configs, dgrad_reference, strided_gather=max(stride) > 1)
+                             dgrad_configs, dgrad_reference,
+                             masked_tiles=max(stride) > 1 or _narrow_groups(weight, groups))
     if need_w or need_b:
         def wgrad_triton(config):
             return conv.conv2d_weight_grad(grad, x, weight.shape, stride, padding, dilation=dilation, groups=groups,
@@ -274,7 +282,8 @@ def conv_backward(grad, x, weight, stride, padding, output_mask, dilation=(1, 1)
             return _aten_conv_backward(*_f64(grad, x, weight), *geometry, (False, True, need_b))[1:]
 
         gw, gb = _run_chosen(_problem_key("wgrad", x, weight, stride, padding, f"bias{int(need_b)}", dilation, groups),
-                             x, wgrad_triton, wgrad_aten, None, wgrad_configs, wgrad_reference)
+                             x, wgrad_triton, wgrad_aten, None, wgrad_configs, wgrad_reference,
+                             masked_tiles=_narrow_groups(weight, groups))
         grad_w = gw if need_w else None
         grad_b = gb if need_b else None
     return grad_x, grad_w, grad_b
@@ -365,7 +374,7 @@ def _prologue_weight_grad(grad, x, scale, shift, weight, relu, stride, padding, 
 
     key = _problem_key("wgrad_prologue", x, weight, stride, padding, f"relu{int(relu)}", dilation, groups)
     return _run_chosen(key, x, triton_fn, aten_fn, None, lambda: autotune.wgrad_configs(x.dtype, c_out // groups, c_in),
-                       reference)
+                       reference, masked_tiles=_narrow_groups(weight, groups))
 
 
 def _bn_relu_reference(x, scale, shift, relu):
