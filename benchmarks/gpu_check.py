@@ -156,7 +156,7 @@ def triton_kernels_everywhere():
     from fastres.kernels import autotune
     from fastres.ops import backend_triton
     default_provider, choose = backend_triton._default_provider, autotune.choose
-    backend_triton._default_provider = lambda x, strided_gather=False: "triton"
+    backend_triton._default_provider = lambda x, masked_tiles=False: "triton"
     autotune.choose = lambda key, device, default, *args, **kwargs: default
     try:
         yield

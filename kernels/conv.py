@@ -12,6 +12,10 @@ since then the K axis of A and the channel axis of the output are contiguous in 
 The same kernel computes the input gradient (TRANSPOSED=True): grad_x = conv_transpose(grad_out, w), i.e.
 A gathered from grad_out with the transposed index rule and B = w with the roles of Cin and Cout swapped.
 The weight gradient is its own kernel: a GEMM over all output pixels, split along that long axis.
+
+Grouped convs: each group is an independent GEMM over its C_in / groups input and C_out / groups output
+channels, one program axis per group (the kernels see one group's channel counts, and offset their pointers
+to the group's channels). Dilated convs: the tap (kh, kw) reads the input at (kh * dil_h, kw * dil_w).
 """
 from typing import NamedTuple
 
@@ -29,9 +33,9 @@ def _conv_kernel(
         a_ptr, w_ptr, out_ptr,
         bias_ptr, scale_ptr, res_ptr, raw_ptr, in_scale_ptr, in_shift_ptr, mean_ptr, m2_ptr,
         M, C_a, H_a, W_a, C_out, H_o, W_o,
-        stride_h, stride_w, pad_h, pad_w,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         s_an, s_ac, s_ah, s_aw,
-        s_wn, s_wc, s_wh, s_ww,
+        s_wn, s_wc, s_wh, s_ww, s_wg,
         s_on, s_oc, s_oh, s_ow,
         s_rn, s_rc, s_rh, s_rw,
         KH: tl.constexpr, KW: tl.constexpr,
@@ -51,7 +55,20 @@ def _conv_kernel(
     v = acc * scale[n] + bias[n]; STATS writes this tile's per-channel mean and sum of squared deviations from
     it, of v (BN statistics, combined later in a fixed order: deterministic, and free of the cancellation of a
     plain sum of squares); HAS_RESIDUAL adds res; RELU; the cast to out's dtype.
+    Groups: program axis 1 is the conv group; C_a and C_out are one group's channel counts, and every pointer is
+    moved to the group's channels (the weight's by s_wg per group) before the GEMM.
     """
+    grp = tl.program_id(1).to(tl.int64)
+    a_ptr += grp * C_a * s_ac
+    w_ptr += grp * s_wg
+    if PROLOGUE:
+        in_scale_ptr += grp * C_a
+        in_shift_ptr += grp * C_a
+    out_ptr += grp * C_out * s_oc
+    raw_ptr += grp * C_out * s_oc
+    res_ptr += grp * C_out * s_rc
+    bias_ptr += grp * C_out
+    scale_ptr += grp * C_out
     # Grouped tile order: GROUP_M row tiles share their B (weight) tiles while they are in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -88,7 +105,7 @@ def _conv_kernel(
             kh = tap // KW
             kw = tap % KW
             ih, iw, inside = _tap_index(oh[:, None], ow[:, None], kh[None, :], kw[None, :], H_a, W_a,
-                                        stride_h, stride_w, pad_h, pad_w, TRANSPOSED)
+                                        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, TRANSPOSED)
             a_mask = mask_m[:, None] & mask_k[None, :] & inside
             a_off = a_img[:, None] + ih.to(tl.int64) * s_ah + iw.to(tl.int64) * s_aw + c[None, :].to(tl.int64) * s_ac
             a = tl.load(a_ptr + a_off, mask=a_mask, other=0.0)
@@ -106,7 +123,8 @@ def _conv_kernel(
             mask_k = c < C_a
             kh = tap // KW
             kw = tap % KW
-            ih, iw, inside = _tap_index(oh, ow, kh, kw, H_a, W_a, stride_h, stride_w, pad_h, pad_w, TRANSPOSED)
+            ih, iw, inside = _tap_index(oh, ow, kh, kw, H_a, W_a, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                                        TRANSPOSED)
             row_ok = mask_m & inside
             a_mask = row_ok[:, None] & mask_k[None, :]
             a_row = a_img + ih.to(tl.int64) * s_ah + iw.to(tl.int64) * s_aw
@@ -131,7 +149,8 @@ def _conv_kernel(
     if STATS:
         rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
         tile_mean, tile_m2 = tile_moments(v, mask, rows)
-        stat_off = pid_m.to(tl.int64) * C_out + offs_n
+        # Statistics rows span every group's channels: [tile, C_out * groups].
+        stat_off = pid_m.to(tl.int64) * C_out * tl.num_programs(1) + grp * C_out + offs_n
         tl.store(mean_ptr + stat_off, tile_mean, mask=mask_n)
         tl.store(m2_ptr + stat_off, tile_m2, mask=mask_n)
     if HAS_RESIDUAL:
@@ -147,7 +166,7 @@ def _conv_kernel(
 def _conv_wgrad_kernel(
         g_ptr, x_ptr, gw_ptr, gb_ptr, in_scale_ptr, in_shift_ptr,
         P, C_in, H, W, C_out, H_o, W_o,
-        stride_h, stride_w, pad_h, pad_w,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         s_gn, s_gc, s_gh, s_gw,
         s_xn, s_xc, s_xh, s_xw,
         P_PER_SPLIT,
@@ -160,9 +179,18 @@ def _conv_wgrad_kernel(
     One program per (co tile, ci tile, tap) and split; partials go to gw_ptr[split, co, kh, kw, ci] (fp32) and
     are summed in a fixed order by the launcher. BIAS_GRAD: the programs of tap 0 and the first ci tile also sum
     grad_out over their pixels (the conv bias's gradient) into gb_ptr[split, co].
-    PROLOGUE recomputes the BN-apply(+ReLU) input the forward saw, from the raw x."""
+    PROLOGUE recomputes the BN-apply(+ReLU) input the forward saw, from the raw x.
+    Groups: program axis 2 is the conv group; C_in and C_out are one group's channel counts (gw_ptr's rows span
+    all groups' output channels)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
+    grp = tl.program_id(2)
+    g_ptr += grp.to(tl.int64) * C_out * s_gc
+    x_ptr += grp.to(tl.int64) * C_in * s_xc
+    if PROLOGUE:
+        in_scale_ptr += grp * C_in
+        in_shift_ptr += grp * C_in
+    C_out_all = C_out * tl.num_programs(2)
     num_m = tl.cdiv(C_out, BLOCK_M)
     num_n = tl.cdiv(C_in, BLOCK_N)
     tap = pid // (num_m * num_n)
@@ -192,7 +220,7 @@ def _conv_wgrad_kernel(
         ow = pix % W_o
         g_row = img.to(tl.int64) * s_gn + oh.to(tl.int64) * s_gh + ow.to(tl.int64) * s_gw
         g = tl.load(g_ptr + g_col[:, None] + g_row[None, :], mask=mask_co[:, None] & mask_p[None, :], other=0.0)
-        ih, iw, inside = _tap_index(oh, ow, kh, kw, H, W, stride_h, stride_w, pad_h, pad_w, False)
+        ih, iw, inside = _tap_index(oh, ow, kh, kw, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, False)
         x_mask = (mask_p & inside)[:, None] & mask_ci[None, :]
         x_row = img.to(tl.int64) * s_xn + ih.to(tl.int64) * s_xh + iw.to(tl.int64) * s_xw
         xv = tl.load(x_ptr + x_row[:, None] + x_col[None, :], mask=x_mask, other=0.0)
@@ -204,28 +232,31 @@ def _conv_wgrad_kernel(
                 bias_acc += tl.sum(g.to(tl.float32), axis=1)
 
     taps = KH * KW
-    gw_row = ((split * C_out + offs_co).to(tl.int64) * taps + tap) * C_in
+    co_all = grp * C_out + offs_co
+    gw_row = ((split * C_out_all + co_all).to(tl.int64) * taps + tap) * C_in
     tl.store(gw_ptr + gw_row[:, None] + offs_ci[None, :], acc, mask=mask_co[:, None] & mask_ci[None, :])
     if BIAS_GRAD:
         if (tap == 0) & (pid_n == 0):
-            tl.store(gb_ptr + split * C_out + offs_co, bias_acc, mask=mask_co)
+            tl.store(gb_ptr + split * C_out_all + co_all, bias_acc, mask=mask_co)
 
 
 @triton.jit
-def _tap_index(o_h, o_w, kh, kw, H_a, W_a, stride_h, stride_w, pad_h, pad_w, TRANSPOSED: tl.constexpr):
+def _tap_index(o_h, o_w, kh, kw, H_a, W_a, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+               TRANSPOSED: tl.constexpr):
     """Which input pixel (ih, iw) the tap (kh, kw) of output pixel (o_h, o_w) reads, and whether it exists
-    (False in the zero padding, and, TRANSPOSED, where the stride skips it)."""
+    (False in the zero padding, and, TRANSPOSED, where the stride skips it). The tap sits at (kh * dil_h,
+    kw * dil_w) of the dilated kernel."""
     if TRANSPOSED:
-        # grad_x[i] = sum over taps of grad_out[o] w[tap] with o * stride - pad + tap = i.
-        t_h = o_h + pad_h - kh
-        t_w = o_w + pad_w - kw
+        # grad_x[i] = sum over taps of grad_out[o] w[tap] with o * stride - pad + tap * dil = i.
+        t_h = o_h + pad_h - kh * dil_h
+        t_w = o_w + pad_w - kw * dil_w
         ih = t_h // stride_h
         iw = t_w // stride_w
         inside = (t_h >= 0) & (t_w >= 0) & (t_h - ih * stride_h == 0) & (t_w - iw * stride_w == 0) \
             & (ih < H_a) & (iw < W_a)
     else:
-        ih = o_h * stride_h - pad_h + kh
-        iw = o_w * stride_w - pad_w + kw
+        ih = o_h * stride_h - pad_h + kh * dil_h
+        iw = o_w * stride_w - pad_w + kw * dil_w
         inside = (ih >= 0) & (ih < H_a) & (iw >= 0) & (iw < W_a)
     return ih, iw, inside
 
@@ -326,34 +357,40 @@ def default_config(M, C_out, C_a, dtype, taps=9):
                       k_flat=C_a < 32 and taps > 1)
 
 
-def conv2d(x, weight, stride=1, padding=0, *, bias=None, scale=None, residual=None, relu=False,
-           in_scale=None, in_shift=None, in_relu=True, store_raw=False, stats=False, config=None):
-    """out = relu?((conv2d(prologue(x), weight) * scale + bias) + residual), in x's dtype and memory format.
+def _out_extent(size, k, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+def conv2d(x, weight, stride=1, padding=0, *, dilation=1, groups=1, bias=None, scale=None, residual=None,
+           relu=False, in_scale=None, in_shift=None, in_relu=True, store_raw=False, stats=False, config=None):
+    """out = relu?((conv2d(prologue(x), weight, dilation, groups) * scale + bias) + residual), in x's dtype and
+    memory format.
 
     prologue(x) = relu?(x * in_scale[c] + in_shift[c]) when in_scale/in_shift are given (in_relu picks the ReLU).
     Returns (out, raw, stats): raw is the bare conv result (store_raw) or None; stats a ConvStats of
     conv * scale + bias (stats) or None.
     """
-    stride, padding = _pair(stride), _pair(padding)
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
-    h_o = (h + 2 * padding[0] - kh) // stride[0] + 1
-    w_o = (w + 2 * padding[1] - kw) // stride[1] + 1
+    h_o = _out_extent(h, kh, stride[0], padding[0], dilation[0])
+    w_o = _out_extent(w, kw, stride[1], padding[1], dilation[1])
     fmt = memory_format(x)
     out = torch.empty((n, c_out, h_o, w_o), dtype=x.dtype, device=x.device, memory_format=fmt)
     raw = torch.empty_like(out) if store_raw else None
     weight = _weight_operand(weight)
     # B[(kh, kw, ci), co] = weight[co, ci, kh, kw]
     w_strides = (weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3))
-    result_stats = _launch_conv(x, weight, w_strides, out, (kh, kw), stride, padding, False, config,
-                                bias=bias, scale=scale, residual=residual, relu=relu, raw=raw,
+    result_stats = _launch_conv(x, weight, w_strides, out, (kh, kw), stride, padding, dilation, groups, False,
+                                config, bias=bias, scale=scale, residual=residual, relu=relu, raw=raw,
                                 in_scale=in_scale, in_shift=in_shift, in_relu=in_relu, stats=stats)
     return out, raw, result_stats
 
 
-def conv2d_input_grad(grad_out, weight, input_shape, stride=1, padding=0, *, config=None):
-    """grad_x of out = conv2d(x, weight, stride, padding): a transposed conv of grad_out, as implicit GEMM."""
-    stride, padding = _pair(stride), _pair(padding)
+def conv2d_input_grad(grad_out, weight, input_shape, stride=1, padding=0, *, dilation=1, groups=1, config=None):
+    """grad_x of out = conv2d(x, weight, stride, padding, dilation, groups): a transposed conv of grad_out, as
+    implicit GEMM."""
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     n, c_in, h, w = input_shape
     _, _, kh, kw = weight.shape
     grad_x = torch.empty((n, c_in, h, w), dtype=grad_out.dtype, device=grad_out.device,
@@ -361,14 +398,18 @@ def conv2d_input_grad(grad_out, weight, input_shape, stride=1, padding=0, *, con
     weight = _weight_operand(weight)
     # B[(kh, kw, co), ci] = weight[co, ci, kh, kw]: the roles of the two channel strides swap.
     w_strides = (weight.stride(1), weight.stride(0), weight.stride(2), weight.stride(3))
-    _launch_conv(grad_out, weight, w_strides, grad_x, (kh, kw), stride, padding, True, config)
+    _launch_conv(grad_out, weight, w_strides, grad_x, (kh, kw), stride, padding, dilation, groups, True, config)
     return grad_x
 
 
-def _launch_conv(a, weight, w_strides, out, taps, stride, padding, transposed, config, *, bias=None, scale=None,
-                 residual=None, relu=False, raw=None, in_scale=None, in_shift=None, in_relu=True, stats=False):
+def _launch_conv(a, weight, w_strides, out, taps, stride, padding, dilation, groups, transposed, config, *,
+                 bias=None, scale=None, residual=None, relu=False, raw=None, in_scale=None, in_shift=None, in_relu=True,
+                 stats=False):
     n, c_a, h_a, w_a = a.shape
     _, c_out, h_o, w_o = out.shape
+    c_a, c_out = c_a // groups, c_out // groups  # one group's GEMM
+    # Group g's weight rows: output channels [g, g + 1) * C_out / groups, forward and transposed alike.
+    w_group_stride = (weight.shape[0] // groups) * weight.stride(0)
     M = n * h_o * w_o
     _check_pixels(M)
     if config is None:
@@ -376,7 +417,7 @@ def _launch_conv(a, weight, w_strides, out, taps, stride, padding, transposed, c
     grid_m = triton.cdiv(M, config.block_m)
     tile_mean = tile_m2 = None
     if stats:
-        tile_mean = torch.empty((grid_m, c_out), dtype=torch.float32, device=a.device)
+        tile_mean = torch.empty((grid_m, c_out * groups), dtype=torch.float32, device=a.device)
         tile_m2 = torch.empty_like(tile_mean)
     prologue = in_scale is not None
     if prologue and transposed:
@@ -384,15 +425,15 @@ def _launch_conv(a, weight, w_strides, out, taps, stride, padding, transposed, c
     dot_fp32, precision, round_tf32 = _dot_options(a.dtype)
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
     dummy = out  # stands in for absent optional pointers; the constexpr flags keep them unread
-    grid = (grid_m * triton.cdiv(c_out, config.block_n),)
+    grid = (grid_m * triton.cdiv(c_out, config.block_n), groups)
     with device_of(a):
         _conv_kernel[grid](
             a, weight, out,
             _or(bias, dummy), _or(scale, dummy), _or(residual, dummy), _or(raw, dummy),
             _or(in_scale, dummy), _or(in_shift, dummy), _or(tile_mean, dummy), _or(tile_m2, dummy),
             M, c_a, h_a, w_a, c_out, h_o, w_o,
-            stride[0], stride[1], padding[0], padding[1],
-            *a.stride(), *w_strides, *out.stride(), *res_strides,
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            *a.stride(), *w_strides, w_group_stride, *out.stride(), *res_strides,
             KH=taps[0], KW=taps[1], TRANSPOSED=transposed, K_FLAT=config.k_flat,
             PROLOGUE=prologue, PROLOGUE_RELU=prologue and in_relu,
             HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
@@ -413,25 +454,27 @@ def default_wgrad_split(P, tiles, config, device):
     return max(1, min(want, triton.cdiv(P, 8 * config.block_k)))
 
 
-def conv2d_weight_grad(grad_out, x, weight_shape, stride=1, padding=0, *, bias_grad=False, in_scale=None,
-                       in_shift=None, in_relu=True, config=None, split=None):
-    """(grad_weight, grad_bias or None) of out = conv2d(prologue(x), weight, bias, stride, padding), from grad_out.
+def conv2d_weight_grad(grad_out, x, weight_shape, stride=1, padding=0, *, dilation=1, groups=1, bias_grad=False,
+                       in_scale=None, in_shift=None, in_relu=True, config=None, split=None):
+    """(grad_weight, grad_bias or None) of out = conv2d(prologue(x), weight, bias, stride, padding, dilation, groups),
+    from grad_out.
 
     grad_weight comes out in x's dtype, laid out channels_last when x is (else contiguous); grad_bias in fp32 ->
     x's dtype. `split` slices the pixel axis (default: by occupancy), each slice's fp32 partial being summed in
     a fixed order afterwards."""
-    stride, padding = _pair(stride), _pair(padding)
-    c_out, c_in, kh, kw = weight_shape
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    c_out, c_in, kh, kw = weight_shape  # c_in: one group's input channels
+    c_out_g = c_out // groups
     n, _, h, w = x.shape
     _, _, h_o, w_o = grad_out.shape
     P = n * h_o * w_o
     _check_pixels(P)
     if config is None:
-        config = (TileConfig(16 if c_out <= 16 else 32, 16 if c_in <= 16 else 32, 16) if interpreting()
+        config = (TileConfig(16 if c_out_g <= 16 else 32, 16 if c_in <= 16 else 32, 16) if interpreting()
                   else TileConfig(64, 64, 64 if x.dtype != torch.float32 else 32, num_warps=4, num_stages=3))
-    tiles = triton.cdiv(c_out, config.block_m) * triton.cdiv(c_in, config.block_n) * kh * kw
+    tiles = triton.cdiv(c_out_g, config.block_m) * triton.cdiv(c_in, config.block_n) * kh * kw
     if split is None:
-        split = default_wgrad_split(P, tiles, config, x.device)
+        split = default_wgrad_split(P, tiles * groups, config, x.device)
     p_per_split = triton.cdiv(triton.cdiv(P, split), config.block_k) * config.block_k
     split = triton.cdiv(P, p_per_split)
     partial = torch.empty((split, c_out, kh, kw, c_in), dtype=torch.float32, device=x.device)
@@ -440,9 +483,9 @@ def conv2d_weight_grad(grad_out, x, weight_shape, stride=1, padding=0, *, bias_g
     dot_fp32, precision, round_tf32 = _dot_options(x.dtype)
     dummy = partial
     with device_of(x):
-        _conv_wgrad_kernel[(tiles, split)](
+        _conv_wgrad_kernel[(tiles, split, groups)](
             grad_out, x, partial, _or(bias_partial, dummy), _or(in_scale, dummy), _or(in_shift, dummy),
-            P, c_in, h, w, c_out, h_o, w_o, stride[0], stride[1], padding[0], padding[1],
+            P, c_in, h, w, c_out_g, h_o, w_o, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             *grad_out.stride(), *x.stride(), p_per_split,
             KH=kh, KW=kw, PROLOGUE=prologue, PROLOGUE_RELU=prologue and in_relu, BIAS_GRAD=bias_grad,
             DOT_FP32=dot_fp32, INPUT_PRECISION=precision, ROUND_TF32=round_tf32,

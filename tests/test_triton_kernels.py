@@ -416,7 +416,7 @@ def test_bn_relu_conv_prologue_op(case, relu, provider, monkeypatch):
     """The backend functions behind fastres::bn_relu_conv: forward with the BN-apply prologue, and every gradient,
     against autograd through the plain formula; on the Triton kernels and on the ATen path the per-layer choice
     can pick (BN apply + ReLU kernel, then ATen's conv)."""
-    monkeypatch.setattr(backend_triton, "_default_provider", lambda x, strided_gather=False: provider)
+    monkeypatch.setattr(backend_triton, "_default_provider", lambda x, masked_tiles=False: provider)
     n, cin, h, w, cout, k, s, p = CASES[case]
     t = _inputs(CASES[case], "nhwc")
     grad = _fmt(torch.randn(*_out_size(CASES[case]), dtype=torch.float64), "nhwc")

@@ -9,7 +9,7 @@ decides per unit with the predicates here:
     as conv_bn_act(training=False) (see conv_norm_act);
   * the norm is nn.Identity or absent (e.g. after fastres.fold_bn) -> conv_bias_act with the conv's own bias;
   * the norm is a training-mode BatchNorm2d that tracks running stats -> fastres.ops.conv_bn_act(training=True);
-  * anything else (groups, dilation, padding modes, other norms, hooks, BN subclasses with their own forward), and
+  * anything else (padding modes, other norms, hooks, BN subclasses with their own forward), and
     everything under a torch.func transform (vmap, grad: see functorch_active) -> the plain modules, exactly as
     torchvision calls them.
 """
@@ -45,13 +45,11 @@ def is_plain_relu(m):
 
 
 def conv_fusable(conv):
-    """A Conv2d whose forward is a plain zero-padded, ungrouped, undilated convolution (what the kernels run)."""
+    """A Conv2d whose forward is a plain zero-padded convolution, grouped and dilated or not (what the kernels run)."""
     return (isinstance(conv, nn.Conv2d)
             and type(conv).forward is nn.Conv2d.forward
             and type(conv)._conv_forward is nn.Conv2d._conv_forward
             and not isinstance(conv, LazyModuleMixin)
-            and conv.groups == 1
-            and tuple(conv.dilation) == (1, 1)
             and conv.padding_mode == "zeros"
             and not isinstance(conv.padding, str)
             and not has_hooks(conv))

@@ -231,15 +231,31 @@ def _bn_backward(grad_out, out, y, mean, invstd, gamma, relu, count, group, resi
     return grad_y, grad_residual, grad_gamma, grad_beta
 
 
-def _conv_grads(grad, x, weight, stride, padding, need_x, need_w):
+def _geometry(conv):
+    """A Conv2d's (stride, padding, dilation, groups): F.conv2d's trailing arguments, in its order."""
+    return list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
+
+
+def _conv_op(x, weight, geometry):
+    """The bare conv (no bias, no ReLU) of the given geometry, through fastres.ops."""
+    stride, padding, dilation, groups = geometry
+    return ops.conv_bias_act(x, weight, None, stride, padding, None, False, dilation, groups)
+
+
+def _bn_relu_conv_op(y, scale, shift, weight, geometry):
+    stride, padding, dilation, groups = geometry
+    return ops.bn_relu_conv(y, scale, shift, weight, stride, padding, True, dilation, groups)
+
+
+def _conv_grads(grad, x, weight, stride, padding, dilation, groups, need_x, need_w):
     grad = grad.contiguous(memory_format=memory_format(x))
     backend = _backend.select("conv_bias_act", x.device)
     conv_backward = getattr(backend, "conv_backward", None)
     if conv_backward is not None:
-        gx, gw, _ = conv_backward(grad, x, weight, stride, padding, [need_x, need_w, False])
+        gx, gw, _ = conv_backward(grad, x, weight, stride, padding, [need_x, need_w, False], dilation, groups)
     else:
-        gx, gw, _ = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, [1, 1], False,
-                                                        [0, 0], 1, [need_x, need_w, False])
+        gx, gw, _ = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False,
+                                                        [0, 0], groups, [need_x, need_w, False])
     return gx, (None if gw is None else like_param(gw, weight))  # DDP needs the parameter's exact strides
 
 
@@ -268,11 +284,11 @@ class _BnReluConv(torch.autograd.Function):
     """conv2d(relu(bn(y)), weight) with bn's batch statistics given: keeps y, not relu(bn(y))."""
 
     @staticmethod
-    def forward(ctx, y, gamma, beta, weight, mean, invstd, count, stride, padding, group, eps):
+    def forward(ctx, y, gamma, beta, weight, mean, invstd, count, conv, group, eps):
         scale, shift = _coefficients(gamma, beta, mean, invstd)
-        out = ops.bn_relu_conv(y, scale, shift, weight, stride, padding, True)
+        out = _bn_relu_conv_op(y, scale, shift, weight, conv)
         ctx.selection = _backend.capture()
-        ctx.conv = (list(stride), list(padding))
+        ctx.conv = conv
         ctx.group, ctx.eps = group, eps
         ctx.save_for_backward(y, gamma, beta, weight, mean, invstd, count)
         return out
@@ -294,8 +310,7 @@ class _BnReluConv(torch.autograd.Function):
                 grad_y, _, grad_gamma, grad_beta = _bn_backward(grad_a, a, y, mean, invstd, gamma, True, count,
                                                                 ctx.group, False)
         return (grad_y, _param_grad(grad_gamma, gamma, ctx.needs_input_grad[1]),
-                _param_grad(grad_beta, beta, ctx.needs_input_grad[2]), grad_w, None, None, None, None, None, None,
-                None)
+                _param_grad(grad_beta, beta, ctx.needs_input_grad[2]), grad_w, None, None, None, None, None, None)
 
     @staticmethod
     def _backward_create_graph(ctx, grad):
@@ -303,7 +318,7 @@ class _BnReluConv(torch.autograd.Function):
         y, gamma, beta, weight = ctx.saved_tensors[:4]
         grads = _create_graph.vjp(lambda *a: _create_graph.bn_relu_conv(*a[:3], ctx.eps, a[3], *ctx.conv),
                                   (y, gamma, beta, weight), ctx.needs_input_grad[:4], grad)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 class _BnAddRelu(torch.autograd.Function):
@@ -384,10 +399,10 @@ class _TailSpec:
     statistics), process groups."""
 
     def __init__(self, conv, norm, group_prev, eps_prev, ds_conv=None, ds_norm=None):
-        self.conv = (list(conv.stride), list(conv.padding))
+        self.conv = _geometry(conv)
         self.norm, self.group_prev, self.eps_prev = norm, group_prev, eps_prev
         self.group = _collectives.group_of(norm)
-        self.ds_conv = None if ds_conv is None else (list(ds_conv.stride), list(ds_conv.padding))
+        self.ds_conv = None if ds_conv is None else _geometry(ds_conv)
         self.ds_norm = ds_norm
         self.group_d = None if ds_norm is None else _collectives.group_of(ds_norm)
 
@@ -397,7 +412,7 @@ def _recompute_conv(y_prev, scale_p, shift_p, weight, conv):
     the backend materializes it anyway (then one prologue pass serves both the conv and its weight gradient), else
     None (the Triton backend applies the prologue inside the conv)."""
     if _backend_name("bn_relu_conv", y_prev.device) == "backend_triton":
-        return ops.bn_relu_conv(y_prev, scale_p, shift_p, weight, *conv, True), None
+        return _bn_relu_conv_op(y_prev, scale_p, shift_p, weight, conv), None
     a = _prologue(y_prev, scale_p, shift_p)  # what the compiled and torch backends' bn_relu_conv convolve
     return F.conv2d(a, weight, None, *conv).contiguous(memory_format=memory_format(y_prev)), a
 
@@ -413,13 +428,13 @@ class _RecomputedTail(torch.autograd.Function):
                 gamma_d, beta_d, spec):
         ctx.selection = _backend.capture()
         scale_p, shift_p = _coefficients(gamma_p, beta_p, mean_p, invstd_p)
-        y = ops.bn_relu_conv(y_prev, scale_p, shift_p, weight, *spec.conv, True)
+        y = _bn_relu_conv_op(y_prev, scale_p, shift_p, weight, spec.conv)
         mean, invstd, count = batch_stats(y, spec.norm, spec.group)
         shortcut = residual
         mean_d = invstd_d = count_d = None
         ctx.dual = False
         if weight_d is not None:
-            yd = ops.conv_bias_act(x, weight_d, None, *spec.ds_conv, None, False)
+            yd = _conv_op(x, weight_d, spec.ds_conv)
             mean_d, invstd_d, count_d = batch_stats(yd, spec.ds_norm, spec.group_d)
             ctx.dual = _dual_applies(y, spec.group, spec.group_d)
             if ctx.dual:  # the 1-bit mask kept instead of the output
@@ -450,7 +465,7 @@ class _RecomputedTail(torch.autograd.Function):
             y, a = _recompute_conv(y_prev, scale_p, shift_p, weight, spec.conv)  # the forward's y, again
             need_d = weight_d is not None and any(need[10:14])
             if ctx.dual:
-                yd = ops.conv_bias_act(x, weight_d, None, *spec.ds_conv, None, False)
+                yd = _conv_op(x, weight_d, spec.ds_conv)
                 grad_y, grad_yd, g_gamma, g_beta, g_gamma_d, g_beta_d = _dual_backward(
                     grad, kept, True, y, mean, invstd, gamma, yd, mean_d, invstd_d, gamma_d, need_d)
                 del y, yd
@@ -462,7 +477,7 @@ class _RecomputedTail(torch.autograd.Function):
                 if need[9]:
                     grads[9] = dz
                 if need_d:
-                    yd = ops.conv_bias_act(x, weight_d, None, *spec.ds_conv, None, False)
+                    yd = _conv_op(x, weight_d, spec.ds_conv)
                     grad_yd, _, g_gamma_d, g_beta_d = _bn_backward(dz, None, yd, mean_d, invstd_d, gamma_d, False,
                                                                    count_d, spec.group_d, False)
                     del yd
@@ -518,13 +533,13 @@ class _Unit:
 
 
 def _raw_conv(x, conv):
-    return ops.conv_bias_act(x, conv.weight, None, conv.stride, conv.padding, None, relu=False)
+    return _conv_op(x, conv.weight, _geometry(conv))
 
 
 def _bn_relu_conv(unit, conv):
     weight = _autocast(conv.weight, unit.y.device.type)
     return _BnReluConv.apply(unit.y, unit.gamma, unit.beta, weight, unit.mean, unit.invstd, unit.count,
-                             list(conv.stride), list(conv.padding), unit.group, unit.eps)
+                             _geometry(conv), unit.group, unit.eps)
 
 
 def _finish(unit, relu, residual=None, shortcut=None):
@@ -577,10 +592,11 @@ def conv_norm_act(x, conv, norm, *, relu, residual=None, cache=None, name=None):
         momentum = _bn_momentum(norm) if training else 0.0
         return ops.conv_bn_act(x, conv.weight, weight_bn, bias_bn, norm.running_mean, norm.running_var,
                                training=training, momentum=momentum, eps=norm.eps, stride=conv.stride,
-                               padding=conv.padding, residual=residual, relu=relu)
+                               padding=conv.padding, residual=residual, relu=relu, dilation=conv.dilation,
+                               groups=conv.groups)
     weight, bias = folded_conv_params(conv, norm, kind, cache, name)
     return ops.conv_bias_act(x, weight, bias, stride=conv.stride, padding=conv.padding, residual=residual,
-                             relu=relu)
+                             relu=relu, dilation=conv.dilation, groups=conv.groups)
 
 
 def _lean_unit(conv, norm):

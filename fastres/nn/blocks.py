@@ -111,8 +111,10 @@ def _dual_tail(out, x, conv, norm, downsample):
         return None  # the two conv outputs would differ in dtype: the per-unit ops handle mixed dtypes
     if not _has_dual_kernel(x.device.type):
         return None  # a forced backend without a dual kernel (Triton): its conv_bn_act runs each unit instead
-    y = ops.conv_bias_act(out, conv.weight, None, conv.stride, conv.padding, None, relu=False)
-    r = ops.conv_bias_act(x, ds_conv.weight, None, ds_conv.stride, ds_conv.padding, None, relu=False)
+    y = ops.conv_bias_act(out, conv.weight, None, conv.stride, conv.padding, None, relu=False,
+                          dilation=conv.dilation, groups=conv.groups)
+    r = ops.conv_bias_act(x, ds_conv.weight, None, ds_conv.stride, ds_conv.padding, None, relu=False,
+                          dilation=ds_conv.dilation, groups=ds_conv.groups)
     w, b = _affine(norm, norm.running_var)
     wd, bd = _affine(ds_norm, ds_norm.running_var)
     return ops.dual_bn_act(y, w, b, norm.running_mean, norm.running_var, r, wd, bd, ds_norm.running_mean,

@@ -1,11 +1,11 @@
 """fastres.ops: the fused ops, registered as torch.ops.fastres.* with fake implementations and autograd.
 
     fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=1e-5) -> (weight, bias)
-    conv_bias_act(x, weight, bias=None, stride=1, padding=0, residual=None, relu=True)
+    conv_bias_act(x, weight, bias=None, stride=1, padding=0, residual=None, relu=True, dilation=1, groups=1)
     add_relu(x, residual)
     conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum=0.1, eps=1e-5,
-                stride=1, padding=0, residual=None, relu=True)
-    bn_relu_conv(x, scale, shift, weight, stride=1, padding=0, relu=True)
+                stride=1, padding=0, residual=None, relu=True, dilation=1, groups=1)
+    bn_relu_conv(x, scale, shift, weight, stride=1, padding=0, relu=True, dilation=1, groups=1)
     dual_bn_act(y, bn_weight, bn_bias, running_mean, running_var, r, r_bn_weight, r_bn_bias, r_running_mean,
                 r_running_var, training, momentum=0.1, eps=1e-5, r_momentum=0.1, r_eps=1e-5, relu=True)
 
@@ -29,25 +29,28 @@ def add_relu(x, residual):
     return torch.ops.fastres.add_relu(x, residual)
 
 
-def conv_bias_act(x, weight, bias=None, stride=1, padding=0, residual=None, relu=True):
-    """relu(conv2d(x, weight, bias, stride, padding) + residual); residual and relu optional."""
-    return torch.ops.fastres.conv_bias_act(x, weight, bias, _pair(stride), _pair(padding), residual, relu)
+def conv_bias_act(x, weight, bias=None, stride=1, padding=0, residual=None, relu=True, dilation=1, groups=1):
+    """relu(conv2d(x, weight, bias, stride, padding, dilation, groups) + residual); residual and relu optional."""
+    return torch.ops.fastres.conv_bias_act(x, weight, bias, _pair(stride), _pair(padding), residual, relu,
+                                           _pair(dilation), groups)
 
 
 def conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum=0.1, eps=1e-5,
-                stride=1, padding=0, residual=None, relu=True):
-    """relu(batch_norm(conv2d(x, weight, None, stride, padding), running_mean, running_var, bn_weight, bn_bias,
-    training, momentum, eps) + residual), with F.batch_norm's semantics: in training the batch statistics
-    normalize (biased variance) and running_mean/running_var are updated in place (unbiased variance)."""
+                stride=1, padding=0, residual=None, relu=True, dilation=1, groups=1):
+    """relu(batch_norm(conv2d(x, weight, None, stride, padding, dilation, groups), running_mean, running_var,
+    bn_weight, bn_bias, training, momentum, eps) + residual), with F.batch_norm's semantics: in training the batch
+    statistics normalize (biased variance) and running_mean/running_var are updated in place (unbiased variance)."""
     return torch.ops.fastres.conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, training,
-                                         momentum, eps, _pair(stride), _pair(padding), residual, relu)
+                                         momentum, eps, _pair(stride), _pair(padding), residual, relu,
+                                         _pair(dilation), groups)
 
 
-def bn_relu_conv(x, scale, shift, weight, stride=1, padding=0, relu=True):
-    """conv2d(relu(x * scale[c] + shift[c]), weight, None, stride, padding): the previous layer's BN apply (+ ReLU)
-    as this conv's prologue. scale and shift are per input channel; relu optional. Backward recomputes the
-    normalized input instead of keeping it."""
-    return torch.ops.fastres.bn_relu_conv(x, scale, shift, weight, _pair(stride), _pair(padding), relu)
+def bn_relu_conv(x, scale, shift, weight, stride=1, padding=0, relu=True, dilation=1, groups=1):
+    """conv2d(relu(x * scale[c] + shift[c]), weight, None, stride, padding, dilation, groups): the previous layer's
+    BN apply (+ ReLU) as this conv's prologue. scale and shift are per input channel; relu optional. Backward
+    recomputes the normalized input instead of keeping it."""
+    return torch.ops.fastres.bn_relu_conv(x, scale, shift, weight, _pair(stride), _pair(padding), relu,
+                                          _pair(dilation), groups)
 
 
 def dual_bn_act(y, bn_weight, bn_bias, running_mean, running_var, r, r_bn_weight, r_bn_bias, r_running_mean,

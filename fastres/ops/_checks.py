@@ -56,29 +56,46 @@ def pair(op, name, v, minimum):
     return v
 
 
-def conv_output_shape(op, x, weight, stride, padding):
+def conv_output_shape(op, x, weight, stride, padding, dilation=(1, 1)):
     n, _, h, w = x.shape
     kh, kw = weight.shape[2], weight.shape[3]
-    ho = (h + 2 * padding[0] - kh) // stride[0] + 1
-    wo = (w + 2 * padding[1] - kw) // stride[1] + 1
+    # The extent a dilated kernel spans: dilation * (k - 1) + 1.
+    span_h, span_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
+    ho = (h + 2 * padding[0] - span_h) // stride[0] + 1
+    wo = (w + 2 * padding[1] - span_w) // stride[1] + 1
     if ho <= 0 or wo <= 0:
-        raise ValueError(f"fastres.{op}: the kernel {kh}x{kw} is larger than the padded input "
+        dilated = f" (dilation={dilation}: it spans {span_h}x{span_w})" if tuple(dilation) != (1, 1) else ""
+        raise ValueError(f"fastres.{op}: the kernel {kh}x{kw}{dilated} is larger than the padded input "
                          f"{h + 2 * padding[0]}x{w + 2 * padding[1]} (x.shape={tuple(x.shape)}, padding={padding})")
     return (n, weight.shape[0], ho, wo)
 
 
-def check_conv(op, x, weight, bias, stride, padding, residual):
-    """Checks the conv arguments; returns (stride, padding, output shape)."""
+def check_groups(op, groups, in_channels, weight):
+    """groups: an int >= 1 dividing the output channels, with weight.shape[1] * groups input channels."""
+    if not isinstance(groups, int) or isinstance(groups, bool):
+        raise TypeError(f"fastres.{op}: groups must be an int, got {type(groups).__name__}")
+    if groups < 1:
+        raise ValueError(f"fastres.{op}: groups must be >= 1, got {groups}")
+    if weight.shape[0] % groups:
+        raise ValueError(f"fastres.{op}: groups={groups} does not divide the weight's {weight.shape[0]} output "
+                         f"channels (weight.shape[0])")
+    if weight.shape[1] * groups != in_channels:
+        raise ValueError(f"fastres.{op}: channel mismatch: x has {in_channels} channels (x.shape[1]) but weight "
+                         f"expects {weight.shape[1]} input channels per group (weight.shape[1]) x groups={groups} "
+                         f"= {weight.shape[1] * groups}")
+
+
+def check_conv(op, x, weight, bias, stride, padding, residual, dilation=(1, 1), groups=1):
+    """Checks the conv arguments; returns (stride, padding, dilation, output shape)."""
     _tensor(op, "x", x, ndim=4)
     _tensor(op, "weight", weight, ndim=4)
     _same_device(op, "x", x, "weight", weight)
     _same_dtype(op, "x", x, "weight", weight)
-    if x.shape[1] != weight.shape[1]:
-        raise ValueError(f"fastres.{op}: channel mismatch: x has {x.shape[1]} channels (x.shape[1]) but weight "
-                         f"expects {weight.shape[1]} input channels (weight.shape[1]); groups are not supported")
+    check_groups(op, groups, x.shape[1], weight)
     stride = pair(op, "stride", stride, 1)
     padding = pair(op, "padding", padding, 0)
-    out_shape = conv_output_shape(op, x, weight, stride, padding)
+    dilation = pair(op, "dilation", dilation, 1)
+    out_shape = conv_output_shape(op, x, weight, stride, padding, dilation)
     if bias is not None:
         _tensor(op, "bias", bias, ndim=1)
         _same_device(op, "x", x, "bias", bias)
@@ -88,7 +105,7 @@ def check_conv(op, x, weight, bias, stride, padding, residual):
                              f"{weight.shape[0]} output channels")
     if residual is not None:
         check_residual(op, x, residual, out_shape)
-    return stride, padding, out_shape
+    return stride, padding, dilation, out_shape
 
 
 def check_residual(op, x, residual, out_shape, x_name="x"):

@@ -59,10 +59,10 @@ def batch_norm(y, gamma, beta, training, eps, mean=None, invstd=None):
     return z if beta is None else z + beta.to(acc).view(shape)
 
 
-def bn_relu_conv(y, gamma, beta, eps, weight, stride, padding):
+def bn_relu_conv(y, gamma, beta, eps, weight, stride, padding, dilation=(1, 1), groups=1):
     """conv2d(relu(bn(y)), weight) with y's batch statistics (the lean chain's _BnReluConv)."""
     a = torch.relu(batch_norm(y, gamma, beta, True, eps)).to(y.dtype)
-    return F.conv2d(a, weight.to(a.dtype), None, stride, padding)
+    return F.conv2d(a, weight.to(a.dtype), None, stride, padding, dilation, groups)
 
 
 def bn_add_relu(y, gamma, beta, yd, gamma_d, beta_d, *, eps, eps_d, relu, training=True, stats=None,

@@ -11,14 +11,14 @@ _SCHEMAS = {
                "Tensor running_var, float eps=1e-05) -> (Tensor, Tensor)",
     "add_relu": "(Tensor x, Tensor residual) -> Tensor",
     "conv_bias_act": "(Tensor x, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
-                     "Tensor? residual=None, bool relu=True) -> Tensor",
+                     "Tensor? residual=None, bool relu=True, int[2] dilation=[1, 1], int groups=1) -> Tensor",
     # The functional forward of conv_bn_act (autograd needs a functional op): besides the output it returns what
     # backward needs (the raw conv output, the per-channel mean and inverse std that normalized it) and, in
     # training, the updated running statistics (empty in eval), which conv_bn_act writes back in place.
     "conv_bn_act_forward": "(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor running_mean, "
                            "Tensor running_var, bool training, float momentum=0.1, float eps=1e-05, "
-                           "int[2] stride=1, int[2] padding=0, Tensor? residual=None, bool relu=True) "
-                           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+                           "int[2] stride=1, int[2] padding=0, Tensor? residual=None, bool relu=True, "
+                           "int[2] dilation=[1, 1], int groups=1) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     # act(bn(y) + bn_r(r)): a bottleneck's last BN and its downsample branch's BN, added and activated in one pass
     # (y and r are the two convs' raw outputs). Functional like conv_bn_act_forward: it returns what backward needs
     # (the ReLU's 1-bit mask, empty without relu, instead of the output; both BNs' mean and inverse std) and, in
@@ -33,17 +33,18 @@ _SCHEMAS = {
     # The previous layer's BN apply (+ ReLU) as this conv's prologue: in training the normalized activation is
     # recomputed from the previous conv's raw output instead of being kept.
     "bn_relu_conv": "(Tensor x, Tensor scale, Tensor shift, Tensor weight, int[2] stride=1, int[2] padding=0, "
-                    "bool relu=True) -> Tensor",
+                    "bool relu=True, int[2] dilation=[1, 1], int groups=1) -> Tensor",
     # Backward ops. They are ops (not Python inside the autograd formulas) so that the backend is chosen when the
     # backward runs: a compiled graph then holds torch.ops.fastres.*_backward, never one backend's private kernels,
     # and follows fastres.backend() / FASTRES_BACKEND like every forward. Gradients not asked for come back empty.
-    "conv_backward": "(Tensor grad, Tensor x, Tensor weight, int[2] stride, int[2] padding, bool[3] output_mask) "
-                     "-> (Tensor, Tensor, Tensor)",
+    "conv_backward": "(Tensor grad, Tensor x, Tensor weight, int[2] stride, int[2] padding, bool[3] output_mask, "
+                     "int[2] dilation=[1, 1], int groups=1) -> (Tensor, Tensor, Tensor)",
     "bn_act_backward": "(Tensor grad_out, Tensor out, Tensor conv_out, Tensor save_mean, Tensor save_invstd, "
                        "Tensor? bn_weight, bool relu, bool training, bool residual_grad) "
                        "-> (Tensor, Tensor, Tensor, Tensor)",
     "bn_relu_conv_backward": "(Tensor grad, Tensor x, Tensor scale, Tensor shift, Tensor weight, int[2] stride, "
-                             "int[2] padding, bool relu, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
+                             "int[2] padding, bool relu, bool[4] output_mask, int[2] dilation=[1, 1], int groups=1) "
+                             "-> (Tensor, Tensor, Tensor, Tensor)",
     # -> (grad_y, grad_r (empty unless r_grad), grad_bn_weight, grad_bn_bias, grad_r_bn_weight, grad_r_bn_bias)
     "dual_bn_act_backward": "(Tensor grad_out, Tensor relu_mask, Tensor y, Tensor save_mean, Tensor save_invstd, "
                             "Tensor? bn_weight, Tensor r, Tensor r_save_mean, Tensor r_save_invstd, "
@@ -154,35 +155,44 @@ _register_autograd(add_relu, _add_relu_backward, _add_relu_setup)
 
 # ---------------------------------------------------------------- conv_bias_act
 @torch.library.custom_op("fastres::conv_bias_act", mutates_args=(), schema=_SCHEMAS["conv_bias_act"])
-def conv_bias_act(x, weight, bias=None, stride=(1, 1), padding=(0, 0), residual=None, relu=True):
-    stride, padding, _ = _checks.check_conv("conv_bias_act", x, weight, bias, stride, padding, residual)
-    return _backend.select("conv_bias_act", x.device).conv_bias_act(x, weight, bias, stride, padding, residual, relu)
+def conv_bias_act(x, weight, bias=None, stride=(1, 1), padding=(0, 0), residual=None, relu=True, dilation=(1, 1),
+                  groups=1):
+    stride, padding, dilation, _ = _checks.check_conv("conv_bias_act", x, weight, bias, stride, padding, residual,
+                                                      dilation, groups)
+    return _backend.select("conv_bias_act", x.device).conv_bias_act(x, weight, bias, stride, padding, residual, relu,
+                                                                    dilation, groups)
 
 
 @conv_bias_act.register_fake
-def _(x, weight, bias=None, stride=(1, 1), padding=(0, 0), residual=None, relu=True):
-    _, _, out_shape = _checks.check_conv("conv_bias_act", x, weight, bias, stride, padding, residual)
+def _(x, weight, bias=None, stride=(1, 1), padding=(0, 0), residual=None, relu=True, dilation=(1, 1), groups=1):
+    *_, out_shape = _checks.check_conv("conv_bias_act", x, weight, bias, stride, padding, residual, dilation,
+                                       groups)
     return _empty(out_shape, x, memory_format(x))
 
 
 def _conv_bias_act_setup(ctx, inputs, output):
     _record_forward(ctx, inputs)
-    x, weight, bias, stride, padding, residual, relu = inputs
-    ctx.conv = (list(stride), list(padding))
+    x, weight, bias, stride, padding, residual, relu, dilation, groups = inputs
+    ctx.conv = _conv_geometry(stride, padding, dilation, groups)
     ctx.has_bias = bias is not None
     ctx.relu = relu
     ctx.save_for_backward(x, weight, output if relu else None)
 
 
+def _conv_geometry(stride, padding, dilation, groups):
+    """(stride, padding, dilation, groups) as lists and an int: F.conv2d's trailing arguments, in its order."""
+    return list(stride), list(padding), list(dilation), int(groups)
+
+
 def _conv_backward(ctx, dz, x, weight, bias_grad):
     """Input, weight (and bias) gradients of the conv, from the gradient of its output (None where not needed)."""
-    stride, padding = ctx.conv
+    stride, padding, dilation, groups = ctx.conv
     mask = [ctx.req[0], ctx.req[1], bias_grad]
     if not any(mask):
         return None, None, None
     if _create_graph.recording():  # double backward: aten's convolution_backward has derivatives, the kernels not
-        return backend_torch.conv_backward(dz, x, weight, stride, padding, mask)
-    grads = torch.ops.fastres.conv_backward(dz, x, weight, stride, padding, mask)
+        return backend_torch.conv_backward(dz, x, weight, stride, padding, mask, dilation, groups)
+    grads = torch.ops.fastres.conv_backward(dz, x, weight, stride, padding, mask, dilation, groups)
     return tuple(g if m else None for g, m in zip(grads, mask))
 
 
@@ -191,38 +201,40 @@ def _conv_bias_act_backward(ctx, grad):
     dz = torch.ops.aten.threshold_backward(grad, out, 0) if ctx.relu else grad
     dz = dz.contiguous(memory_format=memory_format(x))
     gx, gw, gb = _conv_backward(ctx, dz, x, weight, ctx.has_bias and ctx.req[2])
-    return gx, gw, gb, None, None, (dz if ctx.req[5] else None), None
+    return gx, gw, gb, None, None, (dz if ctx.req[5] else None), None, None, None
 
 
 _register_autograd(conv_bias_act, _conv_bias_act_backward, _conv_bias_act_setup)
 
 
 # ---------------------------------------------------------------- conv_bn_act
-def _check_conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, training, stride, padding, residual):
-    stride, padding, out_shape = _checks.check_conv("conv_bn_act", x, weight, None, stride, padding, residual)
+def _check_conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, training, stride, padding, residual,
+                   dilation, groups):
+    stride, padding, dilation, out_shape = _checks.check_conv("conv_bn_act", x, weight, None, stride, padding,
+                                                              residual, dilation, groups)
     _checks.check_channel_params("conv_bn_act", weight.shape[0], x.device, bn_weight=bn_weight, bn_bias=bn_bias,
                                  running_mean=running_mean, running_var=running_var)
     if training:
         _checks.check_batch_for_training(out_shape)
-    return stride, padding, out_shape
+    return stride, padding, dilation, out_shape
 
 
 @torch.library.custom_op("fastres::conv_bn_act_forward", mutates_args=(),
                          schema=_SCHEMAS["conv_bn_act_forward"])
 def conv_bn_act_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum=0.1, eps=1e-5,
-                        stride=(1, 1), padding=(0, 0), residual=None, relu=True):
-    stride, padding, _ = _check_conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, training, stride,
-                                        padding, residual)
+                        stride=(1, 1), padding=(0, 0), residual=None, relu=True, dilation=(1, 1), groups=1):
+    stride, padding, dilation, _ = _check_conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, training,
+                                                  stride, padding, residual, dilation, groups)
     return _backend.select("conv_bn_act_forward", x.device).conv_bn_act_forward(
         x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride, padding, residual,
-        relu)
+        relu, dilation, groups)
 
 
 @conv_bn_act_forward.register_fake
 def _(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum=0.1, eps=1e-5, stride=(1, 1),
-      padding=(0, 0), residual=None, relu=True):
-    _, _, out_shape = _check_conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, training, stride,
-                                     padding, residual)
+      padding=(0, 0), residual=None, relu=True, dilation=(1, 1), groups=1):
+    *_, out_shape = _check_conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, training, stride,
+                                   padding, residual, dilation, groups)
     fmt = memory_format(x)
     acc = _stat_dtype(x)
     stats = (weight.shape[0],)
@@ -233,10 +245,10 @@ def _(x, weight, bn_weight, bn_bias, running_mean, running_var, training, moment
 
 def _conv_bn_act_setup(ctx, inputs, output):
     _record_forward(ctx, inputs)
-    x, weight, bn_weight, _, _, _, training, _, _, stride, padding, residual, relu = inputs
+    x, weight, bn_weight, _, _, _, training, _, _, stride, padding, residual, relu, dilation, groups = inputs
     out, conv_out, save_mean, save_invstd, new_running_mean, new_running_var = output
     ctx.mark_non_differentiable(conv_out, save_mean, save_invstd, new_running_mean, new_running_var)
-    ctx.conv = (list(stride), list(padding))
+    ctx.conv = _conv_geometry(stride, padding, dilation, groups)
     ctx.training, ctx.relu, ctx.has_residual = training, relu, residual is not None
     ctx.eps = inputs[8]
     ctx.save_for_backward(x, weight, bn_weight, out, conv_out, save_mean, save_invstd)
@@ -255,7 +267,8 @@ def _conv_bn_act_backward_create_graph(ctx, grad_out):
     gx, gw, g_gamma = _create_graph.vjp(normalized, (x, weight, bn_weight), ctx.req[:3], dz)
     g_beta = dz.sum((0, 2, 3)).to(bn_weight.dtype) if ctx.req[3] else None
     return (gx, gw, None if g_gamma is None else g_gamma.to(bn_weight.dtype), g_beta,
-            None, None, None, None, None, None, None, dz if ctx.has_residual and ctx.req[11] else None, None)
+            None, None, None, None, None, None, None, dz if ctx.has_residual and ctx.req[11] else None, None, None,
+            None)
 
 
 def _conv_bn_act_backward(ctx, grad_out, *_grads_of_saved_outputs):
@@ -270,7 +283,7 @@ def _conv_bn_act_backward(ctx, grad_out, *_grads_of_saved_outputs):
     return (gx, gw,
             grad_bn_weight.to(bn_weight.dtype) if ctx.req[2] else None,
             grad_bn_bias.to(bn_weight.dtype) if ctx.req[3] else None,
-            None, None, None, None, None, None, None, grad_residual, None)
+            None, None, None, None, None, None, None, grad_residual, None, None, None)
 
 
 _register_autograd(conv_bn_act_forward, _conv_bn_act_backward, _conv_bn_act_setup)
@@ -281,14 +294,16 @@ _register_autograd(conv_bn_act_forward, _conv_bn_act_backward, _conv_bn_act_setu
 _lib = torch.library.Library("fastres", "FRAGMENT")
 _lib.define("conv_bn_act(Tensor x, Tensor weight, Tensor bn_weight, Tensor bn_bias, Tensor(a!) running_mean, "
             "Tensor(b!) running_var, bool training, float momentum=0.1, float eps=1e-05, int[2] stride=1, "
-            "int[2] padding=0, Tensor? residual=None, bool relu=True) -> Tensor")
+            "int[2] padding=0, Tensor? residual=None, bool relu=True, int[2] dilation=[1, 1], int groups=1) "
+            "-> Tensor")
 
 
 def _conv_bn_act_composite(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum=0.1,
-                           eps=1e-5, stride=(1, 1), padding=(0, 0), residual=None, relu=True):
+                           eps=1e-5, stride=(1, 1), padding=(0, 0), residual=None, relu=True, dilation=(1, 1),
+                           groups=1):
     out, _, _, _, new_running_mean, new_running_var = torch.ops.fastres.conv_bn_act_forward(
         x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride, padding, residual,
-        relu)
+        relu, dilation, groups)
     if training:
         with torch.no_grad():
             running_mean.copy_(new_running_mean)
@@ -405,28 +420,30 @@ _lib.impl("dual_bn_act", _dual_bn_act_composite, "CompositeImplicitAutograd")
 
 
 # ---------------------------------------------------------------- bn_relu_conv
-def _check_bn_relu_conv(x, scale, shift, weight, stride, padding):
-    stride, padding, out_shape = _checks.check_conv("bn_relu_conv", x, weight, None, stride, padding, None)
+def _check_bn_relu_conv(x, scale, shift, weight, stride, padding, dilation, groups):
+    stride, padding, dilation, out_shape = _checks.check_conv("bn_relu_conv", x, weight, None, stride, padding, None,
+                                                              dilation, groups)
     _checks.check_channel_params("bn_relu_conv", x.shape[1], x.device, scale=scale, shift=shift)
-    return stride, padding, out_shape
+    return stride, padding, dilation, out_shape
 
 
 @torch.library.custom_op("fastres::bn_relu_conv", mutates_args=(), schema=_SCHEMAS["bn_relu_conv"])
-def bn_relu_conv(x, scale, shift, weight, stride=(1, 1), padding=(0, 0), relu=True):
-    stride, padding, _ = _check_bn_relu_conv(x, scale, shift, weight, stride, padding)
-    return _backend.select("bn_relu_conv", x.device).bn_relu_conv(x, scale, shift, weight, stride, padding, relu)
+def bn_relu_conv(x, scale, shift, weight, stride=(1, 1), padding=(0, 0), relu=True, dilation=(1, 1), groups=1):
+    stride, padding, dilation, _ = _check_bn_relu_conv(x, scale, shift, weight, stride, padding, dilation, groups)
+    return _backend.select("bn_relu_conv", x.device).bn_relu_conv(x, scale, shift, weight, stride, padding, relu,
+                                                                  dilation, groups)
 
 
 @bn_relu_conv.register_fake
-def _(x, scale, shift, weight, stride=(1, 1), padding=(0, 0), relu=True):
-    _, _, out_shape = _check_bn_relu_conv(x, scale, shift, weight, stride, padding)
+def _(x, scale, shift, weight, stride=(1, 1), padding=(0, 0), relu=True, dilation=(1, 1), groups=1):
+    *_, out_shape = _check_bn_relu_conv(x, scale, shift, weight, stride, padding, dilation, groups)
     return _empty(out_shape, x, memory_format(x))
 
 
 def _bn_relu_conv_setup(ctx, inputs, output):
     _record_forward(ctx, inputs)
-    x, scale, shift, weight, stride, padding, relu = inputs
-    ctx.conv = (list(stride), list(padding))
+    x, scale, shift, weight, stride, padding, relu, dilation, groups = inputs
+    ctx.conv = _conv_geometry(stride, padding, dilation, groups)
     ctx.relu = relu
     ctx.save_for_backward(x, scale, shift, weight)
 
@@ -435,11 +452,13 @@ def _bn_relu_conv_backward(ctx, grad):
     x, scale, shift, weight = ctx.saved_tensors
     grad = grad.contiguous(memory_format=memory_format(x))
     mask = list(ctx.req[:4])
+    stride, padding, dilation, groups = ctx.conv
+    args = (grad, x, scale, shift, weight, stride, padding, ctx.relu, mask, dilation, groups)
     if _create_graph.recording():  # double backward: the reference recomputes relu(x * scale + shift) from x
-        grads = backend_torch.bn_relu_conv_backward(grad, x, scale, shift, weight, *ctx.conv, ctx.relu, mask)
+        grads = backend_torch.bn_relu_conv_backward(*args)
     else:
-        grads = torch.ops.fastres.bn_relu_conv_backward(grad, x, scale, shift, weight, *ctx.conv, ctx.relu, mask)
-    return (*(g if m else None for g, m in zip(grads, mask)), None, None, None)
+        grads = torch.ops.fastres.bn_relu_conv_backward(*args)
+    return (*(g if m else None for g, m in zip(grads, mask)), None, None, None, None, None)
 
 
 _register_autograd(bn_relu_conv, _bn_relu_conv_backward, _bn_relu_conv_setup)
@@ -451,9 +470,9 @@ def _or_empty(t, like):
 
 
 @torch.library.custom_op("fastres::conv_backward", mutates_args=(), schema=_SCHEMAS["conv_backward"])
-def conv_backward(grad, x, weight, stride, padding, output_mask):
-    gx, gw, gb = _backend.select("conv_backward", x.device).conv_backward(grad, x, weight, list(stride),
-                                                                         list(padding), list(output_mask))
+def conv_backward(grad, x, weight, stride, padding, output_mask, dilation=(1, 1), groups=1):
+    gx, gw, gb = _backend.select("conv_backward", x.device).conv_backward(
+        grad, x, weight, list(stride), list(padding), list(output_mask), list(dilation), groups)
     # Gradients are laid out like what they are gradients of (backends' convolutions may pick otherwise); the
     # weight's with its exact strides (see like_param).
     gx = None if gx is None else gx.contiguous(memory_format=memory_format(x))
@@ -462,7 +481,7 @@ def conv_backward(grad, x, weight, stride, padding, output_mask):
 
 
 @conv_backward.register_fake
-def _(grad, x, weight, stride, padding, output_mask):
+def _(grad, x, weight, stride, padding, output_mask, dilation=(1, 1), groups=1):
     return (torch.empty_like(x, memory_format=memory_format(x)) if output_mask[0] else x.new_empty(0),
             torch.empty_like(weight) if output_mask[1] else x.new_empty(0),
             weight.new_empty((weight.shape[0],)) if output_mask[2] else x.new_empty(0))
@@ -485,16 +504,17 @@ def _(grad_out, out, conv_out, save_mean, save_invstd, bn_weight, relu, training
 
 @torch.library.custom_op("fastres::bn_relu_conv_backward", mutates_args=(),
                          schema=_SCHEMAS["bn_relu_conv_backward"])
-def bn_relu_conv_backward(grad, x, scale, shift, weight, stride, padding, relu, output_mask):
+def bn_relu_conv_backward(grad, x, scale, shift, weight, stride, padding, relu, output_mask, dilation=(1, 1),
+                          groups=1):
     gx, gscale, gshift, gw = _backend.select("bn_relu_conv_backward", x.device).bn_relu_conv_backward(
-        grad, x, scale, shift, weight, list(stride), list(padding), relu, list(output_mask))
+        grad, x, scale, shift, weight, list(stride), list(padding), relu, list(output_mask), list(dilation), groups)
     gx = None if gx is None else gx.contiguous(memory_format=memory_format(x))
     gw = None if gw is None else like_param(gw, weight)
     return tuple(_or_empty(g, x) for g in (gx, gscale, gshift, gw))
 
 
 @bn_relu_conv_backward.register_fake
-def _(grad, x, scale, shift, weight, stride, padding, relu, output_mask):
+def _(grad, x, scale, shift, weight, stride, padding, relu, output_mask, dilation=(1, 1), groups=1):
     likes = (torch.empty_like(x, memory_format=memory_format(x)), torch.empty_like(scale), torch.empty_like(shift),
              torch.empty_like(weight))
     return tuple(t if m else x.new_empty(0) for t, m in zip(likes, output_mask))

@@ -63,12 +63,12 @@ def add_relu(x, residual):
 _onednn_refused = set()
 
 
-def _call_signature(x, weight, bias, stride, padding, residual):
+def _call_signature(x, weight, bias, stride, padding, residual, dilation=(1, 1), groups=1):
     return (tuple(x.shape), x.stride(), tuple(weight.shape), weight.stride(), bias is not None,
-            None if residual is None else residual.stride(), tuple(stride), tuple(padding))
+            None if residual is None else residual.stride(), tuple(stride), tuple(padding), tuple(dilation), groups)
 
 
-def _onednn_fused_conv(x, weight, bias, stride, padding, residual, relu):
+def _onednn_fused_conv(x, weight, bias, stride, padding, residual, relu, dilation=(1, 1), groups=1):
     """oneDNN convolution with the bias and residual add as post-ops of the conv itself (then the ReLU), or None
     when this build of torch or this dtype cannot do it. This is what makes the CPU eval path fast: the bias and
     residual cost nothing extra because they run while the output tile is still in cache."""
@@ -78,29 +78,30 @@ def _onednn_fused_conv(x, weight, bias, stride, padding, residual, relu):
     if residual is not None:
         residual = residual.contiguous(memory_format=memory_format(x))
     # The signature is built only once some call was refused: the steady-state eval path pays nothing for it.
-    if _onednn_refused and _call_signature(x, weight, bias, stride, padding, residual) in _onednn_refused:
+    if _onednn_refused and _call_signature(x, weight, bias, stride, padding, residual, dilation,
+                                           groups) in _onednn_refused:
         return None
-    args = (weight, bias, list(padding), list(stride), [1, 1], 1)
+    args = (weight, bias, list(padding), list(stride), list(dilation), groups)
     try:
         if residual is None:
             out = torch.ops.mkldnn._convolution_pointwise(x, *args, "none", [], "")
         else:
             out = torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *args, "add", None, None, [], "")
     except RuntimeError:
-        _onednn_refused.add(_call_signature(x, weight, bias, stride, padding, residual))
+        _onednn_refused.add(_call_signature(x, weight, bias, stride, padding, residual, dilation, groups))
         return None
     # Not oneDNN's relu post-op: it is max(v, 0), which maps NaN to 0 where torch.relu keeps it (a corrupt input
     # would give a confident answer). torch's in-place relu is one more pass over the output.
     return out.relu_() if relu else out
 
 
-def conv_bias_act(x, weight, bias, stride, padding, residual, relu):
+def conv_bias_act(x, weight, bias, stride, padding, residual, relu, dilation=(1, 1), groups=1):
     fmt = memory_format(x)
-    out = _onednn_fused_conv(x, weight, bias, stride, padding, residual, relu)
+    out = _onednn_fused_conv(x, weight, bias, stride, padding, residual, relu, dilation, groups)
     if out is None:
         # The bias inside the conv, added to its fp32 accumulator as ATen does: added after the conv output's
         # rounding to bf16, it would flip the ReLU of outputs near 0 (found by tests/test_properties.py).
-        out = F.conv2d(x, weight, bias, stride, padding).contiguous(memory_format=fmt)
+        out = F.conv2d(x, weight, bias, stride, padding, dilation, groups).contiguous(memory_format=fmt)
         if residual is not None or relu:
             out = torch.ops.fastres._bn_act_forward(out, None, None, residual, relu)
     return out.contiguous(memory_format=fmt)
@@ -119,9 +120,9 @@ def _stats_and_coefficients(y, bn_weight, bn_bias, running_mean, running_var, tr
 
 
 def conv_bn_act_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride,
-                        padding, residual, relu):
+                        padding, residual, relu, dilation=(1, 1), groups=1):
     fmt = memory_format(x)
-    y = F.conv2d(x, weight, None, stride, padding).contiguous(memory_format=fmt)
+    y = F.conv2d(x, weight, None, stride, padding, dilation, groups).contiguous(memory_format=fmt)
     mean, invstd, scale, shift, new_running_mean, new_running_var = _stats_and_coefficients(
         y, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
     out = torch.ops.fastres._bn_act_forward(y, scale, shift, residual, relu)
@@ -159,13 +160,14 @@ def dual_bn_act_backward(grad_out, relu_mask, y, save_mean, save_invstd, bn_weig
     return gy, (gr if need_r else None), gw, gb, grw, grb
 
 
-def bn_relu_conv(x, scale, shift, weight, stride, padding, relu):
+def bn_relu_conv(x, scale, shift, weight, stride, padding, relu, dilation=(1, 1), groups=1):
     acc = stat_dtype(x)
     a = torch.ops.fastres._bn_act_forward(x, scale.to(acc), shift.to(acc), None, relu)
-    return F.conv2d(a, weight, None, stride, padding).contiguous(memory_format=memory_format(x))
+    return F.conv2d(a, weight, None, stride, padding, dilation, groups).contiguous(memory_format=memory_format(x))
 
 
-def bn_relu_conv_backward(grad, x, scale, shift, weight, stride, padding, relu, output_mask):
+def bn_relu_conv_backward(grad, x, scale, shift, weight, stride, padding, relu, output_mask, dilation=(1, 1),
+                          groups=1):
     """The prologue's input is recomputed by the forward kernel; its backward is the eval-mode BN backward kernel
     with mean 0, invstd 1 and weight = scale, which yields grad_x = dz * scale, grad_scale = sum(dz * x) and
     grad_shift = sum(dz)."""
@@ -175,7 +177,8 @@ def bn_relu_conv_backward(grad, x, scale, shift, weight, stride, padding, relu, 
     a = torch.ops.fastres._bn_act_forward(x, scale_acc, shift_acc, None, relu)
     need_a = need_x or need_scale or need_shift
     grad_a, grad_w, _ = torch.ops.aten.convolution_backward(grad, a, weight, None, list(stride), list(padding),
-                                                           [1, 1], False, [0, 0], 1, [need_a, need_w, False])
+                                                           list(dilation), False, [0, 0], groups,
+                                                           [need_a, need_w, False])
     grad_x = grad_scale = grad_shift = None
     if need_a:
         zeros, ones = torch.zeros_like(scale_acc), torch.ones_like(scale_acc)

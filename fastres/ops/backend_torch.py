@@ -34,8 +34,8 @@ def add_relu(x, residual):
     return torch.relu(x + residual).contiguous(memory_format=memory_format(x))
 
 
-def conv_bias_act(x, weight, bias, stride, padding, residual, relu):
-    y = F.conv2d(x, weight, bias, stride, padding)
+def conv_bias_act(x, weight, bias, stride, padding, residual, relu, dilation=(1, 1), groups=1):
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     if residual is not None:
         y = y + residual
     if relu:
@@ -68,12 +68,12 @@ def _batch_norm(y, bn_weight, bn_bias, running_mean, running_var, training, mome
 
 
 def conv_bn_act_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride,
-                        padding, residual, relu):
+                        padding, residual, relu, dilation=(1, 1), groups=1):
     """-> (out, conv_out, save_mean, save_invstd, new_running_mean, new_running_var): the output, the raw conv
     output, the per-channel statistics that normalized it (the batch's in training, the running ones in eval), and
     in training the updated running statistics (empty tensors in eval). Nothing is mutated."""
     fmt = memory_format(x)
-    y = F.conv2d(x, weight, None, stride, padding).contiguous(memory_format=fmt)
+    y = F.conv2d(x, weight, None, stride, padding, dilation, groups).contiguous(memory_format=fmt)
     z, save_mean, save_invstd, new_running_mean, new_running_var = _batch_norm(
         y, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
     if residual is not None:
@@ -141,10 +141,11 @@ def dual_bn_act_forward(y, bn_weight, bn_bias, running_mean, running_var, r, r_b
     return out, relu_mask, mean, invstd, r_mean, r_invstd, new_rm, new_rv, r_new_rm, r_new_rv
 
 
-def conv_backward(grad, x, weight, stride, padding, output_mask):
-    """(grad_x, grad_weight, grad_bias) of conv2d(x, weight, bias, stride, padding), None where not asked for."""
+def conv_backward(grad, x, weight, stride, padding, output_mask, dilation=(1, 1), groups=1):
+    """(grad_x, grad_weight, grad_bias) of conv2d(x, weight, bias, stride, padding, dilation, groups), None where
+    not asked for."""
     grads = torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]] if output_mask[2] else None,
-                                                list(stride), list(padding), [1, 1], False, [0, 0], 1,
+                                                list(stride), list(padding), list(dilation), False, [0, 0], groups,
                                                 list(output_mask))
     return tuple(g if m else None for g, m in zip(grads, output_mask))
 
@@ -194,12 +195,13 @@ def _bn_relu(x, scale, shift, relu):
     return torch.relu(z) if relu else z
 
 
-def bn_relu_conv(x, scale, shift, weight, stride, padding, relu):
+def bn_relu_conv(x, scale, shift, weight, stride, padding, relu, dilation=(1, 1), groups=1):
     a = _bn_relu(x, scale, shift, relu).to(x.dtype)
-    return F.conv2d(a, weight, None, stride, padding).contiguous(memory_format=memory_format(x))
+    return F.conv2d(a, weight, None, stride, padding, dilation, groups).contiguous(memory_format=memory_format(x))
 
 
-def bn_relu_conv_backward(grad, x, scale, shift, weight, stride, padding, relu, output_mask):
+def bn_relu_conv_backward(grad, x, scale, shift, weight, stride, padding, relu, output_mask, dilation=(1, 1),
+                          groups=1):
     """(grad_x, grad_scale, grad_shift, grad_weight) of bn_relu_conv, each None where output_mask (4 bools) does not
     ask for it; the normalized input is recomputed, never saved."""
     need_x, need_scale, need_shift, need_w = output_mask
@@ -207,7 +209,8 @@ def bn_relu_conv_backward(grad, x, scale, shift, weight, stride, padding, relu, 
     a = (torch.relu(z) if relu else z).to(x.dtype)
     need_a = need_x or need_scale or need_shift
     grad_a, grad_w, _ = torch.ops.aten.convolution_backward(grad, a, weight, None, list(stride), list(padding),
-                                                           [1, 1], False, [0, 0], 1, [need_a, need_w, False])
+                                                           list(dilation), False, [0, 0], groups,
+                                                           [need_a, need_w, False])
     grad_x = grad_scale = grad_shift = None
     if need_a:
         acc = z.dtype
