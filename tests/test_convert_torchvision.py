@@ -37,10 +37,13 @@ def test_convert_family_eval_and_training_step(family):
     assert all(a is b for a, b in zip(model.parameters(), params)) and model.state_dict().keys() == keys
     report = fastres.convert_report(model)
     assert report.convs_fused == report.convs_total, str(report)
+    # ATen in the layout fastres runs (channels_last): the layouts' errors differ on these ill-conditioned nets
+    # (a ReLU input near zero flips differently), and the rule compares with ATen's in the same layout.
+    baseline = baseline.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     for training in (False, True):
         set_mode(training, model, baseline, ref)
-        assert_runs_match(model, baseline, ref, torch.randn(2, 3, 64, 64), f"{family} training={training}",
-                          per_tensor=False)
+        assert_runs_match(model, baseline, ref, x, f"{family} training={training}", per_tensor=False)
 
 
 @pytest.mark.parametrize("family", ["resnext", "dilated"])
