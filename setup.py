@@ -125,7 +125,7 @@ setup(
     package_dir={"fastres": "fastres", "fastres.kernels": "kernels"},
     install_requires=["torch>=2.11", "torchvision", "numpy", "tqdm"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm", "numpy"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm", "numpy", "timm", "transformers"],
         "bench": ["matplotlib", "tqdm"],
     },
     ext_modules=ext_modules,
