@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fastres import ops
+from fastres._convert import _is_norm
 from fastres._convert._swap import swap_class
 from fastres._convert.torchvision import Sequential, _to_channels_last
 from fastres.nn._fused import FusedModuleMixin, functorch_active, has_hooks, is_plain_relu, keep_memory_format
@@ -126,7 +127,13 @@ class _Root(FusedModuleMixin):
         return mods + [("bn1", self.bn1), ("act1", self.act1)]
 
     def _fused_units(self):
-        return [(conv, norm) for _, _, conv, norm, _ in sequence_units(self._stem_modules())]
+        mods = self._stem_modules()
+        units = []
+        for _, j, conv, norm, relu in sequence_units(mods):
+            if norm is None and not relu and j < len(mods) and _is_norm(mods[j][1]):
+                norm = mods[j][1]  # a norm the kernels do not run (GroupNorm, ...): reported as an unfused pair
+            units.append((conv, norm))
+        return units
 
     def forward_features(self, x):
         if functorch_active():
