@@ -683,18 +683,28 @@ def sequence_units(mods, observed=()):
     return units
 
 
+def unshared(x, module):
+    """`x`, or a copy of it when `module` (called next on it) works in place (inplace=True, e.g. a SiLU after a fused
+    unit) and autograd may hold `x` for a backward: the fused ops save their outputs, which an in-place activation
+    would overwrite."""
+    if getattr(module, "inplace", False) is True and torch.is_grad_enabled() and x.requires_grad:
+        return x.clone()
+    return x
+
+
 def run_sequence(mods, x, cache, observed=(), on_output=None):
     """Calls a list of (name, module) pairs in order, each fusable unit (see sequence_units) as one conv_norm_act;
     on_output(name, x) is called after every `observed` name."""
     units = {i: (j, conv, norm, relu) for i, j, conv, norm, relu in sequence_units(mods, observed)}
-    i = 0
+    i, fused = 0, False
     while i < len(mods):
         if i in units:
             j, conv, norm, relu = units[i]
             x = conv_norm_act(x, conv, norm, relu=relu, cache=cache, name=mods[i][0])
         else:
             j = i + 1
-            x = mods[i][1](x)
+            x = mods[i][1](unshared(x, mods[i][1]) if fused else x)
+        fused = i in units
         if on_output is not None and mods[j - 1][0] in observed:
             on_output(mods[j - 1][0], x)
         i = j
