@@ -126,10 +126,10 @@ def convert(model, *, strict=False):
         if fn is None:
             return None
         if id(m) not in memo:
+            before = f"{type(m).__module__}.{type(m).__qualname__}"  # fn swaps m's class in place
             memo[id(m)] = new = fn(m)
             if new is not None:
-                swapped[name or "(root)"] = f"{type(m).__module__}.{type(m).__qualname__} -> " \
-                                            f"{type(new).__module__}.{type(new).__qualname__}"
+                swapped[name or "(root)"] = f"{before} -> {type(new).__module__}.{type(new).__qualname__}"
         return memo[id(m)]
 
     def walk(module, prefix):
