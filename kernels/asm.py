@@ -67,13 +67,15 @@ def forward_args(dtype=torch.bfloat16, batch=256, c_in=64, c_out=64, size=56, ke
         "mean_ptr": torch.float32, "m2_ptr": torch.float32,
         "M": batch * out_size * out_size, "C_a": c_in, "H_a": size, "W_a": size, "C_out": c_out,
         "H_o": out_size, "W_o": out_size, "stride_h": stride, "stride_w": stride, "pad_h": pad, "pad_w": pad,
+        "dil_h": 1, "dil_w": 1,
     }
     for prefix, strides in (("s_a", _nhwc_strides(batch, c_in, size, size)),
                             ("s_o", _nhwc_strides(batch, c_out, out_size, out_size)),
                             ("s_r", _nhwc_strides(batch, c_out, out_size, out_size))):
         values.update(zip((prefix + "n", prefix + "c", prefix + "h", prefix + "w"), strides))
     # channels_last weight [Cout, KH, KW, Cin]: B[(kh, kw, ci), co]
-    values.update(s_wn=kernel * kernel * c_in, s_wc=1, s_wh=kernel * c_in, s_ww=c_in)
+    # s_wg: one group's weights further on (one group here)
+    values.update(s_wn=kernel * kernel * c_in, s_wc=1, s_wh=kernel * c_in, s_ww=c_in, s_wg=c_out * kernel * kernel * c_in)
     values.update(KH=kernel, KW=kernel, TRANSPOSED=False, K_FLAT=config.k_flat, PROLOGUE=False,
                   PROLOGUE_RELU=False, HAS_SCALE=False, HAS_BIAS=False, HAS_RESIDUAL=False, RELU=False,
                   STORE_RAW=False, STATS=False, DOT_FP32=False,
@@ -89,7 +91,8 @@ def wgrad_args(dtype=torch.bfloat16, batch=256, c_in=64, c_out=64, size=56, kern
     values = {"g_ptr": dtype, "x_ptr": dtype, "gw_ptr": torch.float32, "gb_ptr": torch.float32,
               "in_scale_ptr": torch.float32, "in_shift_ptr": torch.float32,
               "P": batch * size * size, "C_in": c_in, "H": size, "W": size, "C_out": c_out, "H_o": size, "W_o": size,
-              "stride_h": 1, "stride_w": 1, "pad_h": pad, "pad_w": pad, "P_PER_SPLIT": 4096}
+              "stride_h": 1, "stride_w": 1, "pad_h": pad, "pad_w": pad, "dil_h": 1, "dil_w": 1,
+              "P_PER_SPLIT": 4096}
     for prefix, strides in (("s_g", _nhwc_strides(batch, c_out, size, size)),
                             ("s_x", _nhwc_strides(batch, c_in, size, size))):
         values.update(zip((prefix + "n", prefix + "c", prefix + "h", prefix + "w"), strides))

@@ -245,7 +245,7 @@ def test_stem_and_blocks_run_through_fastres_ops(monkeypatch):
     calls.update(conv_bn_act=0, conv_bias_act=0, bn_relu_conv=0)
     with torch.no_grad():
         grouped(x)
-    assert calls["conv_bias_act"] == 1 + 16 * 2 + 4  # every grouped 3x3 falls back to the modules
+    assert calls["conv_bias_act"] == 1 + 16 * 3 + 4  # the grouped 3x3s too
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

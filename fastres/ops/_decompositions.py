@@ -7,7 +7,6 @@ import torch
 from torch._decomp import register_decomposition
 
 from . import backend_torch
-from ._library import _SCHEMAS
 
 
 def _reference_of(op_name):
@@ -26,11 +25,16 @@ def _reference_of(op_name):
     return op, decomposed
 
 
+# The forward ops an eval model (or an inference export) calls, whose reference returns exactly what the op returns.
+# Not the backward ops (they return empty tensors where the references return None) nor dual_bn_act_forward
+# (training only): a decomposition in the global table must match its op, which opcheck's AOT test holds.
+DECOMPOSED = ("fold_bn", "add_relu", "conv_bias_act", "conv_bn_act_forward", "bn_relu_conv")
+
+
 def register():
-    for op_name in _SCHEMAS:
-        if hasattr(backend_torch, op_name):
-            op, decomposed = _reference_of(op_name)
-            register_decomposition(op)(decomposed)
+    for op_name in DECOMPOSED:
+        op, decomposed = _reference_of(op_name)
+        register_decomposition(op)(decomposed)
 
 
 register()
