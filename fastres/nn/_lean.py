@@ -43,7 +43,7 @@ from fastres.ops import _backend, _compiled, _create_graph
 from fastres.ops._checks import like_param, memory_format
 from fastres.nn import _collectives
 from fastres.nn._fused import _affine, _affine_needs_grad, _bn_momentum, folded_conv_params, functorch_active, \
-    has_hooks, norm_kind, unit_fusable
+    has_hooks, norm_kind, prepacked_conv_norm_act, unit_fusable
 
 
 def _acc(t):
@@ -577,7 +577,10 @@ def conv_norm_act(x, conv, norm, *, relu, residual=None, cache=None, name=None):
         return ops.conv_bn_act(x, conv.weight, weight_bn, bias_bn, norm.running_mean, norm.running_var,
                                training=training, momentum=momentum, eps=norm.eps, stride=conv.stride,
                                padding=conv.padding, residual=residual, relu=relu)
-    weight, bias = folded_conv_params(conv, norm, kind, cache, name)
+    out = prepacked_conv_norm_act(x, conv, norm, kind, residual, relu, cache, name)
+    if out is not None:
+        return out
+    weight, bias = folded_conv_params(conv, norm, kind, cache, name, _autocast_dtype(x.device.type))
     return ops.conv_bias_act(x, weight, bias, stride=conv.stride, padding=conv.padding, residual=residual,
                              relu=relu)
 
