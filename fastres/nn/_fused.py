@@ -300,17 +300,40 @@ def _cast_fp32(t, dtype):
     return t.to(dtype) if t is not None and t.dtype == torch.float32 and dtype is not None else t
 
 
-def folded_conv_params(conv, norm, kind, cache=None, name=None, autocast_dtype=None):
-    """(weight, bias) of conv with an eval-mode norm folded in. With autocast_dtype (autocast's dtype, the fold's
-    fp32 tensors cast to it), the cast is cached with a cached fold; where the fold is not cached, the uncast fold
-    (the op's autocast casts it)."""
+def _conv_weight_layout(x):
+    """The memory format ATen's CPU convolutions lay their weight out in for input x (suggest_memory_format's
+    choice, which also reads the strides of size-1 dims: a [1, C, 1, 1] map with channels_last strides counts)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        n, c, h, w = x.shape
+        if not x.is_contiguous() or x.stride() == (h * w * c, 1, w * c, c):
+            return torch.channels_last
+    return torch.contiguous_format
+
+
+def folded_conv_params(conv, norm, kind, cache=None, name=None, like=None):
+    """(weight, bias) of conv with an eval-mode norm folded in. With `like` (the conv's input) and a cached fold,
+    the fold as the conv will use it, derived once and cached with it: its fp32 tensors cast to autocast's dtype
+    where autocast is on (as the op's autocast would cast them on every call), the weight laid out in the input's
+    memory format (which ATen's convolution would otherwise copy it into on every call). Without a cached fold,
+    the fold itself (the op's autocast casts it)."""
     sources, eps, fold = _fold_spec(conv, norm, kind)
     if cache is None or not _cacheable(sources):
         return fold()
-    if autocast_dtype is None or all(t is None or t.dtype != torch.float32 for t in sources[:2]):
+    dtype = fmt = None
+    if like is not None:
+        if torch.is_autocast_enabled(like.device.type) and any(
+                t is not None and t.dtype == torch.float32 for t in sources[:2]):
+            dtype = torch.get_autocast_dtype(like.device.type)
+        layout = _conv_weight_layout(like)
+        fmt = None if conv.weight.is_contiguous(memory_format=layout) else layout
+    if dtype is None and fmt is None:
         return fold() if kind in ("none", "identity") else cache.get_or_fold(name, sources, eps, fold)
-    return cache.get_or_fold(name, sources, eps, fold, ("cast", autocast_dtype),
-                             lambda wb: tuple(_cast_fp32(t, autocast_dtype) for t in wb))
+
+    def derive(folded):
+        weight, bias = (_cast_fp32(t, dtype) for t in folded)
+        return (weight if fmt is None else weight.contiguous(memory_format=fmt)), bias
+
+    return cache.get_or_fold(name, sources, eps, fold, ("plain", dtype, fmt), derive)
 
 
 def prepacked_conv_norm_act(x, conv, norm, kind, residual, relu, cache, name):

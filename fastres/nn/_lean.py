@@ -580,7 +580,7 @@ def conv_norm_act(x, conv, norm, *, relu, residual=None, cache=None, name=None):
     out = prepacked_conv_norm_act(x, conv, norm, kind, residual, relu, cache, name)
     if out is not None:
         return out
-    weight, bias = folded_conv_params(conv, norm, kind, cache, name, _autocast_dtype(x.device.type))
+    weight, bias = folded_conv_params(conv, norm, kind, cache, name, like=x)
     return ops.conv_bias_act(x, weight, bias, stride=conv.stride, padding=conv.padding, residual=residual,
                              relu=relu)
 
