@@ -11,6 +11,7 @@ from torch.profiler import profile
 
 import fastres
 import fastres.models as fm
+import fastres.nn as fnn
 from fastres.models.vgg import VGG, make_layers
 from fastres.ops import _backend
 from tolerance import assert_within
@@ -257,3 +258,33 @@ def test_packing_only_where_nothing_can_change_the_weights(packing):
     with torch.no_grad(), fastres.backend("cuda"):
         torch.testing.assert_close(fr(x), tv(x), rtol=1e-4, atol=1e-4 * _max_abs(tv(x)))
     assert packing["ran"] == 20
+
+
+def test_traces_record_the_fastres_ops_not_packed_weights(packing):
+    """torch.jit.trace and torch.export record fastres's ops from the parameters: a packed weight baked into a
+    graph would be a constant that ignores later weight changes."""
+    ds = nn.Sequential(fnn.conv1x1(8, 32, 2), nn.BatchNorm2d(32))
+    net = randomize_(nn.Sequential(fnn.Bottleneck(8, 8, 2, ds), fnn.Bottleneck(32, 8))).eval()
+    x = torch.randn(1, 8, 9, 9).contiguous(memory_format=CL)
+    with torch.no_grad():
+        net(x)
+        assert packing["packed"] == 7
+        graphs = [str(torch.jit.trace(net, x, check_trace=False).inlined_graph),
+                  str(torch.export.export(net, (x,)).graph)]
+    for g in graphs:
+        assert "conv_bias_act" in g and "mkldnn" not in g
+    assert packing["packed"] == 7
+
+
+def test_input_gradient_through_a_frozen_model(packing):
+    """Frozen parameters but an input that wants a gradient (saliency, adversarial inputs): the differentiable ops."""
+    fr, tv = pair()
+    fr.requires_grad_(False)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
+    grads = []
+    for m in (fr, tv):
+        xi = x.clone().requires_grad_()
+        m(xi).square().sum().backward()
+        grads.append(xi.grad)
+    assert packing["ran"] == 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4 * _max_abs(grads[1]))

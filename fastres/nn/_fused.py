@@ -137,6 +137,7 @@ _SAMPLED_ELEMENTS = 256
 _BITS_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # Values derived from one unit's fold kept at once (casts, packed weights for distinct input shapes).
 _MAX_DERIVED = 4
+_MISSING = object()
 
 
 class _Fingerprint:
@@ -191,8 +192,8 @@ class FoldCache:
 
     With a fold an entry keeps what is derived from it (get_or_fold's `derive`): its cast to an autocast dtype, its
     weight prepacked in oneDNN's layout for one input shape and dtype. They are dropped with the fold, so they are
-    exactly as fresh as it is; at most _MAX_DERIVED of them per unit, the least recently used dropped first (each
-    packed weight is a copy of the conv weight).
+    exactly as fresh as it is; at most _MAX_DERIVED of them per unit, the oldest dropped first (each packed weight
+    is a copy of the conv weight).
     """
 
     def __init__(self):
@@ -223,12 +224,15 @@ class FoldCache:
         if derive is None:
             return entry[3]
         derived = entry[4]
-        if derived_key in derived:
-            value = derived[derived_key] = derived.pop(derived_key)  # most recently used last
-            return value
-        if len(derived) >= _MAX_DERIVED:
-            del derived[next(iter(derived))]
-        value = derived[derived_key] = derive(entry[3])
+        value = derived.get(derived_key, _MISSING)  # (None is a value: "cannot be derived")
+        if value is _MISSING:
+            value = derive(entry[3])
+            if len(derived) >= _MAX_DERIVED:
+                try:
+                    del derived[next(iter(derived))]  # the oldest
+                except (KeyError, RuntimeError, StopIteration):  # another thread's forward evicted it first
+                    pass
+            derived[derived_key] = value
         return value
 
     # A cache must never travel with a copy or a pickle of its module: weakrefs cannot be pickled, and a copy's
@@ -340,14 +344,17 @@ def prepacked_conv_norm_act(x, conv, norm, kind, residual, relu, cache, name):
     """relu?(conv(x) with norm folded in + residual?) from a conv weight prepacked once in oneDNN's blocked layout,
     or None where that path does not apply (the caller runs fastres.ops.conv_bias_act).
 
-    It applies to an eval unit on CPU whose fold is cached (no gradient can reach the weights; not traced), under
-    the automatic or the forced "cuda" backend (fastres._C's: a forced "torch" or "triton" backend runs its own),
-    for a channels_last input that oneDNN can run in its dtype (fp32; bf16 where the CPU has oneDNN's bf16 kernels).
+    It applies to an eval unit on CPU whose fold is cached (no gradient can reach the weights; not traced) and whose
+    input needs no gradient either, under the automatic or the forced "cuda" backend (fastres._C's: a forced "torch"
+    or "triton" backend runs its own), for a channels_last input that oneDNN can run in its dtype (fp32; bf16 where
+    the CPU has oneDNN's bf16 kernels).
     Autocast's casts happen here as its registration for conv_bias_act does them: an fp32 x or residual is cast,
     the fp32 fold is cast once and cached. The packed weight is cached with the fold (FoldCache) per input shape
     and dtype, the two things oneDNN's choice of layout depends on, so it is never stale."""
     if cache is None or x.device.type != "cpu" or _traced():
         return None
+    if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)):
+        return None  # an input gradient through a frozen model: oneDNN's op has no autograd formula
     backend = ops.select("conv_bias_act", x.device)
     if not hasattr(backend, "prepacked_conv_bias_act"):
         return None
