@@ -63,7 +63,7 @@ def add_relu(x, residual):
 _onednn_refused = set()
 
 
-def _call_signature(x, weight, bias, stride, padding, dilation, groups, residual):
+def _call_signature(x, weight, bias, stride, padding, residual, dilation=(1, 1), groups=1):
     # A prepacked weight is an opaque oneDNN tensor without strides: its shape (and that it is packed) identify it.
     weight_layout = "packed" if weight.is_mkldnn else weight.stride()
     return (x.dtype, tuple(x.shape), x.stride(), tuple(weight.shape), weight_layout, bias is not None,
@@ -79,8 +79,8 @@ def _onednn_conv(x, weight, bias, stride, padding, dilation, groups, residual, r
     """relu?(conv(x, weight) + bias + residual?) on oneDNN, bias and residual as post-ops of the conv; weight plain
     or prepacked (pack_conv_weight); residual in x's memory format. None when oneDNN refuses the call."""
     # The signature is built only once some call was refused: the steady-state eval path pays nothing for it.
-    if _onednn_refused and _call_signature(x, weight, bias, stride, padding, dilation, groups,
-                                           residual) in _onednn_refused:
+    if _onednn_refused and _call_signature(x, weight, bias, stride, padding, residual, dilation,
+                                           groups) in _onednn_refused:
         return None
     args = (weight, bias, list(padding), list(stride), list(dilation), groups)
     try:
@@ -89,7 +89,7 @@ def _onednn_conv(x, weight, bias, stride, padding, dilation, groups, residual, r
         else:
             out = torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *args, "add", None, None, [], "")
     except RuntimeError:
-        _onednn_refused.add(_call_signature(x, weight, bias, stride, padding, dilation, groups, residual))
+        _onednn_refused.add(_call_signature(x, weight, bias, stride, padding, residual, dilation, groups))
         return None
     # Not oneDNN's relu post-op: it is max(v, 0), which maps NaN to 0 where torch.relu keeps it (a corrupt input
     # would give a confident answer). torch's in-place relu is one more pass over the output.
@@ -111,7 +111,7 @@ def _onednn_fused_conv(x, weight, bias, stride, padding, residual, relu, dilatio
 # oneDNN runs a convolution from a blocked weight layout of its own choosing. Given a plain weight, every call
 # reorders it into that layout (and, for a channels_last input, ATen first copies a 3x3 weight to channels_last):
 # at batch 1 that costs about as much as the convolution. An eval forward that cannot change the weights packs
-# each one once (fastres.nn._fused.packed_conv_params caches it with the fold, keyed on what the layout depends
+# each one once (fastres.nn._fused.prepacked_conv_norm_act caches it with the fold, keyed on what the layout depends
 # on) and runs the conv from the packed weight, as Inductor's freezing pass does.
 def packable(x, dtype):
     """Whether pack_conv_weight / prepacked_conv_bias_act can run a conv of input x computed in dtype (x's, or
