@@ -133,6 +133,9 @@ def _bn_momentum(bn):
 _WHOLE_ELEMENTS = 4096
 _SAMPLED_ELEMENTS = 256
 _BITS_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Values derived from one unit's fold kept at once (casts, packed weights for distinct input shapes).
+_MAX_DERIVED = 4
+_MISSING = object()
 
 
 class _Fingerprint:
@@ -184,6 +187,11 @@ class FoldCache:
     cost a synchronization and refolding is cheaper (about 50 us of GPU time for ResNet-50): they refold on every
     call. Weak references make sure a reused id() never aliases a freed tensor. It is filled only when no gradient
     can flow into the fold and never under torch.compile.
+
+    With a fold an entry keeps what is derived from it (get_or_fold's `derive`): its cast to an autocast dtype, its
+    weight prepacked in oneDNN's layout for one input shape and dtype. They are dropped with the fold, so they are
+    exactly as fresh as it is; at most _MAX_DERIVED of them per unit, the oldest dropped first (each packed weight
+    is a copy of the conv weight).
     """
 
     def __init__(self):
@@ -199,18 +207,31 @@ class FoldCache:
     def _key(sources, eps):
         return (eps, torch.is_inference_mode_enabled()) + tuple(_identity(t) for t in sources)
 
-    def get_or_fold(self, name, sources, eps, fold):
+    def get_or_fold(self, name, sources, eps, fold, derived_key=None, derive=None):
+        """fold(), reused while `sources` and eps are unchanged; with derive, derive(fold()) instead, reused while
+        the fold is and kept per derived_key (the derivation's own parameters, e.g. dtype and input shape)."""
         key = self._key(sources, eps)
         entry = self._entries.get(name)
-        if entry is not None and entry[0] == key and all(
+        if entry is None or entry[0] != key or not all(
                 (r is None and t is None) or (r is not None and r() is t) for r, t in zip(entry[1], sources)) \
-                and all(f.unchanged() for f in entry[2]):
+                or not all(f.unchanged() for f in entry[2]):
+            folded = fold()
+            refs = tuple(None if t is None else weakref.ref(t) for t in sources)
+            fingerprints = tuple(_Fingerprint(t) for t in sources if t is not None)
+            entry = self._entries[name] = (key, refs, fingerprints, folded, {})
+        if derive is None:
             return entry[3]
-        folded = fold()
-        refs = tuple(None if t is None else weakref.ref(t) for t in sources)
-        fingerprints = tuple(_Fingerprint(t) for t in sources if t is not None)
-        self._entries[name] = (key, refs, fingerprints, folded)
-        return folded
+        derived = entry[4]
+        value = derived.get(derived_key, _MISSING)  # (None is a value: "cannot be derived")
+        if value is _MISSING:
+            value = derive(entry[3])
+            if len(derived) >= _MAX_DERIVED:
+                try:
+                    del derived[next(iter(derived))]  # the oldest
+                except (KeyError, RuntimeError, StopIteration):  # another thread's forward evicted it first
+                    pass
+            derived[derived_key] = value
+        return value
 
     # A cache must never travel with a copy or a pickle of its module: weakrefs cannot be pickled, and a copy's
     # tensors are different objects anyway.
@@ -244,10 +265,15 @@ def functorch_active():
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
+def _traced():
+    """Whether torch.compile, torch.export or torch.jit.trace is recording: they see the fastres ops, never
+    oneDNN's private ops on a packed weight."""
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or (exporting is not None and exporting())
+
+
 def _cacheable(sources):
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        # A graph must compute the fold from the parameters (a cached fold would be baked in as constants: it would
-        # not follow load_state_dict, and would double the saved file).
+    if _traced():  # a trace records the fold from the parameters, not a cached result as a constant
         return False
     present = [t for t in sources if t is not None]
     if any(t.device.type != "cpu" or t.is_inference() for t in present):
@@ -256,10 +282,11 @@ def _cacheable(sources):
     return not torch.is_grad_enabled() or not any(t.requires_grad for t in present)
 
 
-def folded_conv_params(conv, norm, kind, cache=None, name=None):
-    """(weight, bias) of conv with an eval-mode norm folded in."""
+def _fold_spec(conv, norm, kind):
+    """(sources, eps, fold) of a unit's conv (weight, bias): the tensors the result depends on, and its
+    computation."""
     if kind in ("none", "identity"):
-        return conv.weight, conv.bias
+        return (conv.weight, conv.bias), None, lambda: (conv.weight, conv.bias)
     sources = (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
     eps = float(norm.eps)
 
@@ -267,9 +294,91 @@ def folded_conv_params(conv, norm, kind, cache=None, name=None):
         weight_bn, bias_bn = _affine(norm, norm.running_var)
         return ops.fold_bn(conv.weight, conv.bias, weight_bn, bias_bn, norm.running_mean, norm.running_var, eps)
 
-    if cache is not None and _cacheable(sources):
-        return cache.get_or_fold(name, sources, eps, fold)
-    return fold()
+    return sources, eps, fold
+
+
+def _cast_fp32(t, dtype):
+    """t in dtype where autocast would cast it (an fp32 tensor), else t."""
+    return t.to(dtype) if t is not None and t.dtype == torch.float32 and dtype is not None else t
+
+
+def _conv_weight_layout(x):
+    """The memory format ATen's CPU convolutions lay their weight out in for input x (suggest_memory_format's
+    choice, which also reads the strides of size-1 dims: a [1, C, 1, 1] map with channels_last strides counts)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        n, c, h, w = x.shape
+        if not x.is_contiguous() or x.stride() == (h * w * c, 1, w * c, c):
+            return torch.channels_last
+    return torch.contiguous_format
+
+
+def folded_conv_params(conv, norm, kind, cache=None, name=None, like=None):
+    """(weight, bias) of conv with an eval-mode norm folded in. With `like` (the conv's input) and a cached fold,
+    the fold as the conv will use it, derived once and cached with it: its fp32 tensors cast to autocast's dtype
+    where autocast is on (as the op's autocast would cast them on every call), the weight laid out in the input's
+    memory format (which ATen's convolution would otherwise copy it into on every call). Without a cached fold,
+    the fold itself (the op's autocast casts it)."""
+    sources, eps, fold = _fold_spec(conv, norm, kind)
+    if cache is None or not _cacheable(sources):
+        return fold()
+    dtype = fmt = None
+    if like is not None:
+        if torch.is_autocast_enabled(like.device.type) and any(
+                t is not None and t.dtype == torch.float32 for t in sources[:2]):
+            dtype = torch.get_autocast_dtype(like.device.type)
+        layout = _conv_weight_layout(like)
+        fmt = None if conv.weight.is_contiguous(memory_format=layout) else layout
+    if dtype is None and fmt is None:
+        return fold() if kind in ("none", "identity") else cache.get_or_fold(name, sources, eps, fold)
+
+    def derive(folded):
+        weight, bias = (_cast_fp32(t, dtype) for t in folded)
+        return (weight if fmt is None else weight.contiguous(memory_format=fmt)), bias
+
+    return cache.get_or_fold(name, sources, eps, fold, ("plain", dtype, fmt), derive)
+
+
+def prepacked_conv_norm_act(x, conv, norm, kind, residual, relu, cache, name):
+    """relu?(conv(x) with norm folded in + residual?) from a conv weight prepacked once in oneDNN's blocked layout,
+    or None where that path does not apply (the caller runs fastres.ops.conv_bias_act).
+
+    It applies to an eval unit on CPU whose fold is cached (no gradient can reach the weights; not traced) and whose
+    input needs no gradient either, under the automatic or the forced "cuda" backend (fastres._C's: a forced "torch"
+    or "triton" backend runs its own), for a channels_last input that oneDNN can run in its dtype (fp32; bf16 where
+    the CPU has oneDNN's bf16 kernels).
+    Autocast's casts happen here as its registration for conv_bias_act does them: an fp32 x or residual is cast,
+    the fp32 fold is cast once and cached. The packed weight is cached with the fold (FoldCache) per input shape
+    and dtype, the two things oneDNN's choice of layout depends on, so it is never stale."""
+    if cache is None or x.device.type != "cpu" or _traced():
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)):
+        return None  # an input gradient through a frozen model: oneDNN's op has no autograd formula
+    backend = ops.select("conv_bias_act", x.device)
+    if not hasattr(backend, "prepacked_conv_bias_act"):
+        return None
+    sources, eps, fold = _fold_spec(conv, norm, kind)
+    if not _cacheable(sources):
+        return None
+    autocast_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    dtype = x.dtype if autocast_dtype is None or x.dtype != torch.float32 else autocast_dtype
+    weight_dtype = conv.weight.dtype if autocast_dtype is None or conv.weight.dtype != torch.float32 \
+        else autocast_dtype
+    if weight_dtype != dtype or not backend.packable(x, dtype):
+        return None  # mixed dtypes: the op reports them
+    stride, padding, dilation, groups = tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups
+
+    def pack(folded):
+        weight, bias = (_cast_fp32(t, autocast_dtype) for t in folded)
+        packed = backend.pack_conv_weight(weight, stride, padding, dilation, groups, x.shape)
+        return None if packed is None else (packed, bias)
+
+    packed = cache.get_or_fold(name, sources, eps, fold,
+                               ("packed", dtype, tuple(x.shape), stride, padding, dilation, groups), pack)
+    if packed is None:
+        return None
+    x, residual = _cast_fp32(x, autocast_dtype), _cast_fp32(residual, autocast_dtype)
+    return backend.prepacked_conv_bias_act(x, packed[0], packed[1], stride, padding, dilation, groups, residual,
+                                           relu)
 
 
 def keep_memory_format(out, like):

@@ -43,7 +43,7 @@ from fastres.ops import _backend, _compiled, _create_graph
 from fastres.ops._checks import like_param, memory_format
 from fastres.nn import _collectives
 from fastres.nn._fused import _affine, _affine_needs_grad, _bn_momentum, folded_conv_params, functorch_active, \
-    has_hooks, is_plain_relu, norm_kind, unit_fusable
+    has_hooks, is_plain_relu, norm_kind, prepacked_conv_norm_act, unit_fusable
 
 
 def _acc(t):
@@ -594,7 +594,10 @@ def conv_norm_act(x, conv, norm, *, relu, residual=None, cache=None, name=None):
                                training=training, momentum=momentum, eps=norm.eps, stride=conv.stride,
                                padding=conv.padding, residual=residual, relu=relu, dilation=conv.dilation,
                                groups=conv.groups)
-    weight, bias = folded_conv_params(conv, norm, kind, cache, name)
+    out = prepacked_conv_norm_act(x, conv, norm, kind, residual, relu, cache, name)
+    if out is not None:
+        return out
+    weight, bias = folded_conv_params(conv, norm, kind, cache, name, like=x)
     return ops.conv_bias_act(x, weight, bias, stride=conv.stride, padding=conv.padding, residual=residual,
                              relu=relu, dilation=conv.dilation, groups=conv.groups)
 

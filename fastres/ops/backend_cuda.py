@@ -64,19 +64,20 @@ _onednn_refused = set()
 
 
 def _call_signature(x, weight, bias, stride, padding, residual, dilation=(1, 1), groups=1):
-    return (tuple(x.shape), x.stride(), tuple(weight.shape), weight.stride(), bias is not None,
+    # A prepacked weight is an opaque oneDNN tensor without strides: its shape (and that it is packed) identify it.
+    weight_layout = "packed" if weight.is_mkldnn else weight.stride()
+    return (x.dtype, tuple(x.shape), x.stride(), tuple(weight.shape), weight_layout, bias is not None,
             None if residual is None else residual.stride(), tuple(stride), tuple(padding), tuple(dilation), groups)
 
 
-def _onednn_fused_conv(x, weight, bias, stride, padding, residual, relu, dilation=(1, 1), groups=1):
-    """oneDNN convolution with the bias and residual add as post-ops of the conv itself (then the ReLU), or None
-    when this build of torch or this dtype cannot do it. This is what makes the CPU eval path fast: the bias and
-    residual cost nothing extra because they run while the output tile is still in cache."""
-    if not (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
-        return None
-    if residual is not None:
-        residual = residual.contiguous(memory_format=memory_format(x))
+def _onednn_usable():
+    return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+
+
+def _onednn_conv(x, weight, bias, stride, padding, dilation, groups, residual, relu):
+    """relu?(conv(x, weight) + bias + residual?) on oneDNN, bias and residual as post-ops of the conv; weight plain
+    or prepacked (pack_conv_weight); residual in x's memory format. None when oneDNN refuses the call."""
     # The signature is built only once some call was refused: the steady-state eval path pays nothing for it.
     if _onednn_refused and _call_signature(x, weight, bias, stride, padding, residual, dilation,
                                            groups) in _onednn_refused:
@@ -93,6 +94,55 @@ def _onednn_fused_conv(x, weight, bias, stride, padding, residual, relu, dilatio
     # Not oneDNN's relu post-op: it is max(v, 0), which maps NaN to 0 where torch.relu keeps it (a corrupt input
     # would give a confident answer). torch's in-place relu is one more pass over the output.
     return out.relu_() if relu else out
+
+
+def _onednn_fused_conv(x, weight, bias, stride, padding, residual, relu, dilation=(1, 1), groups=1):
+    """oneDNN convolution with the bias and residual add as post-ops of the conv itself (then the ReLU), or None
+    when this build of torch or this dtype cannot do it. This is what makes the CPU eval path fast: the bias and
+    residual cost nothing extra because they run while the output tile is still in cache."""
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and _onednn_usable()):
+        return None
+    if residual is not None:
+        residual = residual.contiguous(memory_format=memory_format(x))
+    return _onednn_conv(x, weight, bias, stride, padding, dilation, groups, residual, relu)
+
+
+# ---------------------------------------------------------------- prepacked weights (CPU eval)
+# oneDNN runs a convolution from a blocked weight layout of its own choosing. Given a plain weight, every call
+# reorders it into that layout (and, for a channels_last input, ATen first copies a 3x3 weight to channels_last):
+# at batch 1 that costs about as much as the convolution. An eval forward that cannot change the weights packs
+# each one once (fastres.nn._fused.prepacked_conv_norm_act caches it with the fold, keyed on what the layout depends
+# on) and runs the conv from the packed weight, as Inductor's freezing pass does.
+def packable(x, dtype):
+    """Whether pack_conv_weight / prepacked_conv_bias_act can run a conv of input x computed in dtype (x's, or
+    autocast's): x on CPU and laid out channels_last (oneDNN's output from a packed weight is channels_last: a
+    contiguous input would be copied in and out), dtype fp32, or bf16 where oneDNN has bf16 kernels for this CPU."""
+    if x.device.type != "cpu" or not _onednn_usable() or not hasattr(torch.ops.mkldnn, "_reorder_convolution_weight"):
+        return False
+    if dtype == torch.bfloat16:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+    elif dtype != torch.float32:
+        return False
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def pack_conv_weight(weight, stride, padding, dilation, groups, input_shape):
+    """weight in oneDNN's blocked layout for a conv of an input of input_shape (and weight's dtype), or None when
+    oneDNN cannot pack it."""
+    try:
+        return torch.ops.mkldnn._reorder_convolution_weight(weight.contiguous(), list(padding), list(stride),
+                                                            list(dilation), groups, list(input_shape))
+    except RuntimeError:
+        return None
+
+
+def prepacked_conv_bias_act(x, packed_weight, bias, stride, padding, dilation, groups, residual, relu):
+    """conv_bias_act with a weight from pack_conv_weight (for x's shape and dtype), for x that is packable(); the
+    output channels_last. None when oneDNN refuses the call (the caller then runs conv_bias_act)."""
+    if residual is not None:
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    return _onednn_conv(x, packed_weight, bias, stride, padding, dilation, groups, residual, relu)
 
 
 def conv_bias_act(x, weight, bias, stride, padding, residual, relu, dilation=(1, 1), groups=1):

@@ -1,0 +1,290 @@
+"""CPU eval: conv weights prepacked once per fold in oneDNN's blocked layout (fastres.nn._fused.prepacked_conv_norm_act,
+fastres.ops.backend_cuda), autocast's casts of the fold made once; no weight copy, reorder or activation cast in a
+steady-state forward, never a stale weight, results within the tolerance rule."""
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.profiler import profile
+
+import fastres
+import fastres.models as fm
+import fastres.nn as fnn
+from fastres.models.vgg import VGG, make_layers
+from fastres.ops import _backend
+from tolerance import assert_within
+
+pytestmark = pytest.mark.skipif(
+    _backend._why_not("cuda", "conv_bias_act", "cpu") is not None or not torch.backends.mkldnn.is_available(),
+    reason="needs fastres._C's CPU kernels and oneDNN")
+
+CL = torch.channels_last
+# oneDNN's bf16 convolutions need AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; elsewhere bf16 runs ATen's convolution.
+BF16_PACKED = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+COPIES = ("aten::copy_", "aten::clone", "aten::_to_copy")
+# Ops of the classifier head (ATen's own copies: mean's accumulation dtype, addmm's bias), the same as eager's.
+HEAD = ("aten::adaptive_avg_pool2d", "aten::linear")
+
+
+def randomize_(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.5)
+    return model
+
+
+def pair(make_fr=fm.resnet18, make_tv=torchvision.models.resnet18, **kwargs):
+    """(fastres model, torchvision model sharing its tensors), both eval."""
+    fr = randomize_(make_fr(num_classes=10, **kwargs)).eval()
+    with torch.device("meta"):
+        tv = make_tv(num_classes=10, **kwargs)
+    tv.load_state_dict(fr.state_dict(), assign=True)
+    return fr, tv.eval()
+
+
+@pytest.fixture
+def packing(monkeypatch):
+    """Counts the weights packed and the convs run from a packed weight."""
+    from fastres.ops import backend_cuda
+    counts = {"packed": 0, "ran": 0}
+    pack, run = backend_cuda.pack_conv_weight, backend_cuda.prepacked_conv_bias_act
+
+    def counting_pack(*args):
+        counts["packed"] += 1
+        return pack(*args)
+
+    def counting_run(*args):
+        counts["ran"] += 1
+        return run(*args)
+
+    monkeypatch.setattr(backend_cuda, "pack_conv_weight", counting_pack)
+    monkeypatch.setattr(backend_cuda, "prepacked_conv_bias_act", counting_run)
+    return counts
+
+
+def _in_head(event):
+    e = event.cpu_parent
+    while e is not None:
+        if e.name in HEAD:
+            return True
+        e = e.cpu_parent
+    return False
+
+
+def steady_state_copies(model, x):
+    """(name, input shapes) of every copy, cast or weight reorder in the second forward of model on x, outside the
+    classifier head."""
+    model(x)
+    with profile(record_shapes=True) as prof:
+        model(x)
+    return [(e.name, [tuple(s) for s in e.input_shapes if s]) for e in prof.events()
+            if (e.name in COPIES or "reorder" in e.name) and not _in_head(e)]
+
+
+@pytest.mark.parametrize("grad_mode", ["inference_mode", "no_grad"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16-weights"])
+def test_steady_state_eval_forward_copies_no_weight(precision, grad_mode, packing):
+    model = fm.resnet50(num_classes=10, width_per_group=16).eval()
+    x = torch.randn(1, 3, 32, 32).contiguous(memory_format=CL)
+    if precision == "bf16-weights":
+        model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+    weight_shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Conv2d)}
+    mode = torch.inference_mode() if grad_mode == "inference_mode" else torch.no_grad()
+    with mode, torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-autocast"):
+        copies = steady_state_copies(model, x)
+    packed_path = precision == "fp32" or BF16_PACKED
+    assert packing["packed"] == (53 if packed_path else 0)  # once per conv, in the first forward
+    assert packing["ran"] == (2 * 53 if packed_path else 0)
+    assert not [c for c in copies if "reorder" in c[0] or any(s in weight_shapes for s in c[1])], copies
+    casts = [c for c in copies if c[0] == "aten::_to_copy"]
+    # Autocast casts the fp32 input once, for the stem; nothing else is cast: the activations stay bf16.
+    assert casts == ([("aten::_to_copy", [(1, 3, 32, 32)])] if precision == "bf16-autocast" else []), casts
+    if packed_path:
+        # Nothing else is copied either. (ATen's bf16 convolution without oneDNN fills its output with the bias
+        # by a copy_, which the packed path does not run.)
+        assert [c for c in copies if c[0] != "aten::_to_copy"] == [], copies
+
+
+def _max_abs(t):
+    return t.detach().abs().max().item()
+
+
+def test_packed_weights_are_never_stale(packing):
+    fr, tv = pair()
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
+
+    def check(what, inp=x):
+        with torch.no_grad():
+            torch.testing.assert_close(fr(inp), tv(inp), rtol=1e-4, atol=1e-4 * _max_abs(tv(inp)), msg=what)
+
+    check("first forward")
+    assert packing["packed"] == 20  # every conv of ResNet-18
+    check("second forward")
+    assert packing["packed"] == 20
+    # An optimizer step (train, then eval again).
+    opt = torch.optim.SGD(fr.parameters(), lr=0.1)
+    fr.train()
+    fr(x).square().mean().backward()
+    opt.step()
+    fr.eval()
+    check("after an optimizer step")
+    assert packing["packed"] == 40
+    # load_state_dict in eval mode.
+    fr.load_state_dict(randomize_(copy.deepcopy(fr), seed=7).state_dict())
+    check("after load_state_dict")
+    # An in-place edit of one conv weight: only that unit repacks.
+    before = packing["packed"]
+    with torch.no_grad():
+        fr.layer2[0].conv2.weight.mul_(1.5)
+    check("after an in-place weight edit")
+    assert packing["packed"] == before + 1
+    # A running statistic.
+    with torch.no_grad():
+        fr.layer3[1].bn1.running_var.mul_(3)
+    check("after a running-statistic change")
+    assert packing["packed"] == before + 2
+    # A new batch size packs once more for that shape, and the first shape stays packed.
+    before = packing["packed"]
+    x3 = torch.randn(3, 3, 32, 32).contiguous(memory_format=CL)
+    check("batch 3", x3)
+    check("batch 3 again", x3)
+    check("batch 2 again")
+    assert packing["packed"] == before + 20
+
+
+def test_units_without_a_norm_are_packed_and_never_stale(packing):
+    """fastres.fold_bn's output (Identity norms, conv biases) and VGG without BN: the conv's own weight and bias."""
+    fr, tv = pair()
+    folded = fastres.fold_bn(fr)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), tv(x), rtol=1e-4, atol=1e-4 * _max_abs(tv(x)))
+        assert packing["packed"] == 20
+        folded(x)
+        assert packing["packed"] == 20
+        folded.layer1[0].conv1.bias.add_(0.25)
+        folded.layer1[0].conv1.weight.mul_(0.5)
+        fr.layer1[0].bn1.bias.add_(0.25)
+        fr.layer1[0].conv1.weight.mul_(0.5)
+        torch.testing.assert_close(folded(x), tv(x), rtol=1e-4, atol=1e-4 * _max_abs(tv(x)))
+    assert packing["packed"] == 21
+    # VGG without BN (its features, small).
+    with torch.device("meta"):
+        vgg = VGG(nn.Sequential(), num_classes=10, init_weights=False)
+    vgg.features = make_layers((16, "M", 32, 32))
+    vgg.eval()
+    xv = torch.randn(1, 3, 16, 16).contiguous(memory_format=CL)
+    with torch.no_grad():
+        before = packing["packed"]
+        out = vgg._features(xv)
+        assert packing["packed"] == before + 3
+        torch.testing.assert_close(out, vgg.features(xv), rtol=1e-4, atol=1e-4 * _max_abs(out))
+        vgg.features[3].weight.mul_(-1)
+        ref = vgg.features(xv)  # the plain modules
+        torch.testing.assert_close(vgg._features(xv), ref, rtol=1e-4, atol=1e-4 * _max_abs(ref))
+        assert not torch.equal(out, ref)
+    assert packing["packed"] == before + 4
+
+
+def _aten_worse(tv, x, ref64, dtype=None, autocast=False):
+    """tv's output in NCHW and in channels_last, whichever is further from ref64."""
+    from fastres.testing import max_error
+    outs = []
+    for fmt in (torch.contiguous_format, CL):
+        m = copy.deepcopy(tv).to(memory_format=fmt)
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            outs.append(m(x.contiguous(memory_format=fmt)))
+    return max(outs, key=lambda o: max_error(o, ref64))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16-weights"])
+def test_packed_eval_is_within_the_tolerance_rule(precision, packing):
+    # Bottlenecks (1x1 convs with the residual as a post-op, a projection), narrow to stay fast.
+    fr, tv = pair(fm.resnet50, torchvision.models.resnet50, width_per_group=16)
+    ref = copy.deepcopy(tv).double()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref64 = ref(x.double())
+        if precision == "bf16-weights":
+            fr, tv, x = fr.to(torch.bfloat16), copy.deepcopy(tv).to(torch.bfloat16), x.to(torch.bfloat16)
+        autocast = precision == "bf16-autocast"
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out = fr(x.contiguous(memory_format=CL))
+        aten = _aten_worse(tv, x, ref64, autocast=autocast)
+    assert out.dtype == aten.dtype
+    assert packing["ran"] == (53 if precision == "fp32" or BF16_PACKED else 0)
+    assert_within(f"resnet50 eval {precision}", out, ref64, aten)
+
+
+def test_nan_propagates_through_the_packed_relu(packing):
+    """oneDNN's relu post-op would map NaN to 0; the packed path keeps torch.relu's NaN."""
+    model = fm.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    x[0, :, 5, 5] = float("nan")
+    with torch.no_grad():
+        out = model(x.contiguous(memory_format=CL))
+    assert packing["ran"] > 0
+    assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all()
+
+
+def test_packing_only_where_nothing_can_change_the_weights(packing):
+    fr, tv = pair()
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
+    fr(x)  # autograd on, parameters requiring grad: the differentiable ops
+    fr.train()
+    with torch.no_grad():
+        fr(x)  # training: batch statistics
+    fr.eval()
+    with torch.no_grad(), fastres.backend("torch"):
+        fr(x)  # a forced backend runs its own kernels
+    fr.channels_last = False
+    # NCHW throughout (at 64x64 no map is 1x1, which is also channels_last): a packed weight's output would be
+    # channels_last.
+    x64 = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        fr(x64)
+        with fastres.backend("cuda"):
+            fr(x64)
+    assert packing == {"packed": 0, "ran": 0}
+    fr.channels_last = True
+    with torch.no_grad(), fastres.backend("cuda"):
+        torch.testing.assert_close(fr(x), tv(x), rtol=1e-4, atol=1e-4 * _max_abs(tv(x)))
+    assert packing["ran"] == 20
+
+
+def test_traces_record_the_fastres_ops_not_packed_weights(packing):
+    """torch.jit.trace and torch.export record fastres's ops from the parameters: a packed weight baked into a
+    graph would be a constant that ignores later weight changes."""
+    ds = nn.Sequential(fnn.conv1x1(8, 32, 2), nn.BatchNorm2d(32))
+    net = randomize_(nn.Sequential(fnn.Bottleneck(8, 8, 2, ds), fnn.Bottleneck(32, 8))).eval()
+    x = torch.randn(1, 8, 9, 9).contiguous(memory_format=CL)
+    with torch.no_grad():
+        net(x)
+        assert packing["packed"] == 7
+        graphs = [str(torch.jit.trace(net, x, check_trace=False).inlined_graph),
+                  str(torch.export.export(net, (x,)).graph)]
+    for g in graphs:
+        assert "conv_bias_act" in g and "mkldnn" not in g
+    assert packing["packed"] == 7
+
+
+def test_input_gradient_through_a_frozen_model(packing):
+    """Frozen parameters but an input that wants a gradient (saliency, adversarial inputs): the differentiable ops."""
+    fr, tv = pair()
+    fr.requires_grad_(False)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
+    grads = []
+    for m in (fr, tv):
+        xi = x.clone().requires_grad_()
+        m(xi).square().sum().backward()
+        grads.append(xi.grad)
+    assert packing["ran"] == 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4 * _max_abs(grads[1]))
