@@ -12,6 +12,7 @@ from torchvision.models import resnet as tvr
 import fastres.models as fm
 import fastres.nn as fnn
 from fastres import ops
+from fastres.ops import _compiled
 from fastres.models.cifar import PadShortcut
 from tolerance import assert_model_grads_within, assert_within, max_error
 
@@ -226,6 +227,17 @@ def test_stem_and_blocks_run_through_fastres_ops(monkeypatch):
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(ops, name, counting)
+    if _compiled.available():
+        # An eval forward without grad runs conv_bias_act's oneDNN kernel directly on prepacked weights.
+        from fastres.ops import backend_cuda
+        real_packed = backend_cuda.prepacked_conv_bias_act
+
+        def counting_packed(*args, **kwargs):
+            out = real_packed(*args, **kwargs)
+            calls["conv_bias_act"] += out is not None  # a refused call runs ops.conv_bias_act instead
+            return out
+
+        monkeypatch.setattr(backend_cuda, "prepacked_conv_bias_act", counting_packed)
     model = fm.resnet18(num_classes=10)
     x = torch.randn(2, 3, 32, 32)
     model(x)
