@@ -154,7 +154,10 @@ def test_convert_timm_resnet_family_keeps_weights_outputs_and_training_step(fami
     report = fastres.convert_report(model)
     assert report.blocks == 4 and len(report.swapped) == 5 and report.convs_fused > 0
     left_alone_only(report, allowed or (lambda n, why: False))
-    check_eval_and_training(model, baseline, torch.randn(2, 3, 32, 32), family)
+    # Batch 4: at 32x32 the last stage's maps are 1x1, and a training BN over 2 values per channel amplifies its
+    # input's rounding up to 1/sqrt(eps) times, so that any two fp32 implementations' outputs differ by luck (ATen's
+    # own layouts by 2x); over 4 values the comparison measures the implementation.
+    check_eval_and_training(model, baseline, torch.randn(4, 3, 32, 32), family)
 
 
 def test_convert_timm_resnet50_reports_every_conv_and_trains_through_the_lean_chain(monkeypatch):

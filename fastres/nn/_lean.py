@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastres import ops
-from fastres.ops import _backend, _compiled, _create_graph
+from fastres.ops import _backend, _compiled, _create_graph, backend_torch
 from fastres.ops._checks import like_param, memory_format
 from fastres.nn import _collectives
 from fastres.nn._fused import _affine, _affine_needs_grad, _bn_momentum, folded_conv_params, functorch_active, \
@@ -254,8 +254,8 @@ def _conv_grads(grad, x, weight, stride, padding, dilation, groups, need_x, need
     if conv_backward is not None:
         gx, gw, _ = conv_backward(grad, x, weight, stride, padding, [need_x, need_w, False], dilation, groups)
     else:
-        gx, gw, _ = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False,
-                                                        [0, 0], groups, [need_x, need_w, False])
+        gx, gw, _ = backend_torch.aten_conv_backward(grad, x, weight, stride, padding, dilation, groups,
+                                                     [need_x, need_w, False])
     return gx, (None if gw is None else like_param(gw, weight))  # DDP needs the parameter's exact strides
 
 

@@ -47,8 +47,9 @@ def conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, traini
 
 def bn_relu_conv(x, scale, shift, weight, stride=1, padding=0, relu=True, dilation=1, groups=1):
     """conv2d(relu(x * scale[c] + shift[c]), weight, None, stride, padding, dilation, groups): the previous layer's
-    BN apply (+ ReLU) as this conv's prologue. scale and shift are per input channel; relu optional. Backward
-    recomputes the normalized input instead of keeping it."""
+    BN apply (+ ReLU) as this conv's prologue. scale and shift are per input channel; relu optional. The apply is
+    computed in scale's dtype (fp32 for a 16-bit x, as ATen's batch_norm does) and rounded once to x's dtype.
+    Backward recomputes the normalized input instead of keeping it."""
     return torch.ops.fastres.bn_relu_conv(x, scale, shift, weight, _pair(stride), _pair(padding), relu,
                                           _pair(dilation), groups)
 

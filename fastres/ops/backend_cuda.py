@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import _compiled
 from ._checks import memory_format
-from .backend_torch import conv_backward, stat_dtype  # noqa: F401  (conv_backward: ATen's, re-exported)
+from .backend_torch import aten_conv_backward, conv_backward, stat_dtype  # noqa: F401  (conv_backward: ATen's, re-exported)
 
 if not _compiled.available():
     raise ImportError(f"fastres._C is not available: {_compiled.load_error()}")
@@ -226,9 +226,8 @@ def bn_relu_conv_backward(grad, x, scale, shift, weight, stride, padding, relu, 
     scale_acc, shift_acc = scale.to(acc), shift.to(acc)
     a = torch.ops.fastres._bn_act_forward(x, scale_acc, shift_acc, None, relu)
     need_a = need_x or need_scale or need_shift
-    grad_a, grad_w, _ = torch.ops.aten.convolution_backward(grad, a, weight, None, list(stride), list(padding),
-                                                           list(dilation), False, [0, 0], groups,
-                                                           [need_a, need_w, False])
+    grad_a, grad_w, _ = aten_conv_backward(grad, a, weight, stride, padding, dilation, groups,
+                                           [need_a, need_w, False])
     grad_x = grad_scale = grad_shift = None
     if need_a:
         zeros, ones = torch.zeros_like(scale_acc), torch.ones_like(scale_acc)

@@ -243,7 +243,7 @@ def conv_backward(grad, x, weight, stride, padding, output_mask, dilation=(1, 1)
     geometry = (stride, padding, dilation, groups)
     need_x, need_w, need_b = output_mask
     if x.dtype == torch.float64:
-        return _aten_conv_backward(grad, x, weight, *geometry, output_mask)
+        return backend_torch.aten_conv_backward(grad, x, weight, *geometry, output_mask)
     c_out, c_in, kh, kw = weight.shape  # c_in: one group's
     c_out_g = c_out // groups
     grad_x = grad_w = grad_b = None
@@ -253,7 +253,7 @@ def conv_backward(grad, x, weight, stride, padding, output_mask, dilation=(1, 1)
                                           config=config)
 
         def dgrad_aten():
-            return _aten_conv_backward(grad, x, weight, *geometry, (True, False, False))[0]
+            return backend_torch.aten_conv_backward(grad, x, weight, *geometry, (True, False, False))[0]
 
         rows = x.numel() // x.shape[1]
 
@@ -261,7 +261,7 @@ def conv_backward(grad, x, weight, stride, padding, output_mask, dilation=(1, 1)
             return autotune.forward_configs(grad.dtype, rows, c_in, c_out_g, kh * kw)
 
         def dgrad_reference():
-            return _aten_conv_backward(*_f64(grad, x, weight), *geometry, (True, False, False))[0]
+            return backend_torch.aten_conv_backward(*_f64(grad, x, weight), *geometry, (True, False, False))[0]
 
         grad_x = _run_chosen(_problem_key("dgrad", x, weight, stride, padding, "", dilation, groups), x,
                              dgrad_triton, dgrad_aten, conv.default_config(rows, c_in, c_out_g, grad.dtype, kh * kw),
@@ -273,13 +273,13 @@ def conv_backward(grad, x, weight, stride, padding, output_mask, dilation=(1, 1)
                                            bias_grad=need_b, config=config)
 
         def wgrad_aten():
-            return _aten_conv_backward(grad, x, weight, *geometry, (False, True, need_b))[1:]
+            return backend_torch.aten_conv_backward(grad, x, weight, *geometry, (False, True, need_b))[1:]
 
         def wgrad_configs():
             return autotune.wgrad_configs(x.dtype, c_out_g, c_in)
 
         def wgrad_reference():
-            return _aten_conv_backward(*_f64(grad, x, weight), *geometry, (False, True, need_b))[1:]
+            return backend_torch.aten_conv_backward(*_f64(grad, x, weight), *geometry, (False, True, need_b))[1:]
 
         gw, gb = _run_chosen(_problem_key("wgrad", x, weight, stride, padding, f"bias{int(need_b)}", dilation, groups),
                              x, wgrad_triton, wgrad_aten, None, wgrad_configs, wgrad_reference,
@@ -287,12 +287,6 @@ def conv_backward(grad, x, weight, stride, padding, output_mask, dilation=(1, 1)
         grad_w = gw if need_w else None
         grad_b = gb if need_b else None
     return grad_x, grad_w, grad_b
-
-
-def _aten_conv_backward(grad, x, weight, stride, padding, dilation, groups, output_mask):
-    bias_sizes = [weight.shape[0]] if output_mask[2] else None
-    return torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, list(stride), list(padding),
-                                               list(dilation), False, [0, 0], groups, list(output_mask))
 
 
 # ---------------------------------------------------------------------------------------------- BN-apply prologue
@@ -331,7 +325,7 @@ def bn_relu_conv_backward(grad, x, scale, shift, weight, stride, padding, relu, 
     geometry = (stride, padding, dilation, groups)
     if x.dtype == torch.float64:
         z = _bn_relu_reference(x, scale, shift, relu)
-        grad_z, grad_w, _ = _aten_conv_backward(grad, z, weight, *geometry, (True, need_w, False))
+        grad_z, grad_w, _ = backend_torch.aten_conv_backward(grad, z, weight, *geometry, (True, need_w, False))
     else:
         need_z = need_x or need_scale or need_shift
         grad_z = conv_backward(grad, x, weight, stride, padding, (True, False, False), dilation, groups)[0] \
@@ -365,12 +359,12 @@ def _prologue_weight_grad(grad, x, scale, shift, weight, relu, stride, padding, 
 
     def aten_fn():
         a = bn.bn_act(x, scale, shift, None, relu)
-        return _aten_conv_backward(grad, a, weight, *geometry, (False, True, False))[1]
+        return backend_torch.aten_conv_backward(grad, a, weight, *geometry, (False, True, False))[1]
 
     def reference():
         grad64, x64, scale64, shift64, weight64 = _f64(grad, x, scale, shift, weight)
         a = _bn_relu_reference(x64, scale64, shift64, relu)
-        return _aten_conv_backward(grad64, a, weight64, *geometry, (False, True, False))[1]
+        return backend_torch.aten_conv_backward(grad64, a, weight64, *geometry, (False, True, False))[1]
 
     key = _problem_key("wgrad_prologue", x, weight, stride, padding, f"relu{int(relu)}", dilation, groups)
     return _run_chosen(key, x, triton_fn, aten_fn, None, lambda: autotune.wgrad_configs(x.dtype, c_out // groups, c_in),
