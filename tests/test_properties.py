@@ -168,6 +168,31 @@ def test_conv_bias_act_matches_reference(be):
     prop()
 
 
+@pytest.mark.parametrize("be", _backends("conv_bias_act"))
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_16bit_weight_grad_of_taps_that_read_only_padding(be, layout):
+    # Found by the property above on an AVX512-BF16 CPU: ATen's bf16 weight gradient for a one-pixel-wide input at
+    # stride 2 left the taps that read only padding uninitialized (NaN, 1e22). Freed NaN-filled memory makes the
+    # allocator's reuse show it.
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 5, 1, generator=g).bfloat16().contiguous(memory_format=fmt)
+    weight = (torch.randn(16, 9, 3, 3, generator=g) / 9).bfloat16().contiguous(memory_format=fmt)
+    grad = torch.randn(2, 16, 3, 1, generator=g, dtype=torch.float64)
+    grads = {}
+    for name, dtype in (("got", torch.bfloat16), ("ref", torch.float64)):
+        xi, wi = (t.detach().to(dtype).requires_grad_() for t in (x, weight))
+        torch.full((1 << 16,), float("nan"), dtype=dtype)  # freed at once: the allocator hands these bytes out next
+        with fastres.backend(be if name == "got" else "torch"):
+            out = ops.conv_bias_act(xi, wi, None, 2, 1, None, False)
+        out.backward(grad.to(dtype))
+        grads[name] = wi.grad
+    assert torch.isfinite(grads["got"]).all()
+    # The taps of columns 0 and 2 read only padding: exactly zero.
+    assert (grads["got"][..., [0, 2]] == 0).all()
+    assert (grads["got"].double() - grads["ref"]).abs().max() <= 0.02 * grads["ref"].abs().max()
+
+
 def _conv_bn_act_pair(training, stride, padding, relu):
     """(fused, reference) for check(): ops.conv_bn_act and its plain-torch composition, both also returning the
     running statistics they updated."""
