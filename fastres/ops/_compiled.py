@@ -26,6 +26,8 @@ with CUDA, CUDA kernels:
 This module imports nothing else from fastres: it only loads the extension and describes its outputs to
 FakeTensor / torch.compile. A missing extension is not an error here; ``available()`` says whether it loaded.
 """
+import functools
+
 import torch
 # The Python twin of Tensor.suggest_memory_format(), which the kernels use to pick their output layout.
 from torch._prims_common import suggest_memory_format
@@ -58,6 +60,7 @@ def with_cuda() -> bool:
     return _C is not None and bool(_C.with_cuda())
 
 
+@functools.lru_cache(maxsize=None)  # fastres._C registers its kernels once, at import; asked on every op call
 def has_kernel(op_name: str, device_type: str) -> bool:
     """Whether ``torch.ops.fastres.<op_name>`` has a compiled kernel for ``device_type`` ("cpu" or "cuda")."""
     if _C is None:
