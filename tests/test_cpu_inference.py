@@ -298,3 +298,77 @@ def test_input_gradient_through_a_frozen_model(packing):
         grads.append(xi.grad)
     assert packing["ran"] == 0
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4 * _max_abs(grads[1]))
+
+
+@pytest.fixture
+def residual_writes(monkeypatch):
+    """Counts the packed convs with a residual, by whether they wrote their result over it."""
+    from fastres.ops import backend_cuda
+    counts = {"over_residual": 0, "new_buffer": 0}
+    run = backend_cuda._onednn_conv
+
+    def counting(*args, **kwargs):
+        if args[7] is not None:
+            into = args[9] if len(args) > 9 else kwargs.get("into_residual", False)
+            counts["over_residual" if into else "new_buffer"] += 1
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(backend_cuda, "_onednn_conv", counting)
+    return counts
+
+
+@pytest.mark.parametrize("make_fr,make_tv", [(fm.resnet18, torchvision.models.resnet18),
+                                             (fm.resnet50, torchvision.models.resnet50)])
+def test_residual_convs_write_over_tensors_nothing_else_holds(make_fr, make_tv, residual_writes):
+    """In an eval forward, a block's last conv writes its result over the residual (a projection's fresh output, or
+    an identity block's input that the previous block made and handed on), as Inductor's freezing does, and never
+    over a tensor the caller or a hook can still see."""
+    fr, tv = pair(make_fr, make_tv)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
+    x_before = x.clone()
+    blocks = sum(len(layer) for layer in (fr.layer1, fr.layer2, fr.layer3, fr.layer4))
+    with torch.no_grad():
+        got, ref = fr(x), tv(x)
+    assert residual_writes == {"over_residual": blocks, "new_buffer": 0}
+    assert torch.equal(x, x_before)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * _max_abs(ref))
+
+    # A hook that keeps a block's output: the next block must leave it as it was.
+    kept = []
+    handle = fr.layer1[0].register_forward_hook(lambda m, i, out: kept.append((out, out.clone())))
+    residual_writes.update(over_residual=0, new_buffer=0)
+    with torch.no_grad():
+        torch.testing.assert_close(fr(x), ref, rtol=1e-4, atol=1e-4 * _max_abs(ref))
+    handle.remove()
+    assert torch.equal(kept[0][0], kept[0][1])
+    # layer1[1]: its input is held by the hook; layer1[0] itself, called through its hooks, does not own its input
+    # either (where it is an identity block).
+    assert residual_writes["new_buffer"] == 1 + (fr.layer1[0].downsample is None)
+
+    # Blocks and layers called on their own keep their input.
+    for module in (fr.layer1, fr.layer1[1]):
+        h = torch.randn(2, module.conv1.in_channels if module is fr.layer1[1] else fr.layer1[0].conv1.in_channels,
+                        8, 8).contiguous(memory_format=CL)
+        h_before = h.clone()
+        with torch.no_grad():
+            module(h)
+        assert torch.equal(h, h_before)
+
+
+def test_inference_tensors_are_written_over_only_in_inference_mode(residual_writes):
+    """A block's input made under inference mode cannot be changed in place outside it: that conv writes a new
+    buffer (and the next forward in inference mode writes over its residuals again)."""
+    fr, tv = pair()
+    block = fr.layer1[1]
+    with torch.inference_mode():
+        h = torch.randn(2, 64, 8, 8).contiguous(memory_format=CL)
+        ref = tv.layer1[1](h)
+    with torch.no_grad():
+        got = block._forward(h, input_owned=True)
+    assert residual_writes == {"over_residual": 0, "new_buffer": 1}
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * _max_abs(ref))
+    with torch.inference_mode():
+        x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
+        ref = tv(x)
+        torch.testing.assert_close(fr(x), ref, rtol=1e-4, atol=1e-4 * _max_abs(ref))
+    assert residual_writes == {"over_residual": 8, "new_buffer": 1}

@@ -98,7 +98,7 @@ class _TimmBlock(_FusedBlock):
             out = self.se(out)
         if self.drop_path is not None:
             out = self.drop_path(out)
-        shortcut = self._shortcut(x)
+        shortcut, _ = self._shortcut(x)
         if is_plain_relu(act):
             return ops.add_relu(out, shortcut)
         return act(out + shortcut)

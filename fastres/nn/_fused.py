@@ -338,9 +338,10 @@ def folded_conv_params(conv, norm, kind, cache=None, name=None, like=None):
     return cache.get_or_fold(name, sources, eps, fold, ("plain", dtype, fmt), derive)
 
 
-def prepacked_conv_norm_act(x, conv, norm, kind, residual, relu, cache, name):
+def prepacked_conv_norm_act(x, conv, norm, kind, residual, relu, cache, name, residual_owned=False):
     """relu?(conv(x) with norm folded in + residual?) from a conv weight prepacked once in oneDNN's blocked layout,
-    or None where that path does not apply (the caller runs fastres.ops.conv_bias_act).
+    or None where that path does not apply (the caller runs fastres.ops.conv_bias_act). residual_owned: nothing but
+    the caller holds `residual` (it made it), so the result may be written over it.
 
     It applies to an eval unit on CPU whose fold is cached (no gradient can reach the weights; not traced) and whose
     input needs no gradient either, under the automatic or the forced "cuda" backend (fastres._C's: a forced "torch"
@@ -376,9 +377,9 @@ def prepacked_conv_norm_act(x, conv, norm, kind, residual, relu, cache, name):
                                ("packed", dtype, tuple(x.shape), stride, padding, dilation, groups), pack)
     if packed is None:
         return None
-    x, residual = _cast_fp32(x, autocast_dtype), _cast_fp32(residual, autocast_dtype)
-    return backend.prepacked_conv_bias_act(x, packed[0], packed[1], stride, padding, dilation, groups, residual,
-                                           relu)
+    x, cast = _cast_fp32(x, autocast_dtype), _cast_fp32(residual, autocast_dtype)
+    return backend.prepacked_conv_bias_act(x, packed[0], packed[1], stride, padding, dilation, groups, cast, relu,
+                                           residual_owned or cast is not residual)
 
 
 def keep_memory_format(out, like):

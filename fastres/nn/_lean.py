@@ -566,9 +566,10 @@ def sync_batch_norm(x, norm, group):
                             group, None, float(norm.eps), None)
 
 
-def conv_norm_act(x, conv, norm, *, relu, residual=None, cache=None, name=None):
+def conv_norm_act(x, conv, norm, *, relu, residual=None, cache=None, name=None, residual_owned=False):
     """relu?(norm(conv(x)) + residual?), through fastres.ops when a kernel covers the unit (and no torch.func
-    transform runs: see functorch_active)."""
+    transform runs: see functorch_active). residual_owned: nothing but the caller holds `residual`, so an eval
+    kernel may write the result over it."""
     plain = functorch_active()
     if plain or not unit_fusable(conv, norm):
         out = conv(x)
@@ -594,7 +595,7 @@ def conv_norm_act(x, conv, norm, *, relu, residual=None, cache=None, name=None):
                                training=training, momentum=momentum, eps=norm.eps, stride=conv.stride,
                                padding=conv.padding, residual=residual, relu=relu, dilation=conv.dilation,
                                groups=conv.groups)
-    out = prepacked_conv_norm_act(x, conv, norm, kind, residual, relu, cache, name)
+    out = prepacked_conv_norm_act(x, conv, norm, kind, residual, relu, cache, name, residual_owned)
     if out is not None:
         return out
     weight, bias = folded_conv_params(conv, norm, kind, cache, name, like=x)

@@ -43,15 +43,22 @@ class _FusedBlock(FusedModuleMixin, nn.Module):
             raise ValueError(f"{type(self).__name__}: downsample is given but residual=False: a block without a "
                              "shortcut has no use for it")
 
-    def _shortcut(self, x):
+    def _shortcut(self, x, input_owned=False):
+        """(the shortcut's output, whether nothing but this block holds it: a fused downsample's fresh tensor, or
+        the input itself where the caller says it owns it)."""
         ds = self.downsample
         if ds is None:
-            return x
+            return x, input_owned
         if type(ds) is nn.Sequential and len(ds) == 2 and not has_hooks(ds) and unit_fusable(ds[0], ds[1]):
-            return conv_norm_act(x, ds[0], ds[1], relu=False, cache=self.fold_cache, name="downsample")
-        return ds(x)
+            return conv_norm_act(x, ds[0], ds[1], relu=False, cache=self.fold_cache, name="downsample"), True
+        return ds(x), False
 
     def forward(self, x):
+        return self._forward(x)
+
+    def _forward(self, x, input_owned=False):
+        """forward(x); input_owned: nothing but the caller holds x (fastres.models.ResNet passes one block's fresh
+        output to the next), so the last conv of an eval forward may write its result over it, as the residual."""
         if not is_plain_relu(self.relu) or functorch_active():
             # A replaced activation must be honoured, and torch.func transforms need plain ops: run the modules
             # exactly as torchvision does.
@@ -70,9 +77,9 @@ class _FusedBlock(FusedModuleMixin, nn.Module):
             tail = _dual_tail(out, x, conv, norm, self.downsample)
             if tail is not None:
                 return keep_memory_format(tail, x)
-        identity = self._shortcut(x) if self.residual else None
+        identity, owned = self._shortcut(x, input_owned) if self.residual else (None, False)
         out = conv_norm_act(out, conv, norm, relu=True, residual=identity, cache=self.fold_cache,
-                            name=str(len(units) - 1))
+                            name=str(len(units) - 1), residual_owned=owned)
         return keep_memory_format(out, x)
 
     def _forward_modules(self, x):

@@ -63,11 +63,12 @@ def add_relu(x, residual):
 _onednn_refused = set()
 
 
-def _call_signature(x, weight, bias, stride, padding, residual, dilation=(1, 1), groups=1):
+def _call_signature(x, weight, bias, stride, padding, residual, dilation=(1, 1), groups=1, into_residual=False):
     # A prepacked weight is an opaque oneDNN tensor without strides: its shape (and that it is packed) identify it.
     weight_layout = "packed" if weight.is_mkldnn else weight.stride()
     return (x.dtype, tuple(x.shape), x.stride(), tuple(weight.shape), weight_layout, bias is not None,
-            None if residual is None else residual.stride(), tuple(stride), tuple(padding), tuple(dilation), groups)
+            None if residual is None else residual.stride(), tuple(stride), tuple(padding), tuple(dilation), groups,
+            into_residual)
 
 
 def _onednn_usable():
@@ -75,21 +76,26 @@ def _onednn_usable():
             and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
 
 
-def _onednn_conv(x, weight, bias, stride, padding, dilation, groups, residual, relu):
+def _onednn_conv(x, weight, bias, stride, padding, dilation, groups, residual, relu, into_residual=False):
     """relu?(conv(x, weight) + bias + residual?) on oneDNN, bias and residual as post-ops of the conv; weight plain
-    or prepacked (pack_conv_weight); residual in x's memory format. None when oneDNN refuses the call."""
+    or prepacked (pack_conv_weight); residual in x's memory format. into_residual: the result is written over
+    `residual` (the caller owns it), which saves a pass: oneDNN's out-of-place form first copies the residual into a
+    new output. None when oneDNN refuses the call."""
     # The signature is built only once some call was refused: the steady-state eval path pays nothing for it.
-    if _onednn_refused and _call_signature(x, weight, bias, stride, padding, residual, dilation,
-                                           groups) in _onednn_refused:
+    if _onednn_refused and _call_signature(x, weight, bias, stride, padding, residual, dilation, groups,
+                                           into_residual) in _onednn_refused:
         return None
     args = (weight, bias, list(padding), list(stride), list(dilation), groups)
     try:
         if residual is None:
             out = torch.ops.mkldnn._convolution_pointwise(x, *args, "none", [], "")
+        elif into_residual:
+            out = torch.ops.mkldnn._convolution_pointwise_.binary(residual, x, *args, "add", None, None, [], "")
         else:
             out = torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *args, "add", None, None, [], "")
     except RuntimeError:
-        _onednn_refused.add(_call_signature(x, weight, bias, stride, padding, residual, dilation, groups))
+        _onednn_refused.add(_call_signature(x, weight, bias, stride, padding, residual, dilation, groups,
+                                            into_residual))
         return None
     # Not oneDNN's relu post-op: it is max(v, 0), which maps NaN to 0 where torch.relu keeps it (a corrupt input
     # would give a confident answer). torch's in-place relu is one more pass over the output.
@@ -137,12 +143,30 @@ def pack_conv_weight(weight, stride, padding, dilation, groups, input_shape):
         return None
 
 
-def prepacked_conv_bias_act(x, packed_weight, bias, stride, padding, dilation, groups, residual, relu):
+def _conv_output_shape(x, weight, stride, padding, dilation):
+    n, _, h, w = x.shape
+    kh, kw = weight.shape[2:]
+    return (n, weight.shape[0], (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1,
+            (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1)
+
+
+def prepacked_conv_bias_act(x, packed_weight, bias, stride, padding, dilation, groups, residual, relu,
+                            residual_owned=False):
     """conv_bias_act with a weight from pack_conv_weight (for x's shape and dtype), for x that is packable(); the
-    output channels_last. None when oneDNN refuses the call (the caller then runs conv_bias_act)."""
+    output channels_last. residual_owned: nothing else holds `residual` (a tensor the caller just made), so the
+    result may be written over it. None when oneDNN refuses the call (the caller then runs conv_bias_act)."""
+    into_residual = False
     if residual is not None:
-        residual = residual.contiguous(memory_format=torch.channels_last)
-    return _onednn_conv(x, packed_weight, bias, stride, padding, dilation, groups, residual, relu)
+        laid_out = residual.contiguous(memory_format=torch.channels_last)
+        # Over the residual only where it is the output's exact buffer: same dtype and shape, dense channels_last.
+        into_residual = (residual_owned or laid_out is not residual) and laid_out.dtype == x.dtype \
+            and not laid_out.requires_grad and (torch.is_inference_mode_enabled() or not laid_out.is_inference()) \
+            and laid_out.shape == _conv_output_shape(x, packed_weight, stride, padding, dilation)
+        residual = laid_out
+    out = _onednn_conv(x, packed_weight, bias, stride, padding, dilation, groups, residual, relu, into_residual)
+    if out is None and into_residual:  # refused in place (another torch version): out of place
+        out = _onednn_conv(x, packed_weight, bias, stride, padding, dilation, groups, residual, relu)
+    return out
 
 
 def conv_bias_act(x, weight, bias, stride, padding, residual, relu, dilation=(1, 1), groups=1):
