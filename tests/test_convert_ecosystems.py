@@ -9,27 +9,11 @@ import torch
 from torch import nn
 
 import fastres
-from fastres.nn import _lean
+from model_helpers import count_lean_blocks, randomize_
 from tolerance import assert_model_grads_within, assert_within, max_error
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def randomize_(model, seed=1):
-    """Random BN statistics, affine and num_batches_tracked, so that folding and running averages matter."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.5)
-                m.num_batches_tracked.fill_(3)
-            elif isinstance(m, nn.GroupNorm):
-                m.weight.copy_(torch.rand(m.num_channels, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_channels, generator=g) * 0.5)
-    return model
 
 
 def converted_pair(model):
@@ -96,19 +80,6 @@ def left_alone_only(report, allowed):
     """Every conv fastres does not run is one of `allowed` (a predicate on (name, why))."""
     others = {n: why for n, why in report.left_alone.items() if not allowed(n, why)}
     assert not others, f"left alone: {others}"
-
-
-def count_lean_blocks(monkeypatch):
-    """A list that gets, for every call of the lean training chain, whether it ran (returned a result)."""
-    calls, real = [], _lean.block_forward
-
-    def counting(block, x):
-        out = real(block, x)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(_lean, "block_forward", counting)
-    return calls
 
 
 # ------------------------------------------------------------------------------------------------ timm

@@ -11,8 +11,8 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBN
 
 import fastres
-from fastres.nn import _lean
-from test_nn import assert_runs_match, randomize_, set_mode
+from model_helpers import count_lean_blocks, randomize_
+from test_nn import assert_runs_match, set_mode
 from tolerance import assert_within
 
 FAMILIES = {
@@ -54,15 +54,7 @@ def test_convert_family_eval_and_training_step(family):
 def test_grouped_and_dilated_blocks_train_through_the_lean_chain(family, monkeypatch):
     model, _, _ = _family(family)
     fastres.convert(model).train()
-    ran = []
-    real = _lean.block_forward
-
-    def counting(block, x):
-        out = real(block, x)
-        ran.append(out is not None)
-        return out
-
-    monkeypatch.setattr(_lean, "block_forward", counting)
+    ran = count_lean_blocks(monkeypatch)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert ran and all(ran), f"{ran.count(False)} of {len(ran)} blocks left the lean chain"
 

@@ -14,6 +14,7 @@ import fastres.models as fm
 import fastres.nn as fnn
 from fastres.models.vgg import VGG, make_layers
 from fastres.ops import _backend
+from model_helpers import randomize_
 from tolerance import assert_within
 
 pytestmark = pytest.mark.skipif(
@@ -26,19 +27,6 @@ BF16_PACKED = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 COPIES = ("aten::copy_", "aten::clone", "aten::_to_copy")
 # Ops of the classifier head (ATen's own copies: mean's accumulation dtype, addmm's bias), the same as eager's.
 HEAD = ("aten::adaptive_avg_pool2d", "aten::linear")
-
-
-def randomize_(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.5)
-    return model
 
 
 def pair(make_fr=fm.resnet18, make_tv=torchvision.models.resnet18, **kwargs):

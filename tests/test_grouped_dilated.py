@@ -15,9 +15,9 @@ from torchvision.models import resnet as tvr
 import fastres
 import fastres.nn as fnn
 from fastres import ops
-from fastres.nn import _lean
 from fastres.ops import _backend
-from test_nn import OpLog, assert_no_grad_match, assert_runs_match, randomize_, set_mode
+from model_helpers import count_lean_blocks, randomize_
+from test_nn import OpLog, assert_no_grad_match, assert_runs_match, set_mode
 from tolerance import assert_within
 
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
@@ -316,15 +316,7 @@ def test_converted_block_eval_runs_the_fused_grouped_conv(case):
 def test_converted_block_trains_through_the_lean_chain(case, mode, monkeypatch):
     fr, tv, ref = _converted(case)
     fnn.set_memory_mode(fr, mode)
-    ran = []
-    real = _lean.block_forward
-
-    def counting(block, x):
-        out = real(block, x)
-        ran.append(out is not None)
-        return out
-
-    monkeypatch.setattr(_lean, "block_forward", counting)
+    ran = count_lean_blocks(monkeypatch)
     set_mode(True, fr, tv, ref)
     x = torch.randn(2, fr.conv1.in_channels, 9, 9)
     assert_runs_match(fr, tv, ref, x, f"{case} {mode} train")

@@ -15,8 +15,8 @@ from torchvision.models import resnet as tvr
 
 import fastres.models as fm
 import fastres.nn as fnn
-from fastres.nn import _lean
 from fastres.ops import _compiled
+from model_helpers import count_lean_blocks
 from test_nn import BLOCK_CASES, assert_runs_match, make_blocks, set_mode
 from tolerance import assert_within
 
@@ -186,15 +186,7 @@ def test_set_memory_mode():
 
 
 def test_lean_path_runs_in_training_and_not_in_eval(monkeypatch):
-    calls = []
-    real = _lean.block_forward
-
-    def counting(block, x):
-        out = real(block, x)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(_lean, "block_forward", counting)
+    calls = count_lean_blocks(monkeypatch)
     model = fm.cifar_resnet(8, shortcut="B")
     x = torch.randn(2, 3, 16, 16)
     model.train()(x)

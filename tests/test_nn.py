@@ -19,6 +19,7 @@ from fastres import ops
 from fastres._convert import convert
 from fastres.ops import _compiled
 from fastres.nn import BasicBlock, Bottleneck, FrozenBatchNorm2d, fold_bn, freeze_bn
+from model_helpers import randomize_
 from tolerance import assert_within
 
 BLOCKS = {"bottleneck": (Bottleneck, tvr.Bottleneck), "basic": (BasicBlock, tvr.BasicBlock)}
@@ -26,25 +27,6 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def randomize_(model, seed=1):
-    """Random BN statistics, affine and num_batches_tracked, so that folding and running averages matter."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d, TorchvisionFrozenBN)):
-                c = m.running_mean.shape[0] if m.running_mean is not None else m.num_features
-                if m.running_mean is not None:
-                    m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-                    m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(c, generator=g) * 0.5)
-                if getattr(m, "num_batches_tracked", None) is not None:
-                    m.num_batches_tracked.fill_(3)
-            elif isinstance(m, nn.GroupNorm):
-                m.weight.copy_(torch.rand(m.num_channels, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_channels, generator=g) * 0.5)
-    return model
 
 
 def make_blocks(kind, inplanes, planes, stride=1, downsample=False, norm_layer=None, device="cpu", **fastres_kwargs):
