@@ -2,6 +2,9 @@
 (trace: weights stay parameters; script: a clear error, or fastres.fold_bn(..., plain=True)), torch.export."""
 import copy
 import io
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ import torchvision
 from torch import nn
 
 import fastres
-from test_nn import randomize_
+from model_helpers import randomize_
 from tolerance import assert_within
 
 
@@ -114,3 +117,25 @@ def test_torch_export_keeps_the_fused_ops():
     got, ref64, aten = _three_way(model, x)
     with torch.no_grad():
         assert_within("torch.export", exported.module()(x), ref64, aten)
+
+
+COMPILE_UNDER_CI = """
+import torch, fastres.models as fm, fastres.nn as fnn
+x = torch.randn(2, 3, 64, 64)
+model = fm.ResNet(fnn.BasicBlock, [1, 1, 1, 1], num_classes=10).eval()
+assert (torch.compile(model, fullgraph=True)(x) - model(x)).abs().max() < 1e-4
+model.train()
+torch.compile(model, fullgraph=True)(x).sum().backward()
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_torch_compile_works_where_the_environment_says_ci():
+    """The decompositions registered for the ONNX exporter must not break torch.compile where CI is set (GitHub
+    Actions sets it): Inductor refuses an implicit fallback for an op that has one. A fresh process, so that no
+    earlier compile has registered anything."""
+    env = dict(os.environ, CI="true")
+    r = subprocess.run([sys.executable, "-c", COMPILE_UNDER_CI], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

@@ -14,24 +14,10 @@ import fastres.nn as fnn
 from fastres import ops
 from fastres.ops import _compiled
 from fastres.models.cifar import PadShortcut
+from model_helpers import randomize_
 from tolerance import assert_model_grads_within, assert_within, max_error
 
 DEPTHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
-
-
-def randomize_(model, seed=1):
-    """Random BN statistics and affine (folding then matters) and random conv weights of unit-ish gain."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.5)
-                m.num_batches_tracked.fill_(3)
-    return model
 
 
 def shapes(model):
@@ -427,6 +413,17 @@ def test_vgg19_features_train_like_torchvision():
 
 
 # ------------------------------------------------------------------------------------------------ torch.compile
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="Found, not yet fixed: compiled training of a net whose last stage has 1x1 "
+                   "maps (BasicBlock ResNet at 32x32): dual_bn_act_forward's fake predicts the ReLU mask's layout "
+                   "from the strides of size-1 dims, which Inductor lays out otherwise than eager (mask (2, 64) "
+                   "faked, (1024, 1) computed)")
+def test_compiled_training_with_1x1_maps():
+    torch._dynamo.reset()
+    model = randomize_(fm.ResNet(fnn.BasicBlock, [1, 1, 1, 1], num_classes=10)).train()
+    torch.compile(model, fullgraph=True)(torch.randn(2, 3, 32, 32)).sum().backward()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_compiled_resnet_matches_eager(training):

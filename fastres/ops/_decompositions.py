@@ -3,6 +3,8 @@ torch._decomp's global table, which torch.onnx.export(..., dynamo=True) applies 
 for. So an exported fastres model becomes Conv / Add / Relu (and the fold's arithmetic on the weights), with no
 flag for the user to know. Eager runs, torch.compile (Inductor picks its own table) and torch.export keep the
 fastres ops."""
+import sys
+
 import torch
 from torch._decomp import register_decomposition
 
@@ -35,6 +37,31 @@ def register():
     for op_name in DECOMPOSED:
         op, decomposed = _reference_of(op_name)
         register_decomposition(op)(decomposed)
+
+
+_inductor_fallbacks_registered = False
+
+
+def register_inductor_fallbacks():
+    """Tell Inductor that it runs these ops as they are (its fallback: the fastres kernels), as it would by itself.
+    Its implicit fallback refuses, when the environment has CI set (GitHub Actions and most CI services do), an op
+    that has a decomposition in torch._decomp's global table ("a decomposition exists, we should switch to it"),
+    which is where the ONNX exporter finds ours: torch.compile of a fastres model would fail in users' CI. The same
+    fallback with the same layout constraint, registered explicitly, once Inductor is loaded (importing it here
+    would cost a second on every `import fastres`)."""
+    global _inductor_fallbacks_registered
+    if _inductor_fallbacks_registered:
+        return
+    lowering = sys.modules.get("torch._inductor.lowering")
+    if lowering is None:
+        return
+    from torch._library.utils import get_layout_constraint_tag
+    for op_name in DECOMPOSED:
+        op = getattr(torch.ops.fastres, op_name).default
+        if op not in lowering.lowerings:
+            constraint = lowering.tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+            lowering.make_fallback(op, layout_constraint=constraint, warn=False)
+    _inductor_fallbacks_registered = True
 
 
 register()

@@ -76,6 +76,13 @@ def _empty(shape, like, fmt, dtype=None):
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
 
 
+def _inductor_fallbacks():
+    """See _decompositions.register_inductor_fallbacks: called from the fakes of the decomposed ops, which
+    torch.compile runs (under AOTAutograd, inside Inductor) before Inductor lowers them."""
+    from . import _decompositions  # here, not at import: it reads the ops this module registers
+    _decompositions.register_inductor_fallbacks()
+
+
 # ---------------------------------------------------------------- fold_bn
 @torch.library.custom_op("fastres::fold_bn", mutates_args=(), schema=_SCHEMAS["fold_bn"])
 def fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=1e-5):
@@ -86,6 +93,7 @@ def fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_va
 
 @fold_bn.register_fake
 def _(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=1e-5):
+    _inductor_fallbacks()
     _checks.check_fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps)
     weight = torch.empty_like(conv_weight, memory_format=memory_format(conv_weight))
     return weight, conv_weight.new_empty((conv_weight.shape[0],))
@@ -135,6 +143,7 @@ def add_relu(x, residual):
 
 @add_relu.register_fake
 def _(x, residual):
+    _inductor_fallbacks()
     _checks.check_add_relu(x, residual)
     return torch.empty_like(x, memory_format=memory_format(x))
 
@@ -165,6 +174,7 @@ def conv_bias_act(x, weight, bias=None, stride=(1, 1), padding=(0, 0), residual=
 
 @conv_bias_act.register_fake
 def _(x, weight, bias=None, stride=(1, 1), padding=(0, 0), residual=None, relu=True, dilation=(1, 1), groups=1):
+    _inductor_fallbacks()
     *_, out_shape = _checks.check_conv("conv_bias_act", x, weight, bias, stride, padding, residual, dilation,
                                        groups)
     return _empty(out_shape, x, memory_format(x))
@@ -233,6 +243,7 @@ def conv_bn_act_forward(x, weight, bn_weight, bn_bias, running_mean, running_var
 @conv_bn_act_forward.register_fake
 def _(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum=0.1, eps=1e-5, stride=(1, 1),
       padding=(0, 0), residual=None, relu=True, dilation=(1, 1), groups=1):
+    _inductor_fallbacks()
     *_, out_shape = _check_conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, training, stride,
                                    padding, residual, dilation, groups)
     fmt = memory_format(x)
@@ -436,6 +447,7 @@ def bn_relu_conv(x, scale, shift, weight, stride=(1, 1), padding=(0, 0), relu=Tr
 
 @bn_relu_conv.register_fake
 def _(x, scale, shift, weight, stride=(1, 1), padding=(0, 0), relu=True, dilation=(1, 1), groups=1):
+    _inductor_fallbacks()
     *_, out_shape = _check_bn_relu_conv(x, scale, shift, weight, stride, padding, dilation, groups)
     return _empty(out_shape, x, memory_format(x))
 
