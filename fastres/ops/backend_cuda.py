@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from . import _compiled
-from ._checks import memory_format
-from .backend_torch import aten_conv_backward, conv_backward, stat_dtype  # noqa: F401  (conv_backward: ATen's, re-exported)
+from ._checks import conv_output_shape, memory_format
+# conv_backward: ATen's, re-exported
+from .backend_torch import aten_conv_backward, conv_backward, stat_dtype  # noqa: F401
 
 if not _compiled.available():
     raise ImportError(f"fastres._C is not available: {_compiled.load_error()}")
@@ -143,13 +144,6 @@ def pack_conv_weight(weight, stride, padding, dilation, groups, input_shape):
         return None
 
 
-def _conv_output_shape(x, weight, stride, padding, dilation):
-    n, _, h, w = x.shape
-    kh, kw = weight.shape[2:]
-    return (n, weight.shape[0], (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1,
-            (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1)
-
-
 def prepacked_conv_bias_act(x, packed_weight, bias, stride, padding, dilation, groups, residual, relu,
                             residual_owned=False):
     """conv_bias_act with a weight from pack_conv_weight (for x's shape and dtype), for x that is packable(); the
@@ -161,7 +155,7 @@ def prepacked_conv_bias_act(x, packed_weight, bias, stride, padding, dilation, g
         # Over the residual only where it is the output's exact buffer: same dtype and shape, dense channels_last.
         into_residual = (residual_owned or laid_out is not residual) and laid_out.dtype == x.dtype \
             and not laid_out.requires_grad and (torch.is_inference_mode_enabled() or not laid_out.is_inference()) \
-            and laid_out.shape == _conv_output_shape(x, packed_weight, stride, padding, dilation)
+            and laid_out.shape == conv_output_shape("conv_bias_act", x, packed_weight, stride, padding, dilation)
         residual = laid_out
     out = _onednn_conv(x, packed_weight, bias, stride, padding, dilation, groups, residual, relu, into_residual)
     if out is None and into_residual:  # refused in place (another torch version): out of place

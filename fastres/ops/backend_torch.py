@@ -8,7 +8,7 @@ import torch.nn.functional as F
 # The Python twin of Tensor.suggest_memory_format(), which fastres._C's kernels lay their outputs out by.
 from torch._prims_common import suggest_memory_format
 
-from ._checks import memory_format
+from ._checks import conv_output_shape, memory_format
 
 
 def unsupported(op, device_type):
@@ -143,8 +143,8 @@ def dual_bn_act_forward(y, bn_weight, bn_bias, running_mean, running_var, r, r_b
 
 def _padding_only_taps(x, weight, stride, padding, dilation):
     """Whether some kernel tap reads only zero padding, at every output position."""
-    for size, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation):
-        out = (size + 2 * p - d * (k - 1) - 1) // s + 1
+    out_hw = conv_output_shape("conv_backward", x, weight, stride, padding, dilation)[2:]
+    for size, k, s, p, d, out in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation, out_hw):
         for t in range(k):
             first = max(0, -((t * d - p) // s))  # the first output position whose tap t is at index >= 0
             if first >= out or first * s + t * d - p >= size:
