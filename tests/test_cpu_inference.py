@@ -1,6 +1,7 @@
 """CPU eval: conv weights prepacked once per fold in oneDNN's blocked layout (fastres.nn._fused.prepacked_conv_norm_act,
 fastres.ops.backend_cuda), autocast's casts of the fold made once; no weight copy, reorder or activation cast in a
 steady-state forward, never a stale weight, results within the tolerance rule."""
+import contextlib
 import copy
 
 import pytest
@@ -360,3 +361,120 @@ def test_inference_tensors_are_written_over_only_in_inference_mode(residual_writ
         ref = tv(x)
         torch.testing.assert_close(fr(x), ref, rtol=1e-4, atol=1e-4 * _max_abs(ref))
     assert residual_writes == {"over_residual": 8, "new_buffer": 1}
+
+
+# ---------------------------------------------------------------- the eval plan (fastres.models._eval_plan)
+@pytest.fixture
+def per_unit_path(monkeypatch):
+    """A context manager under which fastres.models.ResNet runs its per-unit path, not its plan."""
+    from fastres.models import _eval_plan
+    real = _eval_plan.run
+
+    @contextlib.contextmanager
+    def per_unit():
+        monkeypatch.setattr(_eval_plan, "run", lambda model, x: None)
+        try:
+            yield
+        finally:
+            monkeypatch.setattr(_eval_plan, "run", real)
+    return per_unit
+
+
+@pytest.fixture
+def plan_runs(monkeypatch):
+    """Counts the forwards that ran through a plan, and the fold-cache lookups (the per-unit decisions) made."""
+    from fastres.models import _eval_plan
+    from fastres.nn._fused import FoldCache
+    counts = {"plan": 0, "lookups": 0}
+    run, lookup = _eval_plan._Plan.run, FoldCache.get_or_fold
+
+    def counting_run(self, *args):
+        counts["plan"] += 1
+        return run(self, *args)
+
+    def counting_lookup(self, *args, **kwargs):
+        counts["lookups"] += 1
+        return lookup(self, *args, **kwargs)
+
+    monkeypatch.setattr(_eval_plan._Plan, "run", counting_run)
+    monkeypatch.setattr(FoldCache, "get_or_fold", counting_lookup)
+    return counts
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16-weights"])
+def test_eval_plan_replays_the_per_unit_path(precision, per_unit_path, plan_runs):
+    """The plan decides each unit once: a steady-state forward makes no per-unit decision (no fold-cache lookup) and
+    gives exactly the per-unit path's result."""
+    model = randomize_(fm.resnet50(num_classes=10, width_per_group=16)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    if precision == "bf16-weights":
+        model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-autocast"):
+        with per_unit_path():
+            ref = model(x)
+        first = model(x)
+        plan_runs["lookups"] = 0
+        second = model(x)
+    assert plan_runs["plan"] == 2
+    assert torch.equal(first, ref) and torch.equal(second, ref)
+    if precision == "fp32" or BF16_PACKED:
+        assert plan_runs["lookups"] == 0
+
+
+def test_eval_plan_never_replays_a_stale_decision(per_unit_path, plan_runs):
+    """Every change the per-unit path would see (weights, statistics, modules, their attributes, modes, hooks) makes
+    the plan decide again, or stand aside where it does not apply; it never replays a stale weight or unit."""
+    fr, _ = pair()
+    x = torch.randn(2, 3, 32, 32)
+    grad = torch.enable_grad
+
+    def check(what, planned=True, mode=torch.no_grad, inp=x):
+        with mode():
+            before = plan_runs["plan"]
+            out = fr(inp)
+            assert (plan_runs["plan"] == before + 1) == planned, what
+            with per_unit_path():
+                ref = fr(inp)
+        assert torch.equal(out, ref), what
+
+    check("first forward")
+    check("second forward")
+    with torch.no_grad():
+        fr.layer2[0].conv2.weight.mul_(1.5)
+    check("an in-place weight edit")
+    fr.layer3[1].bn1.running_var.data.mul_(3)  # through .data: no version bump
+    check("a running statistic edited through .data")
+    fr.layer1[0].conv1.weight = nn.Parameter(fr.layer1[0].conv1.weight.detach() * -1)
+    check("a parameter replaced")
+    fr.layer4[1].bn2.eps = 0.5
+    check("a norm's eps")
+    conv = copy.deepcopy(fr.layer2[1].conv1)
+    with torch.no_grad():
+        conv.weight.mul_(-2)
+    fr.layer2[1].conv1 = conv
+    check("a conv module replaced")
+    fr.layer3[0].bn2.train()
+    check("one norm in training mode", planned=False)
+    fr.layer3[0].bn2.eval()
+    check("eval again")
+    handle = fr.layer1[1].register_forward_hook(lambda m, i, out: None)
+    check("a hook", planned=False)
+    handle.remove()
+    check("the hook removed")
+    relu = fr.relu
+    fr.relu = nn.SiLU()
+    check("the stem's activation replaced", planned=False)
+    fr.relu = relu
+    check("the ReLU back")
+    fr.requires_grad_(True)
+    check("parameters that want a gradient, under autograd", planned=False, mode=grad)
+    check("the same under no_grad")
+    fr.requires_grad_(False)
+    check("frozen parameters under autograd", mode=grad)
+    check("an input that wants a gradient", planned=False, mode=grad, inp=x.clone().requires_grad_())
+    fastres.refresh(fr)
+    assert fr.fold_cache.plan is None
+    check("after fastres.refresh")
+    check("another batch size", inp=torch.randn(3, 3, 32, 32))
+    check("bf16 autocast", mode=lambda: torch.autocast("cpu", torch.bfloat16))
+    check("the first input again")

@@ -196,9 +196,12 @@ class FoldCache:
 
     def __init__(self):
         self._entries = {}
+        # A whole model's eval plan (fastres.models._eval_plan), kept by the model's root and dropped with the folds.
+        self.plan = None
 
     def clear(self):
         self._entries.clear()
+        self.plan = None
 
     def __len__(self):
         return len(self._entries)
@@ -239,7 +242,7 @@ class FoldCache:
         return {"_entries": {}}
 
     def __setstate__(self, state):
-        self._entries = {}
+        self.__init__()
 
     def __deepcopy__(self, memo):
         return FoldCache()
@@ -338,22 +341,17 @@ def folded_conv_params(conv, norm, kind, cache=None, name=None, like=None):
     return cache.get_or_fold(name, sources, eps, fold, ("plain", dtype, fmt), derive)
 
 
-def prepacked_conv_norm_act(x, conv, norm, kind, residual, relu, cache, name, residual_owned=False):
-    """relu?(conv(x) with norm folded in + residual?) from a conv weight prepacked once in oneDNN's blocked layout,
-    or None where that path does not apply (the caller runs fastres.ops.conv_bias_act). residual_owned: nothing but
-    the caller holds `residual` (it made it), so the result may be written over it.
+def packed_unit(x, conv, norm, kind, cache, name):
+    """(backend, packed weight, bias, autocast dtype) to run conv (norm folded in) on x from a weight prepacked in
+    oneDNN's blocked layout, or None where that path does not apply (the caller runs fastres.ops.conv_bias_act).
 
-    It applies to an eval unit on CPU whose fold is cached (no gradient can reach the weights; not traced) and whose
-    input needs no gradient either, under the automatic or the forced "cuda" backend (fastres._C's: a forced "torch"
-    or "triton" backend runs its own), for a channels_last input that oneDNN can run in its dtype (fp32; bf16 where
-    the CPU has oneDNN's bf16 kernels).
-    Autocast's casts happen here as its registration for conv_bias_act does them: an fp32 x or residual is cast,
-    the fp32 fold is cast once and cached. The packed weight is cached with the fold (FoldCache) per input shape
-    and dtype, the two things oneDNN's choice of layout depends on, so it is never stale."""
+    It applies to an eval unit on CPU whose fold is cached (no gradient can reach the weights; not traced), under the
+    automatic or the forced "cuda" backend (fastres._C's: a forced "torch" or "triton" backend runs its own), for a
+    channels_last input that oneDNN can run in its dtype (fp32; bf16 where the CPU has oneDNN's bf16 kernels).
+    The packed weight is cached with the fold (FoldCache) per input shape and dtype, the two things oneDNN's choice
+    of layout depends on, so it is never stale; under autocast the fp32 fold is cast once, before packing."""
     if cache is None or x.device.type != "cpu" or _traced():
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)):
-        return None  # an input gradient through a frozen model: oneDNN's op has no autograd formula
     backend = ops.select("conv_bias_act", x.device)
     if not hasattr(backend, "prepacked_conv_bias_act"):
         return None
@@ -375,10 +373,24 @@ def prepacked_conv_norm_act(x, conv, norm, kind, residual, relu, cache, name, re
 
     packed = cache.get_or_fold(name, sources, eps, fold,
                                ("packed", dtype, tuple(x.shape), stride, padding, dilation, groups), pack)
-    if packed is None:
+    return None if packed is None else (backend, packed[0], packed[1], autocast_dtype)
+
+
+def prepacked_conv_norm_act(x, conv, norm, kind, residual, relu, cache, name, residual_owned=False):
+    """relu?(conv(x) with norm folded in + residual?) from a conv weight prepacked once (packed_unit), or None where
+    that path does not apply (the caller runs fastres.ops.conv_bias_act). residual_owned: nothing but the caller
+    holds `residual` (it made it), so the result may be written over it. Not for an input that needs a gradient:
+    oneDNN's op has no autograd formula. Autocast's casts happen here as its registration for conv_bias_act does
+    them: an fp32 x or residual is cast (the fold was cast once, before packing)."""
+    if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)):
+        return None  # an input gradient through a frozen model
+    unit = packed_unit(x, conv, norm, kind, cache, name)
+    if unit is None:
         return None
+    backend, packed, bias, autocast_dtype = unit
     x, cast = _cast_fp32(x, autocast_dtype), _cast_fp32(residual, autocast_dtype)
-    return backend.prepacked_conv_bias_act(x, packed[0], packed[1], stride, padding, dilation, groups, cast, relu,
+    return backend.prepacked_conv_bias_act(x, packed, bias, tuple(conv.stride), tuple(conv.padding),
+                                           tuple(conv.dilation), conv.groups, cast, relu,
                                            residual_owned or cast is not residual)
 
 

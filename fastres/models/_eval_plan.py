@@ -1,0 +1,220 @@
+"""fastres.models.ResNet's CPU eval forward as a plan: its units decided once, then run as a flat loop of oneDNN
+calls on prepacked weights.
+
+At batch 1 on CPU the per-unit path (fastres.nn._lean.conv_norm_act) is bound by Python: every call re-decides each
+unit (which kernel, whether its fold and packed weight are still fresh), about 150 us a unit, some 8 ms of a
+ResNet-50 forward. The plan makes those decisions once per model state and replays them. Before every forward it
+checks, in one pass, that nothing they rest on has changed:
+  * every module of the model: the same class, eval mode, no hooks, the same children, parameters and buffers (the
+    same objects); the conv geometry, norm eps and block flags its units were built from;
+  * every tensor a fold reads, as FoldCache checks it (version counter, data pointer, shape, strides, dtype, a
+    fingerprint of its bytes), and that none requires a gradient where autograd is on;
+  * the call: the input's shape and dtype, autocast, inference and grad mode, the selected backend (the plan keeps
+    its packed weights per such key), no global hooks, no trace or torch.func transform.
+When anything has changed it is rebuilt; where it does not apply (hooks, training, a module it does not know, an
+input that needs a gradient) the per-unit path runs. A unit the packed path cannot run (refused by oneDNN, a dtype
+without oneDNN kernels) runs through conv_norm_act inside the plan. The results are those of the per-unit path: the
+same calls on the same packed weights.
+"""
+import torch
+from torch import nn
+from torch.nn.modules import module as _module_globals
+
+from fastres import ops
+from fastres.nn._fused import _GLOBAL_HOOK_DICTS, _MAX_DERIVED, _Fingerprint, _affine_needs_grad, _cast_fp32, \
+    _fold_spec, _traced, functorch_active, is_plain_relu, keep_memory_format, norm_kind, packed_unit, unit_fusable
+from fastres.nn._lean import conv_norm_act
+from fastres.nn.blocks import _FusedBlock
+
+# The norms an eval unit folds into its conv.
+_FOLDED_KINDS = ("none", "identity", "frozen", "bn_eval")
+_UNRESOLVED = object()
+
+
+class _Unit:
+    """One conv (+ folded norm) (+ ReLU) of the plan, and what the per-unit path needs to run it."""
+
+    __slots__ = ("conv", "norm", "kind", "cache", "name", "relu", "geometry")
+
+    def __init__(self, conv, norm, kind, cache, name, relu):
+        self.conv, self.norm, self.kind, self.cache, self.name, self.relu = conv, norm, kind, cache, name, relu
+        self.geometry = (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
+
+
+def _conv_attributes(conv):
+    return conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode
+
+
+def _norm_attributes(norm):
+    return getattr(norm, "eps", None)
+
+
+def _block_attributes(block):
+    return block.residual
+
+
+class _Plan:
+    """The units of one ResNet in forward order, the state they were decided from, and their packed weights per
+    input key."""
+
+    def __init__(self, model):
+        """Raises _NotPlannable where the plan does not cover the model as it is now."""
+        self.modules = []
+        for m in model.modules():
+            if m.training or _own_hooks(m):
+                raise _NotPlannable
+            self.modules.append((m, type(m), _ids(m._modules), _ids(m._parameters), _ids(m._buffers)))
+        self.attributes = []  # (function, module, its value)
+        self.units = []
+        if not is_plain_relu(model.relu):
+            raise _NotPlannable
+        self.stem = self._unit(model.conv1, model.bn1, model.fold_cache, "stem", True)
+        # The first block may write over the max pool's output: nothing else holds it.
+        self.pool_output_owned = type(model.maxpool) is nn.MaxPool2d
+        self.blocks = []  # (unit indices of the residual branch, the projection's unit index or None, residual)
+        for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+            if type(layer) is not nn.Sequential:
+                raise _NotPlannable
+            for block in layer:
+                self.blocks.append(self._block(block))
+        self.tensors = []
+        for unit in self.units:
+            sources, _, _ = _fold_spec(unit.conv, unit.norm, unit.kind)
+            for t in sources:
+                if t is None:
+                    continue
+                if t.device.type != "cpu" or t.is_inference():
+                    raise _NotPlannable  # not cacheable: see fastres.nn._fused._cacheable
+                self.tensors.append((t, t._version, t.data_ptr(), t.shape, t.stride(), t.dtype, _Fingerprint(t)))
+        self.packs = {}  # input key -> [per unit: (backend, packed weight, bias, autocast dtype) or None]
+
+    def _unit(self, conv, norm, cache, name, relu):
+        if not unit_fusable(conv, norm):
+            raise _NotPlannable
+        kind = norm_kind(norm)
+        if kind not in _FOLDED_KINDS or (kind == "bn_eval" and _affine_needs_grad(norm)):
+            raise _NotPlannable
+        self.attributes.append((_conv_attributes, conv, _conv_attributes(conv)))
+        if norm is not None:
+            self.attributes.append((_norm_attributes, norm, _norm_attributes(norm)))
+        self.units.append(_Unit(conv, norm, kind, cache, name, relu))
+        return len(self.units) - 1
+
+    def _block(self, block):
+        cls = type(block)
+        if not (isinstance(block, _FusedBlock) and cls.forward is _FusedBlock.forward
+                and cls._forward is _FusedBlock._forward and cls._shortcut is _FusedBlock._shortcut
+                and is_plain_relu(block.relu)):
+            raise _NotPlannable
+        self.attributes.append((_block_attributes, block, _block_attributes(block)))
+        units = block._units()
+        branch = [self._unit(conv, norm, block.fold_cache, str(i), True) for i, (conv, norm) in enumerate(units)]
+        projection = None
+        ds = block.downsample
+        if block.residual and ds is not None:
+            if not (type(ds) is nn.Sequential and len(ds) == 2):
+                raise _NotPlannable
+            projection = self._unit(ds[0], ds[1], block.fold_cache, "downsample", False)
+        return branch, projection, block.residual
+
+    def valid(self, grad_enabled):
+        """Whether the model and every tensor the units' folds read are as when the plan was made."""
+        for m, cls, children, parameters, buffers in self.modules:
+            if type(m) is not cls or m.training or _own_hooks(m) or _ids(m._modules) != children \
+                    or _ids(m._parameters) != parameters or _ids(m._buffers) != buffers:
+                return False
+        for attributes, m, value in self.attributes:
+            if attributes(m) != value:
+                return False
+        for t, version, ptr, shape, stride, dtype, fingerprint in self.tensors:
+            if t._version != version or t.data_ptr() != ptr or t.shape != shape or t.stride() != stride \
+                    or t.dtype != dtype or (grad_enabled and t.requires_grad) or not fingerprint.unchanged():
+                return False
+        return True
+
+    def packs_for(self, key):
+        packs = self.packs.get(key)
+        if packs is None:
+            if len(self.packs) >= _MAX_DERIVED:
+                self.packs.pop(next(iter(self.packs)), None)  # the oldest: at most as many as FoldCache keeps
+            packs = self.packs[key] = [_UNRESOLVED] * len(self.units)
+        return packs
+
+    def run_unit(self, i, x, packs, residual=None, residual_owned=False):
+        """Unit i on x: from its packed weight (resolved on the first call for this key), else the per-unit path."""
+        unit, packed = self.units[i], packs[i]
+        if packed is _UNRESOLVED:
+            packed = packs[i] = packed_unit(x, unit.conv, unit.norm, unit.kind, unit.cache, unit.name)
+        if packed is not None:
+            backend, weight, bias, autocast_dtype = packed
+            if autocast_dtype is not None:
+                x, cast = _cast_fp32(x, autocast_dtype), _cast_fp32(residual, autocast_dtype)
+                residual, residual_owned = cast, residual_owned or cast is not residual
+            out = backend.prepacked_conv_bias_act(x, weight, bias, *unit.geometry, residual, unit.relu,
+                                                  residual_owned)
+            if out is not None:
+                return out
+        out = conv_norm_act(x, unit.conv, unit.norm, relu=unit.relu, residual=residual, cache=unit.cache,
+                            name=unit.name, residual_owned=residual_owned)
+        return keep_memory_format(out, x)
+
+    def run(self, model, x, packs):
+        """What ResNet._forward_impl computes, on a channels_last x."""
+        x = self.run_unit(self.stem, x, packs)
+        x = model.maxpool(x)
+        owned = self.pool_output_owned
+        for branch, projection, residual in self.blocks:
+            block_input = x
+            for i in branch[:-1]:
+                x = self.run_unit(i, x, packs)
+            if projection is not None:
+                shortcut, shortcut_owned = self.run_unit(projection, block_input, packs), True
+            else:
+                shortcut, shortcut_owned = (block_input, owned) if residual else (None, False)
+            x = self.run_unit(branch[-1], x, packs, shortcut, shortcut_owned)
+            owned = True
+        x = model.avgpool(x)
+        return model.fc(torch.flatten(x, 1))
+
+
+class _NotPlannable(Exception):
+    """The model as it is now has something the plan does not cover."""
+
+
+def _ids(d):
+    return tuple(map(id, d.values()))
+
+
+def _own_hooks(m):
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def run(model, x):
+    """model(x) for a fastres.models.ResNet in eval mode through its plan, or None where no plan applies (the
+    caller runs the per-unit path)."""
+    if not (model.channels_last and x.device.type == "cpu" and x.dim() == 4) or _traced() or functorch_active():
+        return None
+    if any(getattr(_module_globals, d) for d in _GLOBAL_HOOK_DICTS):
+        return None
+    grad_enabled = torch.is_grad_enabled()
+    if grad_enabled and x.requires_grad:
+        return None  # oneDNN's ops have no autograd formula
+    try:
+        backend = ops.select("conv_bias_act", x.device)
+    except ops.BackendUnavailableError:
+        return None  # the per-unit path reports it
+    if not hasattr(backend, "prepacked_conv_bias_act"):
+        return None
+    cache = model.fold_cache
+    plan = cache.plan
+    if plan is None or not plan.valid(grad_enabled):
+        cache.plan = None
+        try:
+            plan = _Plan(model)
+        except _NotPlannable:
+            return None
+        cache.plan = plan
+    autocast_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    key = (x.shape, x.dtype, autocast_dtype, torch.is_inference_mode_enabled(), grad_enabled, backend,
+           torch.backends.mkldnn.enabled)
+    return plan.run(model, x.contiguous(memory_format=torch.channels_last), plan.packs_for(key))
