@@ -74,7 +74,9 @@ ActivationShape activation_shape(const at::Tensor& t, at::MemoryFormat format) {
   s.N = t.size(0);
   s.C = t.size(1);
   s.HW = t.size(2) * t.size(3);
-  s.channels_last = format == at::MemoryFormat::ChannelsLast;
+  // A 1x1 map is stored [n][c] in either format; which one torch suggests depends on the strides of its size-1
+  // dims, which a compiler may lay out otherwise than eager (the ReLU mask's shape must not follow them).
+  s.channels_last = format == at::MemoryFormat::ChannelsLast || s.HW == 1;
   return s;
 }
 

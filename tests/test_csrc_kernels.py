@@ -23,7 +23,8 @@ EPS = 1e-5
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LAYOUTS = ["contiguous", "channels_last", "sliced", "sliced_channels_last", "offset"]
 # Odd sizes: C=3 and 13 leave SIMD tails, 7x7 and 5x3 planes, a batch of one.
-SHAPES = [(2, 3, 7, 7), (1, 13, 5, 3), (3, 16, 4, 4)]
+# (3, 11, 1, 1): a 1x1 map, whose layout torch reads from the strides of its size-1 dims.
+SHAPES = [(2, 3, 7, 7), (1, 13, 5, 3), (3, 16, 4, 4), (3, 11, 1, 1)]
 # Several units of work per plane / per row block (csrc/cpu_common.h) and several CUDA splits.
 LARGE_SHAPES = [(2, 13, 40, 40), (1, 3, 131, 127)]
 # Every shape in the dense layouts; the strided and misaligned layouts (which the kernels first make dense, or
@@ -351,9 +352,10 @@ def reference_dual_apply(y, scale, shift, r, r_scale, r_shift, relu, dtype):
 
 
 def memory_order_matrix(t):
-    """t's values as the [rows, cols] matrix of its memory layout (see _compiled.relu_mask_shape)."""
+    """t's values as the [rows, cols] matrix of its memory layout (see _compiled.relu_mask_shape): a 1x1 map's rows
+    are its pixels whatever the strides of its size-1 dims."""
     n, c, h, w = t.shape
-    if _compiled.suggest_memory_format(t) == torch.channels_last:
+    if h * w == 1 or _compiled.suggest_memory_format(t) == torch.channels_last:
         return t.permute(0, 2, 3, 1).reshape(n * h * w, c)
     return t.reshape(n * c, h * w)
 

@@ -414,14 +414,18 @@ def test_vgg19_features_train_like_torchvision():
 
 # ------------------------------------------------------------------------------------------------ torch.compile
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="Found, not yet fixed: compiled training of a net whose last stage has 1x1 "
-                   "maps (BasicBlock ResNet at 32x32): dual_bn_act_forward's fake predicts the ReLU mask's layout "
-                   "from the strides of size-1 dims, which Inductor lays out otherwise than eager (mask (2, 64) "
-                   "faked, (1024, 1) computed)")
 def test_compiled_training_with_1x1_maps():
+    """A net whose last stage has 1x1 maps (BasicBlock ResNet at 32x32): the ReLU mask of a 1x1 map has one layout
+    ([n][c] is the memory either way), not one that follows the strides of its size-1 dims, which Inductor lays out
+    otherwise than eager. Batch 4: a BN over 2 values per channel (batch 2) is too ill-conditioned for the tolerance
+    rule, eager or compiled."""
     torch._dynamo.reset()
     model = randomize_(fm.ResNet(fnn.BasicBlock, [1, 1, 1, 1], num_classes=10)).train()
-    torch.compile(model, fullgraph=True)(torch.randn(2, 3, 32, 32)).sum().backward()
+    tv = tvr.ResNet(tvr.BasicBlock, [1, 1, 1, 1], num_classes=10).train()
+    tv.load_state_dict(model.state_dict())
+    ref = copy.deepcopy(tv).double()
+    check_three(model, tv, ref, torch.randn(4, 3, 32, 32), "compiled train, 1x1 maps",
+                fr_forward=torch.compile(model, fullgraph=True))
 
 
 @pytest.mark.slow

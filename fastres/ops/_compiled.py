@@ -14,7 +14,7 @@ with CUDA, CUDA kernels:
   _bn_apply(y, scale?, shift?, residual?, residual_scale?, residual_shift?, relu, mask) -> (out, mask)
       act(y * scale[c] + shift[c] + residual [* residual_scale[c] + residual_shift[c]]) and, with mask=True,
       the ReLU mask: uint8 [rows, ceil(cols / 8)] of y's [rows, cols] matrix in memory order (NHWC: rows = N*H*W,
-      cols = C; NCHW: rows = N*C, cols = H*W), bit j of byte b of a row for the element at column 8b + j
+      cols = C, and any 1x1 map; NCHW: rows = N*C, cols = H*W), bit j of byte b of a row for the element at column 8b + j
   _bn_act_backward(grad_out, out, y, mean, invstd, weight?, relu, training, residual_grad)
       -> (grad_y, grad_residual, grad_weight, grad_bias)
   _bn_apply_backward(grad_out, out?, mask?, y, mean, invstd, weight?, residual?, residual_mean?, residual_invstd?,
@@ -83,9 +83,10 @@ def _like_in_format(t):
 
 
 def relu_mask_shape(y):
-    """Shape of the ReLU mask _bn_apply writes for y (see the module docstring)."""
+    """Shape of the ReLU mask _bn_apply writes for y (see the module docstring): a 1x1 map, stored [n][c] whatever
+    the strides of its size-1 dims, always takes the NHWC form."""
     n, c, h, w = y.shape
-    if suggest_memory_format(y) == torch.channels_last:
+    if h * w == 1 or suggest_memory_format(y) == torch.channels_last:
         return (n * h * w, (c + 7) // 8)
     return (n * c, (h * w + 7) // 8)
 

@@ -87,16 +87,21 @@ def relu_mask_shape(y):
     """Shape of the ReLU mask of an activation like y: uint8 [rows, ceil(cols / 8)] of y's [rows, cols] matrix in
     memory order (NHWC: rows = N*H*W, cols = C; NCHW: rows = N*C, cols = H*W); bit j of byte b of a row is the
     element at column 8b + j, set where the gradient passes the ReLU (not out <= 0, as threshold_backward has it).
-    The layout follows torch's suggest_memory_format, as fastres._C's kernels do."""
+    The layout follows torch's suggest_memory_format, as fastres._C's kernels do, except that a 1x1 map (stored
+    [n][c] either way, whatever the strides of its size-1 dims say) always takes the NHWC form."""
     n, c, h, w = y.shape
-    if suggest_memory_format(y) == torch.channels_last:
+    if _rows_are_pixels(y):
         return (n * h * w, (c + 7) // 8)
     return (n * c, (h * w + 7) // 8)
 
 
+def _rows_are_pixels(t):
+    return t.shape[2] * t.shape[3] == 1 or suggest_memory_format(t) == torch.channels_last
+
+
 def _memory_order_matrix(t):
     n, c, h, w = t.shape
-    if suggest_memory_format(t) == torch.channels_last:
+    if _rows_are_pixels(t):
         return t.permute(0, 2, 3, 1).reshape(n * h * w, c)
     return t.reshape(n * c, h * w)
 

@@ -38,7 +38,8 @@ struct AddReluArgs {
 };
 AddReluArgs prepare_add_relu(const at::Tensor& x, const at::Tensor& residual);
 
-// Geometry of a 4-D activation stored densely as NCHW or NHWC (channels_last).
+// Geometry of a 4-D activation stored densely as NCHW or NHWC (channels_last); a 1x1 map (HW == 1), the same
+// memory either way, always counts as NHWC.
 struct ActivationShape {
   int64_t N = 0, C = 0, HW = 0;
   bool channels_last = false;
@@ -63,7 +64,7 @@ BnApplyArgs prepare_bn_apply(const at::Tensor& y, const std::optional<at::Tensor
                              const char* op);
 
 // The ReLU mask of an activation seen as its [rows, cols] matrix in memory order (NHWC: rows =
-// N*H*W, cols = C; NCHW: rows = N*C, cols = H*W) is a uint8 [rows, ceil(cols / 8)] tensor: bit j
+// N*H*W, cols = C, and any 1x1 map; NCHW: rows = N*C, cols = H*W) is a uint8 [rows, ceil(cols / 8)] tensor: bit j
 // of byte b of a row is the element at column 8*b + j. Rows start on a byte, so a kernel can
 // give whole bytes to threads without crossing rows.
 inline int64_t mask_bytes_per_row(const ActivationShape& s) {
