@@ -478,3 +478,16 @@ def test_eval_plan_never_replays_a_stale_decision(per_unit_path, plan_runs):
     check("another batch size", inp=torch.randn(3, 3, 32, 32))
     check("bf16 autocast", mode=lambda: torch.autocast("cpu", torch.bfloat16))
     check("the first input again")
+
+
+def test_converted_torchvision_resnet_runs_the_plan(plan_runs):
+    """fastres.convert turns torchvision's ResNet root into fastres.models.ResNet: its eval forward is planned too."""
+    tv = randomize_(torchvision.models.resnet18(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = tv(x)
+        converted = fastres.convert(copy.deepcopy(tv))
+        outs = [converted(x) for _ in range(2)]
+    assert plan_runs["plan"] == 2
+    for out in outs:
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * _max_abs(ref))

@@ -120,15 +120,17 @@ class _Plan:
     def valid(self, grad_enabled):
         """Whether the model and every tensor the units' folds read are as when the plan was made."""
         for m, cls, children, parameters, buffers in self.modules:
-            if type(m) is not cls or m.training or _own_hooks(m) or _ids(m._modules) != children \
-                    or _ids(m._parameters) != parameters or _ids(m._buffers) != buffers:
+            if type(m) is not cls or m.training or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks \
+                    or m._backward_pre_hooks or tuple(map(id, m._modules.values())) != children \
+                    or tuple(map(id, m._parameters.values())) != parameters \
+                    or tuple(map(id, m._buffers.values())) != buffers:
                 return False
         for attributes, m, value in self.attributes:
             if attributes(m) != value:
                 return False
         for t, version, ptr, shape, stride, dtype, fingerprint in self.tensors:
             if t._version != version or t.data_ptr() != ptr or t.shape != shape or t.stride() != stride \
-                    or t.dtype != dtype or (grad_enabled and t.requires_grad) or not fingerprint.unchanged():
+                    or t.dtype is not dtype or (grad_enabled and t.requires_grad) or not fingerprint.unchanged():
                 return False
         return True
 
