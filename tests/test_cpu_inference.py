@@ -409,16 +409,23 @@ def test_eval_plan_replays_the_per_unit_path(precision, per_unit_path, plan_runs
     x = torch.randn(2, 3, 32, 32)
     if precision == "bf16-weights":
         model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-autocast"):
+    # inference_mode: there autocast casts the parameters on every call (under no_grad it caches the casts of
+    # leaves that require grad for as long as the autocast block lasts).
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-autocast"):
         with per_unit_path():
             ref = model(x)
         first = model(x)
         plan_runs["lookups"] = 0
-        second = model(x)
+        with profile(record_shapes=True) as prof:
+            second = model(x)
     assert plan_runs["plan"] == 2
     assert torch.equal(first, ref) and torch.equal(second, ref)
     if precision == "fp32" or BF16_PACKED:
         assert plan_runs["lookups"] == 0
+    # Not even the classifier's weight is cast again (autocast's linear would cast it on every call).
+    fc_casts = [e for e in prof.events() if e.name == "aten::_to_copy" and tuple(model.fc.weight.shape) in
+                [tuple(s) for s in e.input_shapes]]
+    assert fc_casts == []
 
 
 def test_eval_plan_never_replays_a_stale_decision(per_unit_path, plan_runs):
@@ -476,7 +483,11 @@ def test_eval_plan_never_replays_a_stale_decision(per_unit_path, plan_runs):
     assert fr.fold_cache.plan is None
     check("after fastres.refresh")
     check("another batch size", inp=torch.randn(3, 3, 32, 32))
-    check("bf16 autocast", mode=lambda: torch.autocast("cpu", torch.bfloat16))
+    bf16 = lambda: torch.autocast("cpu", torch.bfloat16)  # noqa: E731
+    check("bf16 autocast", mode=bf16)
+    with torch.no_grad():
+        fr.fc.weight.mul_(-1)
+    check("the classifier's weight (cast once under autocast)", mode=bf16)
     check("the first input again")
 
 

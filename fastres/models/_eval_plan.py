@@ -14,9 +14,11 @@ checks, in one pass, that nothing they rest on has changed:
 When anything has changed it is rebuilt; where it does not apply (hooks, training, a module it does not know, an
 input that needs a gradient) the per-unit path runs. A unit the packed path cannot run (refused by oneDNN, a dtype
 without oneDNN kernels) runs through conv_norm_act inside the plan. The results are those of the per-unit path: the
-same calls on the same packed weights.
+same calls on the same packed weights. Under autocast the classifier's weight is cast once per plan, not on every
+call, and the input's cast and channels_last copy are one pass.
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_globals
 
@@ -77,16 +79,22 @@ class _Plan:
                 raise _NotPlannable
             for block in layer:
                 self.blocks.append(self._block(block))
+        # The classifier, whose weight autocast would cast on every call: cast once per plan and autocast dtype.
+        self.head = model.fc if type(model.fc) is nn.Linear else None
+        sources = [t for unit in self.units for t in _fold_spec(unit.conv, unit.norm, unit.kind)[0]]
+        if self.head is not None:
+            sources += [self.head.weight, self.head.bias]
+        grad_enabled = torch.is_grad_enabled()
         self.tensors = []
-        for unit in self.units:
-            sources, _, _ = _fold_spec(unit.conv, unit.norm, unit.kind)
-            for t in sources:
-                if t is None:
-                    continue
-                if t.device.type != "cpu" or t.is_inference():
-                    raise _NotPlannable  # not cacheable: see fastres.nn._fused._cacheable
-                self.tensors.append((t, t._version, t.data_ptr(), t.shape, t.stride(), t.dtype, _Fingerprint(t)))
-        self.packs = {}  # input key -> [per unit: (backend, packed weight, bias, autocast dtype) or None]
+        for t in sources:
+            if t is None:
+                continue
+            if t.device.type != "cpu" or t.is_inference() or (grad_enabled and t.requires_grad):
+                raise _NotPlannable  # not cacheable: see fastres.nn._fused._cacheable
+            self.tensors.append((t, t._version, t.data_ptr(), t.shape, t.stride(), t.dtype, _Fingerprint(t)))
+        # input key -> [per unit: (backend, packed weight, bias, autocast dtype) or None; then the head's weight
+        # and bias in autocast's dtype, or None]
+        self.packs = {}
 
     def _unit(self, conv, norm, cache, name, relu):
         if not unit_fusable(conv, norm):
@@ -139,7 +147,7 @@ class _Plan:
         if packs is None:
             if len(self.packs) >= _MAX_DERIVED:
                 self.packs.pop(next(iter(self.packs)), None)  # the oldest: at most as many as FoldCache keeps
-            packs = self.packs[key] = [_UNRESOLVED] * len(self.units)
+            packs = self.packs[key] = [_UNRESOLVED] * (len(self.units) + 1)
         return packs
 
     def run_unit(self, i, x, packs, residual=None, residual_owned=False):
@@ -160,8 +168,13 @@ class _Plan:
                             name=unit.name, residual_owned=residual_owned)
         return keep_memory_format(out, x)
 
-    def run(self, model, x, packs):
-        """What ResNet._forward_impl computes, on a channels_last x."""
+    def run(self, model, x, packs, autocast_dtype):
+        """What ResNet._forward_impl computes."""
+        stem = packs[self.stem]
+        if stem is not _UNRESOLVED and stem is not None and stem[3] is not None and x.dtype == torch.float32:
+            x = x.to(dtype=stem[3], memory_format=torch.channels_last)  # autocast's cast and the layout in one pass
+        else:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.run_unit(self.stem, x, packs)
         x = model.maxpool(x)
         owned = self.pool_output_owned
@@ -175,8 +188,13 @@ class _Plan:
                 shortcut, shortcut_owned = (block_input, owned) if residual else (None, False)
             x = self.run_unit(branch[-1], x, packs, shortcut, shortcut_owned)
             owned = True
-        x = model.avgpool(x)
-        return model.fc(torch.flatten(x, 1))
+        x = torch.flatten(model.avgpool(x), 1)
+        if self.head is None or autocast_dtype is None:
+            return model.fc(x)
+        head = packs[-1]
+        if head is _UNRESOLVED:
+            head = packs[-1] = tuple(_cast_fp32(t, autocast_dtype) for t in (self.head.weight, self.head.bias))
+        return F.linear(x, *head)  # under autocast, as model.fc(x) would compute it
 
 
 class _NotPlannable(Exception):
@@ -219,4 +237,4 @@ def run(model, x):
     autocast_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
     key = (x.shape, x.dtype, autocast_dtype, torch.is_inference_mode_enabled(), grad_enabled, backend,
            torch.backends.mkldnn.enabled)
-    return plan.run(model, x.contiguous(memory_format=torch.channels_last), plan.packs_for(key))
+    return plan.run(model, x, plan.packs_for(key), autocast_dtype)
