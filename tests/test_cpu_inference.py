@@ -3,6 +3,8 @@ fastres.ops.backend_cuda), autocast's casts of the fold made once; no weight cop
 steady-state forward, never a stale weight, results within the tolerance rule."""
 import contextlib
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -502,3 +504,19 @@ def test_converted_torchvision_resnet_runs_the_plan(plan_runs):
     assert plan_runs["plan"] == 2
     for out in outs:
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * _max_abs(ref))
+
+
+def test_a_planned_model_is_freed_by_reference_counting():
+    """The plan lives in the model's fold cache and holds no reference back to the model: `del model` frees it (and
+    its weights) at once, not at the garbage collector's next run."""
+    model = fm.resnet18(num_classes=10).eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert model.fold_cache.plan is not None
+    freed = weakref.ref(model)
+    gc.disable()
+    try:
+        del model
+        assert freed() is None
+    finally:
+        gc.enable()

@@ -61,11 +61,15 @@ class _Plan:
 
     def __init__(self, model):
         """Raises _NotPlannable where the plan does not cover the model as it is now."""
+        # (module, its class, ids of its children, parameters and buffers); the root's apart, without the module:
+        # the plan lives in the root's fold cache, and a reference back would keep a deleted model alive until the
+        # garbage collector runs.
         self.modules = []
         for m in model.modules():
             if m.training or _own_hooks(m):
                 raise _NotPlannable
             self.modules.append((m, type(m), _ids(m._modules), _ids(m._parameters), _ids(m._buffers)))
+        self.root = self.modules.pop(0)[1:]
         self.attributes = []  # (function, module, its value)
         self.units = []
         if not is_plain_relu(model.relu):
@@ -125,9 +129,9 @@ class _Plan:
             projection = self._unit(ds[0], ds[1], block.fold_cache, "downsample", False)
         return branch, projection, block.residual
 
-    def valid(self, grad_enabled):
+    def valid(self, model, grad_enabled):
         """Whether the model and every tensor the units' folds read are as when the plan was made."""
-        for m, cls, children, parameters, buffers in self.modules:
+        for m, cls, children, parameters, buffers in ((model, *self.root), *self.modules):
             if type(m) is not cls or m.training or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks \
                     or m._backward_pre_hooks or tuple(map(id, m._modules.values())) != children \
                     or tuple(map(id, m._parameters.values())) != parameters \
@@ -227,7 +231,7 @@ def run(model, x):
         return None
     cache = model.fold_cache
     plan = cache.plan
-    if plan is None or not plan.valid(grad_enabled):
+    if plan is None or not plan.valid(model, grad_enabled):
         cache.plan = None
         try:
             plan = _Plan(model)
