@@ -20,16 +20,14 @@ call, and the input's cast and channels_last copy are one pass.
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _module_globals
 
 from fastres import ops
-from fastres.nn._fused import _GLOBAL_HOOK_DICTS, _MAX_DERIVED, _Fingerprint, _affine_needs_grad, _cast_fp32, \
-    _fold_spec, _traced, functorch_active, is_plain_relu, keep_memory_format, norm_kind, packed_unit, unit_fusable
+from fastres.nn._fused import _MAX_DERIVED, _Fingerprint, _cast_fp32, _fold_spec, _traced, conv_geometry, \
+    functorch_active, global_hooks_set, has_own_hooks, is_plain_relu, keep_memory_format, norm_after_conv, \
+    norm_kind, packed_unit, run_packed, unit_fusable
 from fastres.nn._lean import conv_norm_act
 from fastres.nn.blocks import _FusedBlock
 
-# The norms an eval unit folds into its conv.
-_FOLDED_KINDS = ("none", "identity", "frozen", "bn_eval")
 _UNRESOLVED = object()
 
 
@@ -40,11 +38,11 @@ class _Unit:
 
     def __init__(self, conv, norm, kind, cache, name, relu):
         self.conv, self.norm, self.kind, self.cache, self.name, self.relu = conv, norm, kind, cache, name, relu
-        self.geometry = (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
+        self.geometry = conv_geometry(conv)
 
 
 def _conv_attributes(conv):
-    return conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode
+    return conv_geometry(conv), conv.padding_mode
 
 
 def _norm_attributes(norm):
@@ -66,7 +64,7 @@ class _Plan:
         # garbage collector runs.
         self.modules = []
         for m in model.modules():
-            if m.training or _own_hooks(m):
+            if m.training or has_own_hooks(m):
                 raise _NotPlannable
             self.modules.append((m, type(m), _ids(m._modules), _ids(m._parameters), _ids(m._buffers)))
         self.root = self.modules.pop(0)[1:]
@@ -104,7 +102,7 @@ class _Plan:
         if not unit_fusable(conv, norm):
             raise _NotPlannable
         kind = norm_kind(norm)
-        if kind not in _FOLDED_KINDS or (kind == "bn_eval" and _affine_needs_grad(norm)):
+        if kind is None or norm_after_conv(norm, kind):  # (in eval, only a BN whose affine trains)
             raise _NotPlannable
         self.attributes.append((_conv_attributes, conv, _conv_attributes(conv)))
         if norm is not None:
@@ -132,10 +130,8 @@ class _Plan:
     def valid(self, model, grad_enabled):
         """Whether the model and every tensor the units' folds read are as when the plan was made."""
         for m, cls, children, parameters, buffers in ((model, *self.root), *self.modules):
-            if type(m) is not cls or m.training or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks \
-                    or m._backward_pre_hooks or tuple(map(id, m._modules.values())) != children \
-                    or tuple(map(id, m._parameters.values())) != parameters \
-                    or tuple(map(id, m._buffers.values())) != buffers:
+            if type(m) is not cls or m.training or has_own_hooks(m) or _ids(m._modules) != children \
+                    or _ids(m._parameters) != parameters or _ids(m._buffers) != buffers:
                 return False
         for attributes, m, value in self.attributes:
             if attributes(m) != value:
@@ -160,12 +156,7 @@ class _Plan:
         if packed is _UNRESOLVED:
             packed = packs[i] = packed_unit(x, unit.conv, unit.norm, unit.kind, unit.cache, unit.name)
         if packed is not None:
-            backend, weight, bias, autocast_dtype = packed
-            if autocast_dtype is not None:
-                x, cast = _cast_fp32(x, autocast_dtype), _cast_fp32(residual, autocast_dtype)
-                residual, residual_owned = cast, residual_owned or cast is not residual
-            out = backend.prepacked_conv_bias_act(x, weight, bias, *unit.geometry, residual, unit.relu,
-                                                  residual_owned)
+            out = run_packed(packed, x, unit.geometry, residual, unit.relu, residual_owned)
             if out is not None:
                 return out
         out = conv_norm_act(x, unit.conv, unit.norm, relu=unit.relu, residual=residual, cache=unit.cache,
@@ -209,16 +200,12 @@ def _ids(d):
     return tuple(map(id, d.values()))
 
 
-def _own_hooks(m):
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
-
-
 def run(model, x):
     """model(x) for a fastres.models.ResNet in eval mode through its plan, or None where no plan applies (the
     caller runs the per-unit path)."""
     if not (model.channels_last and x.device.type == "cpu" and x.dim() == 4) or _traced() or functorch_active():
         return None
-    if any(getattr(_module_globals, d) for d in _GLOBAL_HOOK_DICTS):
+    if global_hooks_set():
         return None
     grad_enabled = torch.is_grad_enabled()
     if grad_enabled and x.requires_grad:

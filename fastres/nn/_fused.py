@@ -27,16 +27,24 @@ from fastres import ops
 from fastres.nn.frozen_bn import FrozenBatchNorm2d
 from fastres.nn._collectives import is_sync_bn
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                       "_global_backward_pre_hooks")
 
 
+def has_own_hooks(m):
+    """Whether module `m` itself has hooks (forward, forward-pre, backward, backward-pre). Checked per module on
+    every planned eval forward, hence the plain attribute reads."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def global_hooks_set():
+    """Whether hooks registered for every module (torch.nn.modules.module.register_module_*_hook) are set."""
+    return any(getattr(_module_globals, d, None) for d in _GLOBAL_HOOK_DICTS)
+
+
 def has_hooks(m):
     """True when calling `m` would do more than its forward (hooks a fused kernel would skip)."""
-    if any(getattr(m, d, None) for d in _HOOK_DICTS):
-        return True
-    return any(getattr(_module_globals, d, None) for d in _GLOBAL_HOOK_DICTS)
+    return has_own_hooks(m) or global_hooks_set()
 
 
 def is_plain_relu(m):
@@ -114,6 +122,15 @@ def _affine(norm, ref):
 
 def _affine_needs_grad(norm):
     return torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (norm.weight, norm.bias))
+
+
+def norm_after_conv(norm, kind):
+    """Whether conv_norm_act runs `norm` (of norm_kind `kind`) after the conv, through conv_bn_act, rather than
+    folding it into the conv: a training BN, or an eval BN whose affine is being trained. Through a fold, gamma's
+    grad is sum(dW' * W) + db' * (conv_bias - mean), two large terms that cancel whenever the conv outputs sit near
+    the running mean, and it comes out several times less accurate than ATen's. A traced graph takes the fold
+    whatever the grad mode (jit.trace checks its graph again under no_grad)."""
+    return kind == "bn_train" or (kind == "bn_eval" and _affine_needs_grad(norm) and not torch.jit.is_tracing())
 
 
 def _bn_momentum(bn):
@@ -341,6 +358,11 @@ def folded_conv_params(conv, norm, kind, cache=None, name=None, like=None):
     return cache.get_or_fold(name, sources, eps, fold, ("plain", dtype, fmt), derive)
 
 
+def conv_geometry(conv):
+    """(stride, padding, dilation, groups) of a Conv2d, as the kernels take them."""
+    return tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups
+
+
 def packed_unit(x, conv, norm, kind, cache, name):
     """(backend, packed weight, bias, autocast dtype) to run conv (norm folded in) on x from a weight prepacked in
     oneDNN's blocked layout, or None where that path does not apply (the caller runs fastres.ops.conv_bias_act).
@@ -364,7 +386,7 @@ def packed_unit(x, conv, norm, kind, cache, name):
         else autocast_dtype
     if weight_dtype != dtype or not backend.packable(x, dtype):
         return None  # mixed dtypes: the op reports them
-    stride, padding, dilation, groups = tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups
+    stride, padding, dilation, groups = conv_geometry(conv)
 
     def pack(folded):
         weight, bias = (_cast_fp32(t, autocast_dtype) for t in folded)
@@ -387,10 +409,14 @@ def prepacked_conv_norm_act(x, conv, norm, kind, residual, relu, cache, name, re
     unit = packed_unit(x, conv, norm, kind, cache, name)
     if unit is None:
         return None
+    return run_packed(unit, x, conv_geometry(conv), residual, relu, residual_owned)
+
+
+def run_packed(unit, x, geometry, residual, relu, residual_owned):
+    """A packed_unit's conv on x (geometry: conv_geometry's), or None where oneDNN refuses it."""
     backend, packed, bias, autocast_dtype = unit
     x, cast = _cast_fp32(x, autocast_dtype), _cast_fp32(residual, autocast_dtype)
-    return backend.prepacked_conv_bias_act(x, packed, bias, tuple(conv.stride), tuple(conv.padding),
-                                           tuple(conv.dilation), conv.groups, cast, relu,
+    return backend.prepacked_conv_bias_act(x, packed, bias, *geometry, cast, relu,
                                            residual_owned or cast is not residual)
 
 

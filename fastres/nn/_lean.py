@@ -42,8 +42,8 @@ from fastres import ops
 from fastres.ops import _backend, _compiled, _create_graph, backend_torch
 from fastres.ops._checks import like_param, memory_format
 from fastres.nn import _collectives
-from fastres.nn._fused import _affine, _affine_needs_grad, _bn_momentum, folded_conv_params, functorch_active, \
-    has_hooks, is_plain_relu, norm_kind, prepacked_conv_norm_act, unit_fusable
+from fastres.nn._fused import _affine, _bn_momentum, folded_conv_params, functorch_active, has_hooks, \
+    is_plain_relu, norm_after_conv, norm_kind, prepacked_conv_norm_act, unit_fusable
 
 
 def _acc(t):
@@ -581,11 +581,7 @@ def conv_norm_act(x, conv, norm, *, relu, residual=None, cache=None, name=None, 
             return torch.relu(out + residual) if plain else ops.add_relu(out, residual)
         return torch.relu(out) if relu else out
     kind = norm_kind(norm)
-    # A traced graph takes the fold whatever the grad mode (jit.trace checks its graph again under no_grad).
-    if kind == "bn_train" or (kind == "bn_eval" and _affine_needs_grad(norm) and not torch.jit.is_tracing()):
-        # Eval-mode BN whose affine is being trained is normalized after the conv rather than folded: through a
-        # fold, gamma's grad is sum(dW' * W) + db' * (conv_bias - mean), two large terms that cancel whenever the
-        # conv outputs sit near the running mean, and it comes out several times less accurate than ATen's.
+    if norm_after_conv(norm, kind):
         training = kind == "bn_train"
         if training and _collectives.group_of(norm) is not None:
             return conv_bn_relu(x, conv, norm, relu, residual)
