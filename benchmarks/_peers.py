@@ -17,8 +17,11 @@ INSTALL_HINT = 'pip install -e ".[peers]"'
 # provider -> the package it needs
 ENGINE_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "openvino-bf16": "openvino"}
 ENGINES = tuple(ENGINE_PACKAGES)
+# the model zoos (not engines: PyTorch models the run times like eager)
+MODEL_PACKAGES = {"timm": "timm", "fastres-timm": "timm"}
+PACKAGES = {**ENGINE_PACKAGES, **MODEL_PACKAGES}
 # where a version is reported from, for each package a run used
-VERSION_PACKAGES = {"onnxruntime": ("onnxruntime", "onnx", "onnxscript"), "openvino": ("openvino",)}
+VERSION_PACKAGES = {"onnxruntime": ("onnxruntime", "onnx", "onnxscript"), "openvino": ("openvino",), "timm": ("timm",)}
 
 
 def _import(package):
@@ -32,7 +35,7 @@ def _import(package):
 def unavailable(provider):
     """Why `provider` cannot run on this machine (its package is not installed; OpenVINO bf16 on a CPU without
     bf16 support), or None."""
-    package = ENGINE_PACKAGES.get(provider)
+    package = PACKAGES.get(provider)
     if package is None:
         return None
     if _import(package) is None:
@@ -49,7 +52,7 @@ def versions(providers):
     """{package: version} of the engines' packages that `providers` use (None: not importable)."""
     out = {}
     for provider in providers:
-        for package in VERSION_PACKAGES.get(ENGINE_PACKAGES.get(provider), ()):
+        for package in VERSION_PACKAGES.get(PACKAGES.get(provider), ()):
             module = _import(package)
             out[package] = None if module is None else getattr(module, "__version__", "?")
     return out
@@ -121,3 +124,19 @@ def openvino_engine(model, x, threads, precision, converted):
     config_text = ", ".join(f"{k} {v}" for k, v in config.items())
     return run, [f"openvino.convert_model(torchvision model); OpenVINO {ov.__version__} CPU, {config_text}; input "
                  f"Tensor.numpy() shared with the request (no copy) inside the timed call"]
+
+
+def timm_resnet(reference, arch, convert):
+    """timm's ResNet of `arch` (resnet18 ... resnet152, v1.5: the same network as torchvision's, with the same
+    state_dict keys) holding `reference`'s weights, in its mode; with `convert`, after fastres.convert. None where timm
+    has no such model (the paper's v1, plain, VGG and CIFAR nets)."""
+    import timm
+    if arch.family != "resnet" or arch.variant != "v1.5":
+        return None
+    model = timm.create_model(arch.name, pretrained=False, num_classes=arch.num_classes)
+    model.load_state_dict(reference.state_dict(), strict=True)
+    model.train(reference.training)
+    if convert:
+        import fastres
+        model = fastres.convert(model)
+    return model

@@ -29,17 +29,21 @@ CPU inference peers (--device cpu --mode infer; what a user would run instead, s
   eager-autocast        the reference (fp32 weights, the run's layout) under torch.autocast("cpu", torch.bfloat16)
   fastres-autocast      fastres under the same autocast
   --providers peers     fastres, eager and all of the above (eager-nchw only where eager is channels_last)
+Ecosystem providers (any device and mode; ResNet-18 to 152 v1.5, whose timm model is torchvision's network):
+  timm                  timm.create_model(<arch>) with the reference's weights (timm's state_dict keys are
+                        torchvision's), in the run's layout
+  fastres-timm          the same timm model after fastres.convert: what a timm user of fastres runs
 The onnxruntime and OpenVINO engines take NCHW batches (what their users hold; the conversion from the run's layout
 is untimed, as for eager-nchw) and get them as numpy arrays: Tensor.numpy() shares the tensor's memory, inside the
 timed call. Their peak memory is not measured (they allocate outside torch's allocator). Packages:
 `pip install -e ".[peers]"`; a peer whose package is missing is skipped with a note, as is one whose export,
 conversion or compilation fails. --dtype bf16 is not autocast: it converts weights and inputs to bf16 (no fp32
 anywhere); the autocast providers keep fp32 weights and inputs, as a user of autocast does.
-When peers run, every provider but eager is held to fastres's tolerance rule (fastres.testing) on the first images
-of a batch against a float64 forward: its error at most twice eager's in the same precision (the worse of NCHW and
-channels_last; the bf16 peers against eager under autocast) plus a few ulps ("agreement_float64"; a provider outside
-the bound is measured and marked DISAGREES). Each run records the CPU, its flags (avx2, avx512f, avx512_vnni,
-avx512_bf16, amx_bf16) and the engines' versions.
+When peers (or, in CPU inference, the timm providers) run, every provider but eager is held to fastres's tolerance
+rule (fastres.testing) on the first images of a batch against a float64 forward: its error at most twice eager's in
+the same precision (the worse of NCHW and channels_last; the bf16 peers against eager under autocast) plus a few ulps
+("agreement_float64"; a provider outside the bound is measured and marked DISAGREES). Each run records the CPU,
+its flags (avx2, avx512f, avx512_vnni, avx512_bf16, amx_bf16) and the engines' versions.
 The CPU peer table (ResNet-50 v1.5, 224x224, 2 threads, batch 1 and 8):
     for b in 1 8; do OMP_NUM_THREADS=2 python benchmarks/throughput.py --arch resnet50 --providers peers \
         --batch-size $b --save; done
@@ -84,7 +88,8 @@ from fastres import testing  # noqa: E402
 # What a CPU user would run instead of fastres (--mode infer, --device cpu): see the module docstring.
 CPU_PEERS = ("eager-nchw", "compile-freezing", "onnxruntime", "openvino", "openvino-bf16", "eager-autocast",
              "fastres-autocast")
-PROVIDERS = ("fastres", "eager", "compile", "compile-max-autotune") + CPU_PEERS
+TIMM = ("timm", "fastres-timm")
+PROVIDERS = ("fastres", "eager", "compile", "compile-max-autotune") + CPU_PEERS + TIMM
 DEFAULT_PROVIDERS = {"cuda": PROVIDERS[:4], "cpu": ("fastres", "eager")}
 PEERS_KEYWORD = "peers"  # --providers peers: fastres, eager and every CPU peer
 FP32_ONLY = ("onnxruntime", "openvino", "openvino-bf16", "eager-autocast", "fastres-autocast")
@@ -305,6 +310,11 @@ def build_providers(s, inputs, skipped):
             models[name] = twin(ref, lambda: C.build_reference(s.arch))
         elif name == "fastres-autocast":
             models[name] = twin(fast, lambda: C.build_fastres(s.arch))
+        elif name in TIMM:
+            models[name] = _peers.timm_resnet(ref, s.arch, convert=name == "fastres-timm")
+            if models[name] is None:
+                skipped[name] = f"timm has no {s.arch.label}"
+                print(f"{name} provider skipped: {skipped[name]}", file=sys.stderr)
     # eager-nchw and the engines take NCHW batches (the same values): what their users hold, converted untimed
     nchw_inputs = [(x.contiguous(), target) for x, target in inputs] if s.channels_last else None
     providers = []
@@ -773,7 +783,8 @@ def main(argv=None):
               file=sys.stderr)
         return 1
     float64_checks = None
-    if any(p.name in CPU_PEERS for p in providers):
+    if any(p.name in CPU_PEERS or (p.name in TIMM and s.mode == "infer" and s.device.type == "cpu")
+           for p in providers):
         float64_checks = check_against_float64(providers, inputs, s, reference)
     memory_and_graphs(providers, inputs, s)
     timed_rounds = run_interleaved(providers, inputs, s, interrupts)

@@ -669,3 +669,19 @@ def test_parse_arch_rejects_unknown():
             C.parse_arch(bad)
     with pytest.raises(ValueError, match="variant"):
         C.parse_arch("resnet50", "v2")
+
+
+def test_throughput_timm_providers(tmp_path):
+    """timm's ResNet and fastres.convert of it run beside fastres on the same weights (timm's state_dict keys are
+    torchvision's), the run records timm's version; an arch timm does not have is skipped with a note."""
+    pytest.importorskip("timm")
+    r, run = run_throughput(tmp_path, "fastres,eager,timm,fastres-timm", "--arch", "resnet18", "--input-size", "32")
+    assert list(run["results"]) == ["fastres", "eager", "timm", "fastres-timm"]
+    for result in run["results"].values():
+        assert len(result["times_s"]) == 2 and all(t > 0 for t in result["times_s"])
+    assert run["versions"]["timm"]
+    assert_peers_agree(run)
+    (tmp_path / "cifar").mkdir()
+    r, run = run_throughput(tmp_path / "cifar", "fastres,timm", "--arch", "cifar_resnet20")
+    assert list(run["results"]) == ["fastres"] and "timm has no cifar_resnet20" in run["skipped"]["timm"]
+    assert "timm provider skipped: timm has no cifar_resnet20" in r.stderr

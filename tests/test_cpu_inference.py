@@ -374,7 +374,7 @@ def per_unit_path(monkeypatch):
 
     @contextlib.contextmanager
     def per_unit():
-        monkeypatch.setattr(_eval_plan, "run", lambda model, x: None)
+        monkeypatch.setattr(_eval_plan, "run", lambda model, x, head=True: None)
         try:
             yield
         finally:
@@ -504,6 +504,45 @@ def test_converted_torchvision_resnet_runs_the_plan(plan_runs):
     assert plan_runs["plan"] == 2
     for out in outs:
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * _max_abs(ref))
+
+
+def _timm_resnet(**kwargs):
+    from timm.models import resnet
+    kwargs.setdefault("block", resnet.Bottleneck)
+    torch.manual_seed(0)
+    return randomize_(resnet.ResNet(layers=[1, 1, 1, 1], channels=(8, 8, 16, 16), num_classes=10, **kwargs)).eval()
+
+
+@pytest.mark.parametrize("family", ["bottleneck", "basic", "deep-stem-avg-down", "se", "silu"])
+def test_converted_timm_resnet_plans_its_features(family, per_unit_path, plan_runs):
+    """fastres.convert's timm ResNet plans forward_features (the stem's units, the blocks, average-pool shortcuts
+    included) where every block is plain; with SE or another activation it runs per unit. Either way the result is
+    exactly the per-unit path's, within the tolerance rule of timm's own, and channels_last."""
+    timm = pytest.importorskip("timm")
+    kwargs = {"bottleneck": {}, "basic": dict(block=timm.models.resnet.BasicBlock),
+              "deep-stem-avg-down": dict(stem_type="deep", stem_width=16, avg_down=True),
+              "se": dict(block_args=dict(attn_layer="se")), "silu": dict(act_layer=nn.SiLU)}[family]
+    baseline = _timm_resnet(**kwargs)
+    model = fastres.convert(copy.deepcopy(baseline))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        with per_unit_path():
+            ref = model(x)
+        outs = [model(x), model(x)]
+        features = model.forward_features(x)
+        assert_within(family, outs[0], copy.deepcopy(baseline).double()(x.double()), baseline(x))
+    planned = family not in ("se", "silu")
+    assert plan_runs["plan"] == (3 if planned else 0)
+    assert all(torch.equal(out, ref) for out in outs)
+    assert features.is_contiguous(memory_format=torch.channels_last)
+    if planned:
+        # A block made non-plain after planning: the plan stands aside, the block runs as timm says.
+        model.layer2[0].act2 = nn.SiLU()
+        baseline.layer2[0].act2 = nn.SiLU()
+        with torch.no_grad():
+            out = model(x)
+            assert_within("act2 replaced", out, copy.deepcopy(baseline).double()(x.double()), baseline(x))
+        assert plan_runs["plan"] == 3
 
 
 def test_a_planned_model_is_freed_by_reference_counting():

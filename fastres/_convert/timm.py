@@ -17,6 +17,7 @@ from fastres import ops
 from fastres._convert import _is_norm
 from fastres._convert._swap import swap_class
 from fastres._convert.torchvision import Sequential, _to_channels_last
+from fastres.models import _eval_plan
 from fastres.nn._fused import FusedModuleMixin, functorch_active, has_hooks, is_plain_relu, keep_memory_format
 from fastres.nn._lean import conv_norm_act, run_sequence, sequence_units, unshared
 from fastres.nn.blocks import _FusedBlock
@@ -104,6 +105,10 @@ class _TimmBlock(_FusedBlock):
         return act(out + shortcut)
 
 
+# With plain ReLUs and inert extras (what the plan checks: block.relu) the forward is _FusedBlock's.
+_eval_plan.PLANNABLE_BLOCK_FORWARDS.add(_TimmBlock.forward)
+
+
 def _downsample_converted(block):
     """A block's average-pool shortcut (timm's downsample_avg: Sequential(pool, conv, norm)) made a fused Sequential,
     so its conv + norm run through fastres wherever the block calls it."""
@@ -126,6 +131,19 @@ class _Root(FusedModuleMixin):
             mods = [("conv1", stem)]
         return mods + [("bn1", self.bn1), ("act1", self.act1)]
 
+    def _plan_stem(self):
+        """The stem as the eval plan runs it (fastres.models._eval_plan): [(conv, norm, relu, name)], or None where
+        some stem module is not part of a fused unit (the plan runs units only)."""
+        mods = self._stem_modules()
+        units, end = sequence_units(mods), 0
+        for i, j, *_ in units:
+            if i != end:
+                return None
+            end = j
+        if end != len(mods):
+            return None
+        return [(conv, norm, relu, mods[i][0]) for i, _, conv, norm, relu in units]
+
     def _fused_units(self):
         mods = self._stem_modules()
         units = []
@@ -138,6 +156,10 @@ class _Root(FusedModuleMixin):
     def forward_features(self, x):
         if functorch_active():
             return self._library.forward_features(self, x)
+        if not self.training:
+            out = _eval_plan.run(self, x, head=False)  # CPU eval: the units decided once, not on every call
+            if out is not None:
+                return out
         x = _to_channels_last(x)
         x = keep_memory_format(run_sequence(self._stem_modules(), x, self.fold_cache), x)
         x = self.maxpool(x)

@@ -1,5 +1,5 @@
-"""fastres.models.ResNet's CPU eval forward as a plan: its units decided once, then run as a flat loop of oneDNN
-calls on prepacked weights.
+"""fastres.models.ResNet's CPU eval forward (and the features of timm's ResNet after fastres.convert) as a plan: its
+units decided once, then run as a flat loop of oneDNN calls on prepacked weights.
 
 At batch 1 on CPU the per-unit path (fastres.nn._lean.conv_norm_act) is bound by Python: every call re-decides each
 unit (which kernel, whether its fold and packed weight are still fresh), about 150 us a unit, some 8 ms of a
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastres import ops
+from fastres._convert.torchvision import Sequential as FusedSequential
 from fastres.nn._fused import _MAX_DERIVED, _Fingerprint, _cast_fp32, _fold_spec, _traced, conv_geometry, \
     functorch_active, global_hooks_set, has_own_hooks, is_plain_relu, keep_memory_format, norm_after_conv, \
     norm_kind, packed_unit, run_packed, unit_fusable
@@ -29,6 +30,9 @@ from fastres.nn._lean import conv_norm_act
 from fastres.nn.blocks import _FusedBlock
 
 _UNRESOLVED = object()
+# Block forwards that, in eval with plain ReLUs, run exactly _FusedBlock.forward's units (fastres._convert.timm adds
+# its blocks' forward): a block class with any other forward is not planned.
+PLANNABLE_BLOCK_FORWARDS = {_FusedBlock.forward}
 
 
 class _Unit:
@@ -55,9 +59,12 @@ def _block_attributes(block):
 
 class _Plan:
     """The units of one ResNet in forward order, the state they were decided from, and their packed weights per
-    input key."""
+    input key. The model gives its stem as `_plan_stem()`: [(conv, norm, relu, name)], units that run one after
+    another from its fold cache (None where its stem is not such a chain); then come model.maxpool and
+    model.layer1..layer4 (nn.Sequential of fused blocks). With `head`, the plan ends as fastres.models.ResNet does
+    (model.avgpool, flatten, model.fc); without, it returns layer4's output (timm's forward_features)."""
 
-    def __init__(self, model):
+    def __init__(self, model, head):
         """Raises _NotPlannable where the plan does not cover the model as it is now."""
         # (module, its class, ids of its children, parameters and buffers); the root's apart, without the module:
         # the plan lives in the root's fold cache, and a reference back would keep a deleted model alive until the
@@ -70,19 +77,21 @@ class _Plan:
         self.root = self.modules.pop(0)[1:]
         self.attributes = []  # (function, module, its value)
         self.units = []
-        if not is_plain_relu(model.relu):
+        stem = model._plan_stem()
+        if not stem:
             raise _NotPlannable
-        self.stem = self._unit(model.conv1, model.bn1, model.fold_cache, "stem", True)
+        self.stem = [self._unit(conv, norm, model.fold_cache, name, relu) for conv, norm, relu, name in stem]
         # The first block may write over the max pool's output: nothing else holds it.
         self.pool_output_owned = type(model.maxpool) is nn.MaxPool2d
-        self.blocks = []  # (unit indices of the residual branch, the projection's unit index or None, residual)
+        self.blocks = []  # (unit indices of the residual branch, the projection (see _block) or None, residual)
         for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
             if type(layer) is not nn.Sequential:
                 raise _NotPlannable
             for block in layer:
                 self.blocks.append(self._block(block))
+        self.has_head = head
         # The classifier, whose weight autocast would cast on every call: cast once per plan and autocast dtype.
-        self.head = model.fc if type(model.fc) is nn.Linear else None
+        self.head = model.fc if head and type(model.fc) is nn.Linear else None
         sources = [t for unit in self.units for t in _fold_spec(unit.conv, unit.norm, unit.kind)[0]]
         if self.head is not None:
             sources += [self.head.weight, self.head.bias]
@@ -112,19 +121,23 @@ class _Plan:
 
     def _block(self, block):
         cls = type(block)
-        if not (isinstance(block, _FusedBlock) and cls.forward is _FusedBlock.forward
+        if not (isinstance(block, _FusedBlock) and cls.forward in PLANNABLE_BLOCK_FORWARDS
                 and cls._forward is _FusedBlock._forward and cls._shortcut is _FusedBlock._shortcut
                 and is_plain_relu(block.relu)):
             raise _NotPlannable
         self.attributes.append((_block_attributes, block, _block_attributes(block)))
         units = block._units()
         branch = [self._unit(conv, norm, block.fold_cache, str(i), True) for i, (conv, norm) in enumerate(units)]
-        projection = None
+        projection = None  # (a module called before its unit or None, the unit)
         ds = block.downsample
         if block.residual and ds is not None:
-            if not (type(ds) is nn.Sequential and len(ds) == 2):
+            if type(ds) is nn.Sequential and len(ds) == 2:  # conv, norm: _FusedBlock._shortcut's unit
+                projection = None, self._unit(ds[0], ds[1], block.fold_cache, "downsample", False)
+            elif type(ds) is FusedSequential and len(ds) == 3 and type(ds[0]) in (nn.AvgPool2d, nn.Identity):
+                # timm's average-pool shortcut (pool, conv, norm), as FusedSequential.forward runs it
+                projection = ds[0], self._unit(ds[1], ds[2], ds.fold_cache, "1", False)
+            else:
                 raise _NotPlannable
-            projection = self._unit(ds[0], ds[1], block.fold_cache, "downsample", False)
         return branch, projection, block.residual
 
     def valid(self, model, grad_enabled):
@@ -164,13 +177,14 @@ class _Plan:
         return keep_memory_format(out, x)
 
     def run(self, model, x, packs, autocast_dtype):
-        """What ResNet._forward_impl computes."""
-        stem = packs[self.stem]
+        """What ResNet._forward_impl computes (with a head), or timm's forward_features (without)."""
+        stem = packs[self.stem[0]]
         if stem is not _UNRESOLVED and stem is not None and stem[3] is not None and x.dtype == torch.float32:
             x = x.to(dtype=stem[3], memory_format=torch.channels_last)  # autocast's cast and the layout in one pass
         else:
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self.run_unit(self.stem, x, packs)
+        for i in self.stem:
+            x = self.run_unit(i, x, packs)
         x = model.maxpool(x)
         owned = self.pool_output_owned
         for branch, projection, residual in self.blocks:
@@ -178,11 +192,15 @@ class _Plan:
             for i in branch[:-1]:
                 x = self.run_unit(i, x, packs)
             if projection is not None:
-                shortcut, shortcut_owned = self.run_unit(projection, block_input, packs), True
+                pre, unit = projection
+                shortcut = self.run_unit(unit, block_input if pre is None else pre(block_input), packs)
+                shortcut_owned = True
             else:
                 shortcut, shortcut_owned = (block_input, owned) if residual else (None, False)
             x = self.run_unit(branch[-1], x, packs, shortcut, shortcut_owned)
             owned = True
+        if not self.has_head:
+            return x
         x = torch.flatten(model.avgpool(x), 1)
         if self.head is None or autocast_dtype is None:
             return model.fc(x)
@@ -200,10 +218,12 @@ def _ids(d):
     return tuple(map(id, d.values()))
 
 
-def run(model, x):
-    """model(x) for a fastres.models.ResNet in eval mode through its plan, or None where no plan applies (the
-    caller runs the per-unit path)."""
-    if not (model.channels_last and x.device.type == "cpu" and x.dim() == 4) or _traced() or functorch_active():
+def run(model, x, head=True):
+    """model(x) for a fastres.models.ResNet in eval mode through its plan (head=False: layer4's output, for the
+    forward_features of timm's converted ResNet), or None where no plan applies (the caller runs the per-unit
+    path)."""
+    if not (getattr(model, "channels_last", True) and x.device.type == "cpu" and x.dim() == 4) or _traced() \
+            or functorch_active():
         return None
     if global_hooks_set():
         return None
@@ -218,10 +238,10 @@ def run(model, x):
         return None
     cache = model.fold_cache
     plan = cache.plan
-    if plan is None or not plan.valid(model, grad_enabled):
+    if plan is None or plan.has_head != head or not plan.valid(model, grad_enabled):
         cache.plan = None
         try:
-            plan = _Plan(model)
+            plan = _Plan(model, head)
         except _NotPlannable:
             return None
         cache.plan = plan

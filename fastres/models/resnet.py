@@ -118,6 +118,10 @@ class ResNet(FusedModuleMixin, nn.Module):
                                 dilation=self.dilation, norm_layer=norm_layer, **self._block_kwargs))
         return nn.Sequential(*layers)
 
+    def _plan_stem(self):
+        """The stem as the eval plan runs it (fastres.models._eval_plan): conv1 + bn1 + a plain ReLU, one unit."""
+        return [(self.conv1, self.bn1, True, "stem")] if is_plain_relu(self.relu) else None
+
     def _stem(self, x):
         if is_plain_relu(self.relu):
             return conv_norm_act(x, self.conv1, self.bn1, relu=True, cache=self.fold_cache, name="stem")
