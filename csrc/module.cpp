@@ -41,6 +41,10 @@ TORCH_LIBRARY_IMPL(fastres, CPU, m) {
   m.impl("_bn_apply_backward", &fastres::bn_apply_backward_cpu);
 }
 
+namespace fastres {
+PyObject* module_signature(PyObject* self, PyObject* args);  // csrc/plan_guard.cpp
+}  // namespace fastres
+
 namespace {
 
 PyObject* with_cuda(PyObject* /*self*/, PyObject* /*args*/) {
@@ -54,6 +58,9 @@ PyObject* with_cuda(PyObject* /*self*/, PyObject* /*args*/) {
 PyMethodDef module_methods[] = {
     {"with_cuda", with_cuda, METH_NOARGS,
      "True when this build of fastres._C includes the CUDA kernels."},
+    {"_module_signature", fastres::module_signature, METH_VARARGS,
+     "_module_signature(root, modules: tuple) -> bytes: each module's class, training flag, whether it has "
+     "hooks, and the identity of its children, parameters and buffers (the CPU eval plan's guard)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "fastres._C",

@@ -506,6 +506,84 @@ def test_converted_torchvision_resnet_runs_the_plan(plan_runs):
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * _max_abs(ref))
 
 
+def test_plan_guard_tensor_state_sees_every_change():
+    """fastres._C's _tensor_state / _tensor_state_changed (the plan's guard over the tensors its folds read): any
+    change FoldCache would see is seen, including edits through .data (no version bump) of any element of a small
+    tensor and of a sampled element of a large one; an unchanged list is unchanged."""
+    from fastres.models import _eval_plan
+    if _eval_plan._TENSOR_STATE is None:
+        pytest.skip("fastres._C without the plan guard")
+    small, large = torch.randn(64), torch.randn(256, 64, 3, 3).contiguous(memory_format=CL)
+    tensors = [small, large, torch.randn(3, 5).t()]  # a non-contiguous one: compared whole
+
+    def changed(grad_enabled=False, ts=None):
+        return _eval_plan._TENSOR_STATE_CHANGED(ts or tensors, *state, grad_enabled)
+
+    state = _eval_plan._TENSOR_STATE(tensors)
+    assert not changed() and not changed(grad_enabled=True)
+    edits = [
+        ("one element of a small tensor, through .data", lambda: small.data.__setitem__(63, 7.0)),
+        ("in place (version)", lambda: small.add_(0)),
+        ("a sampled element of a large tensor, through .data",  # its first element in memory is sampled
+         lambda: large.data.__setitem__((0, 0, 0, 0), 3.0)),
+        ("an element of the non-contiguous one", lambda: tensors[2].data.__setitem__((4, 2), 1.0)),
+        ("new memory of the same shape", lambda: setattr(large, "data", torch.randn(256, 64, 3, 3)
+                                                         .contiguous(memory_format=CL))),
+        ("other strides", lambda: setattr(large, "data", large.data.contiguous())),
+        ("another dtype", lambda: setattr(small, "data", small.data.double())),
+        ("another shape", lambda: setattr(small, "data", small.data[:32])),
+    ]
+    for what, edit in edits:
+        with torch.no_grad():
+            edit()
+        assert changed(), what
+        state = _eval_plan._TENSOR_STATE(tensors)
+        assert not changed(), what
+    small.requires_grad_(True)
+    assert changed(grad_enabled=True) and _eval_plan._TENSOR_STATE_CHANGED(tensors, *_eval_plan._TENSOR_STATE(
+        tensors), False) is False
+    assert changed(ts=tensors[:2]) and changed(ts=tensors + [small])  # not the list recorded
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] must be"):
+        with torch.inference_mode():
+            _eval_plan._TENSOR_STATE([small, torch.ones(2)])
+
+
+def test_plan_guard_module_signature_sees_every_change():
+    """fastres._C._module_signature (the plan's guard over modules): a module's class, training flag, hooks, and the
+    identity of its children, parameters and buffers."""
+    from fastres.models import _eval_plan
+    if _eval_plan._MODULE_SIGNATURE is None:
+        pytest.skip("fastres._C without the plan guard")
+    root = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    mods = tuple(root)
+    sign = lambda: _eval_plan._MODULE_SIGNATURE(root, mods)  # noqa: E731
+    before = sign()
+    assert sign() == before and isinstance(before, bytes)
+    edits = [
+        ("training", lambda: root[1].train(), lambda: root[1].eval()),
+        ("root training", lambda: setattr(root, "training", True), lambda: setattr(root, "training", False)),
+        ("a forward hook", lambda: hooks.append(root[2].register_forward_hook(lambda *a: None)),
+         lambda: hooks.pop().remove()),
+        ("a forward pre-hook on the root", lambda: hooks.append(root.register_forward_pre_hook(lambda *a: None)),
+         lambda: hooks.pop().remove()),
+        ("a parameter replaced", lambda: setattr(root[0], "weight", nn.Parameter(root[0].weight.detach())), None),
+        ("a buffer added", lambda: root[1].register_buffer("extra", torch.zeros(1)), None),
+        ("a class changed", lambda: setattr(mods[2], "__class__", nn.ReLU6), None),
+        ("a child replaced", lambda: root.__setitem__(2, nn.ReLU()), None),
+    ]
+    hooks = []
+    root.eval()
+    for what, edit, undo in edits:
+        before = sign()
+        edit()
+        assert sign() != before, what
+        if undo is not None:
+            undo()
+            assert sign() == before, what
+    with pytest.raises(TypeError):
+        _eval_plan._MODULE_SIGNATURE(root, [root[0]])  # a tuple, not a list
+
+
 def _timm_resnet(**kwargs):
     from timm.models import resnet
     kwargs.setdefault("block", resnet.Bottleneck)

@@ -131,9 +131,9 @@ class _Root(FusedModuleMixin):
             mods = [("conv1", stem)]
         return mods + [("bn1", self.bn1), ("act1", self.act1)]
 
-    def _plan_stem(self):
-        """The stem as the eval plan runs it (fastres.models._eval_plan): [(conv, norm, relu, name)], or None where
-        some stem module is not part of a fused unit (the plan runs units only)."""
+    def _plan_spec(self):
+        """What the eval plan runs of forward_features (fastres.models._eval_plan): the stem as units, the max pool,
+        the four layers; None where some stem module is not part of a fused unit (the plan runs units only)."""
         mods = self._stem_modules()
         units, end = sequence_units(mods), 0
         for i, j, *_ in units:
@@ -142,7 +142,8 @@ class _Root(FusedModuleMixin):
             end = j
         if end != len(mods):
             return None
-        return [(conv, norm, relu, mods[i][0]) for i, _, conv, norm, relu in units]
+        stem = [(conv, norm, relu, mods[i][0]) for i, _, conv, norm, relu in units]
+        return stem, self.maxpool, [self.layer1, self.layer2, self.layer3, self.layer4]
 
     def _fused_units(self):
         mods = self._stem_modules()

@@ -1,5 +1,5 @@
-"""fastres.models.ResNet's CPU eval forward (and the features of timm's ResNet after fastres.convert) as a plan: its
-units decided once, then run as a flat loop of oneDNN calls on prepacked weights.
+"""The CPU eval forward of fastres.models.ResNet and CifarResNet (and the features of timm's ResNet after
+fastres.convert) as a plan: its units decided once, then run as a flat loop of oneDNN calls on prepacked weights.
 
 At batch 1 on CPU the per-unit path (fastres.nn._lean.conv_norm_act) is bound by Python: every call re-decides each
 unit (which kernel, whether its fold and packed weight are still fresh), about 150 us a unit, some 8 ms of a
@@ -11,6 +11,8 @@ checks, in one pass, that nothing they rest on has changed:
     fingerprint of its bytes), and that none requires a gradient where autograd is on;
   * the call: the input's shape and dtype, autocast, inference and grad mode, the selected backend (the plan keeps
     its packed weights per such key), no global hooks, no trace or torch.func transform.
+The first two run in C++ (csrc/plan_guard.cpp): in Python they cost about 0.5 ms a forward, a tenth of a CIFAR
+ResNet's at batch 1; now about 0.2 ms, most of it reading the bytes of the BN statistics.
 When anything has changed it is rebuilt; where it does not apply (hooks, training, a module it does not know, an
 input that needs a gradient) the per-unit path runs. A unit the packed path cannot run (refused by oneDNN, a dtype
 without oneDNN kernels) runs through conv_norm_act inside the plan. The results are those of the per-unit path: the
@@ -22,14 +24,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastres import ops
+from fastres.ops import _compiled
 from fastres._convert.torchvision import Sequential as FusedSequential
-from fastres.nn._fused import _MAX_DERIVED, _Fingerprint, _cast_fp32, _fold_spec, _traced, conv_geometry, \
+from fastres.nn._fused import _MAX_DERIVED, _cast_fp32, _fold_spec, _traced, conv_geometry, \
     functorch_active, global_hooks_set, has_own_hooks, is_plain_relu, keep_memory_format, norm_after_conv, \
     norm_kind, packed_unit, run_packed, unit_fusable
 from fastres.nn._lean import conv_norm_act
 from fastres.nn.blocks import _FusedBlock
 
 _UNRESOLVED = object()
+# The plan's guard (csrc/plan_guard.cpp); None with a fastres._C built without it, where no plan runs.
+if _compiled.has_op("_tensor_state_changed") and hasattr(_compiled._C, "_module_signature"):
+    _TENSOR_STATE = torch.ops.fastres._tensor_state.default
+    _TENSOR_STATE_CHANGED = torch.ops.fastres._tensor_state_changed.default
+    _MODULE_SIGNATURE = _compiled._C._module_signature
+else:
+    _TENSOR_STATE = _TENSOR_STATE_CHANGED = _MODULE_SIGNATURE = None
 # Block forwards that, in eval with plain ReLUs, run exactly _FusedBlock.forward's units (fastres._convert.timm adds
 # its blocks' forward): a block class with any other forward is not planned.
 PLANNABLE_BLOCK_FORWARDS = {_FusedBlock.forward}
@@ -59,32 +69,33 @@ def _block_attributes(block):
 
 class _Plan:
     """The units of one ResNet in forward order, the state they were decided from, and their packed weights per
-    input key. The model gives its stem as `_plan_stem()`: [(conv, norm, relu, name)], units that run one after
-    another from its fold cache (None where its stem is not such a chain); then come model.maxpool and
-    model.layer1..layer4 (nn.Sequential of fused blocks). With `head`, the plan ends as fastres.models.ResNet does
-    (model.avgpool, flatten, model.fc); without, it returns layer4's output (timm's forward_features)."""
+    input key. The model describes its body as `_plan_spec()` -> (stem, pool, layers), or None where it is not
+    plannable now: stem [(conv, norm, relu, name)], units that run one after another from its fold cache; pool, the
+    module after the stem (None: none); layers, the nn.Sequentials of fused blocks. With `head`, the plan ends as
+    fastres.models.ResNet does (model.avgpool, flatten, model.fc); without, it returns the last layer's output
+    (timm's forward_features)."""
 
     def __init__(self, model, head):
         """Raises _NotPlannable where the plan does not cover the model as it is now."""
-        # (module, its class, ids of its children, parameters and buffers); the root's apart, without the module:
-        # the plan lives in the root's fold cache, and a reference back would keep a deleted model alive until the
-        # garbage collector runs.
-        self.modules = []
-        for m in model.modules():
-            if m.training or has_own_hooks(m):
-                raise _NotPlannable
-            self.modules.append((m, type(m), _ids(m._modules), _ids(m._parameters), _ids(m._buffers)))
-        self.root = self.modules.pop(0)[1:]
+        # Every module's class, training flag, hooks, children, parameters and buffers (by identity), as one
+        # signature (fastres._C._module_signature); the root not held: the plan lives in the root's fold cache, and
+        # a reference back would keep a deleted model alive until the garbage collector runs.
+        modules = list(model.modules())
+        if any(m.training or has_own_hooks(m) for m in modules):
+            raise _NotPlannable
+        self.modules = tuple(modules[1:])
+        self.module_signature = _MODULE_SIGNATURE(model, self.modules)
         self.attributes = []  # (function, module, its value)
         self.units = []
-        stem = model._plan_stem()
-        if not stem:
+        spec = model._plan_spec()
+        if spec is None or not spec[0]:
             raise _NotPlannable
+        stem, self.pool, layers = spec
         self.stem = [self._unit(conv, norm, model.fold_cache, name, relu) for conv, norm, relu, name in stem]
-        # The first block may write over the max pool's output: nothing else holds it.
-        self.pool_output_owned = type(model.maxpool) is nn.MaxPool2d
+        # The first block may write over the max pool's output (or the stem's): nothing else holds it.
+        self.pool_output_owned = self.pool is None or type(self.pool) is nn.MaxPool2d
         self.blocks = []  # (unit indices of the residual branch, the projection (see _block) or None, residual)
-        for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for layer in layers:
             if type(layer) is not nn.Sequential:
                 raise _NotPlannable
             for block in layer:
@@ -96,13 +107,16 @@ class _Plan:
         if self.head is not None:
             sources += [self.head.weight, self.head.bias]
         grad_enabled = torch.is_grad_enabled()
-        self.tensors = []
-        for t in sources:
-            if t is None:
-                continue
-            if t.device.type != "cpu" or t.is_inference() or (grad_enabled and t.requires_grad):
+        self.tensors = [t for t in sources if t is not None]
+        for t in self.tensors:
+            if t.device.type != "cpu" or t.is_inference() or t.layout != torch.strided \
+                    or (grad_enabled and t.requires_grad):
                 raise _NotPlannable  # not cacheable: see fastres.nn._fused._cacheable
-            self.tensors.append((t, t._version, t.data_ptr(), t.shape, t.stride(), t.dtype, _Fingerprint(t)))
+        # Their state, as FoldCache checks it (version, pointer, dtype, sizes, strides, sampled bytes), checked in
+        # one call before every forward (fastres._C's _tensor_state_changed). The storages are held so that an
+        # unchanged pointer means the same memory, never a new allocation at a freed address.
+        self.tensor_state = _TENSOR_STATE(self.tensors)
+        self.storages = [t.untyped_storage() for t in self.tensors]
         # input key -> [per unit: (backend, packed weight, bias, autocast dtype) or None; then the head's weight
         # and bias in autocast's dtype, or None]
         self.packs = {}
@@ -136,24 +150,20 @@ class _Plan:
             elif type(ds) is FusedSequential and len(ds) == 3 and type(ds[0]) in (nn.AvgPool2d, nn.Identity):
                 # timm's average-pool shortcut (pool, conv, norm), as FusedSequential.forward runs it
                 projection = ds[0], self._unit(ds[1], ds[2], ds.fold_cache, "1", False)
+            elif type(ds) is _pad_shortcut():  # the CIFAR nets' option A: parameter-free, no unit
+                projection = ds, None
             else:
                 raise _NotPlannable
         return branch, projection, block.residual
 
     def valid(self, model, grad_enabled):
         """Whether the model and every tensor the units' folds read are as when the plan was made."""
-        for m, cls, children, parameters, buffers in ((model, *self.root), *self.modules):
-            if type(m) is not cls or m.training or has_own_hooks(m) or _ids(m._modules) != children \
-                    or _ids(m._parameters) != parameters or _ids(m._buffers) != buffers:
-                return False
+        if _MODULE_SIGNATURE(model, self.modules) != self.module_signature:
+            return False
         for attributes, m, value in self.attributes:
             if attributes(m) != value:
                 return False
-        for t, version, ptr, shape, stride, dtype, fingerprint in self.tensors:
-            if t._version != version or t.data_ptr() != ptr or t.shape != shape or t.stride() != stride \
-                    or t.dtype is not dtype or (grad_enabled and t.requires_grad) or not fingerprint.unchanged():
-                return False
-        return True
+        return not _TENSOR_STATE_CHANGED(self.tensors, *self.tensor_state, grad_enabled)
 
     def packs_for(self, key):
         packs = self.packs.get(key)
@@ -185,7 +195,8 @@ class _Plan:
             x = x.contiguous(memory_format=torch.channels_last)
         for i in self.stem:
             x = self.run_unit(i, x, packs)
-        x = model.maxpool(x)
+        if self.pool is not None:
+            x = self.pool(x)
         owned = self.pool_output_owned
         for branch, projection, residual in self.blocks:
             block_input = x
@@ -193,8 +204,11 @@ class _Plan:
                 x = self.run_unit(i, x, packs)
             if projection is not None:
                 pre, unit = projection
-                shortcut = self.run_unit(unit, block_input if pre is None else pre(block_input), packs)
-                shortcut_owned = True
+                if unit is None:  # as _FusedBlock._shortcut calls a module: its output not owned
+                    shortcut, shortcut_owned = pre(block_input), False
+                else:
+                    shortcut = self.run_unit(unit, block_input if pre is None else pre(block_input), packs)
+                    shortcut_owned = True
             else:
                 shortcut, shortcut_owned = (block_input, owned) if residual else (None, False)
             x = self.run_unit(branch[-1], x, packs, shortcut, shortcut_owned)
@@ -210,18 +224,19 @@ class _Plan:
         return F.linear(x, *head)  # under autocast, as model.fc(x) would compute it
 
 
+def _pad_shortcut():
+    from fastres.models.cifar import PadShortcut  # (cifar imports this module's importer)
+    return PadShortcut
+
+
 class _NotPlannable(Exception):
     """The model as it is now has something the plan does not cover."""
 
 
-def _ids(d):
-    return tuple(map(id, d.values()))
-
-
 def run(model, x, head=True):
-    """model(x) for a fastres.models.ResNet in eval mode through its plan (head=False: layer4's output, for the
-    forward_features of timm's converted ResNet), or None where no plan applies (the caller runs the per-unit
-    path)."""
+    """model(x) for a fastres.models.ResNet or CifarResNet in eval mode through its plan (head=False: the last
+    layer's output, for the forward_features of timm's converted ResNet), or None where no plan applies (the caller
+    runs the per-unit path)."""
     if not (getattr(model, "channels_last", True) and x.device.type == "cpu" and x.dim() == 4) or _traced() \
             or functorch_active():
         return None
@@ -234,7 +249,7 @@ def run(model, x, head=True):
         backend = ops.select("conv_bias_act", x.device)
     except ops.BackendUnavailableError:
         return None  # the per-unit path reports it
-    if not hasattr(backend, "prepacked_conv_bias_act"):
+    if not hasattr(backend, "prepacked_conv_bias_act") or _TENSOR_STATE_CHANGED is None:
         return None
     cache = model.fold_cache
     plan = cache.plan

@@ -6,6 +6,7 @@ from torch.nn import functional as F
 from fastres.nn._fused import FusedModuleMixin, is_plain_relu, keep_memory_format
 from fastres.nn._lean import conv_norm_act
 from fastres.nn.blocks import BasicBlock, conv1x1, conv3x3
+from fastres.models import _eval_plan
 from fastres.models.resnet import init_resnet_
 
 SHORTCUTS = ("A", "B", "C")
@@ -84,7 +85,18 @@ class CifarResNet(FusedModuleMixin, nn.Module):
             self.inplanes = planes
         return nn.Sequential(*layers)
 
+    def _plan_spec(self):
+        """What the eval plan runs (fastres.models._eval_plan): conv1 + bn1 + a plain ReLU as one unit, no pool, the
+        three layers."""
+        if not is_plain_relu(self.relu):
+            return None
+        return [(self.conv1, self.bn1, True, "stem")], None, [self.layer1, self.layer2, self.layer3]
+
     def forward(self, x):
+        if not self.training:
+            out = _eval_plan.run(self, x)  # CPU eval: the units decided once (at batch 1, per-unit Python dominates)
+            if out is not None:
+                return out
         if is_plain_relu(self.relu):
             out = conv_norm_act(x, self.conv1, self.bn1, relu=True, cache=self.fold_cache, name="stem")
         else:

@@ -118,9 +118,13 @@ class ResNet(FusedModuleMixin, nn.Module):
                                 dilation=self.dilation, norm_layer=norm_layer, **self._block_kwargs))
         return nn.Sequential(*layers)
 
-    def _plan_stem(self):
-        """The stem as the eval plan runs it (fastres.models._eval_plan): conv1 + bn1 + a plain ReLU, one unit."""
-        return [(self.conv1, self.bn1, True, "stem")] if is_plain_relu(self.relu) else None
+    def _plan_spec(self):
+        """What the eval plan runs (fastres.models._eval_plan): the stem's conv1 + bn1 + a plain ReLU as one unit,
+        the max pool, the four layers."""
+        if not is_plain_relu(self.relu):
+            return None
+        return [(self.conv1, self.bn1, True, "stem")], self.maxpool, [self.layer1, self.layer2, self.layer3,
+                                                                      self.layer4]
 
     def _stem(self, x):
         if is_plain_relu(self.relu):

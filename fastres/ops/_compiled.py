@@ -91,6 +91,11 @@ def relu_mask_shape(y):
     return (n * c, (h * w + 7) // 8)
 
 
+def has_op(op_name: str) -> bool:
+    """Whether fastres._C defines ``torch.ops.fastres.<op_name>`` (an extension built before the op lacks it)."""
+    return _C is not None and _exists(op_name)
+
+
 def _exists(op_name):
     try:
         getattr(torch.ops.fastres, op_name)
