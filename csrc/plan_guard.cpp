@@ -32,9 +32,14 @@ bool dense(const at::Tensor& t) {
 }
 
 void check_tensor(const at::Tensor& t, size_t i) {
-  TORCH_CHECK(t.defined() && t.device().is_cpu() && t.layout() == at::kStrided && !t.is_inference(),
-              "fastres::_tensor_state: tensors[", i,
-              "] must be a defined, strided CPU tensor outside inference mode");
+  TORCH_CHECK(t.defined() && t.device().is_cpu() && t.layout() == at::kStrided, "fastres::_tensor_state: tensors[",
+              i, "] must be a defined, strided CPU tensor");
+}
+
+// An inference tensor (made under torch.inference_mode) keeps no version counter: -1, and its bytes alone show
+// its in-place edits (which only inference mode allows), as fastres.nn._fused.FoldCache treats it.
+int64_t version(const at::Tensor& t) {
+  return t.is_inference() ? -1 : t._version();
 }
 
 // The step between t's sampled elements: 0 where every element is taken (a small or non-dense tensor, in index
@@ -83,7 +88,7 @@ bool same_bytes(const at::Tensor& t, const uint8_t* b, int64_t n_bytes) {
 }
 
 void append_meta(const at::Tensor& t, std::vector<int64_t>& meta, int64_t bytes) {
-  meta.push_back(t._version());
+  meta.push_back(version(t));
   meta.push_back(reinterpret_cast<int64_t>(t.const_data_ptr()));
   meta.push_back(static_cast<int64_t>(t.scalar_type()));
   meta.push_back(t.requires_grad());
@@ -127,7 +132,7 @@ bool tensor_state_changed(const at::TensorList tensors, const at::Tensor& meta, 
   for (const auto i : c10::irange(tensors.size())) {
     const at::Tensor& t = tensors[i];
     check_tensor(t, i);
-    if (m + 5 > m_end || m[0] != t._version() || m[1] != reinterpret_cast<int64_t>(t.const_data_ptr()) ||
+    if (m + 5 > m_end || m[0] != version(t) || m[1] != reinterpret_cast<int64_t>(t.const_data_ptr()) ||
         m[2] != static_cast<int64_t>(t.scalar_type()) || m[3] != t.requires_grad() || m[4] != t.dim()) {
       return true;
     }

@@ -543,9 +543,16 @@ def test_plan_guard_tensor_state_sees_every_change():
     assert changed(grad_enabled=True) and _eval_plan._TENSOR_STATE_CHANGED(tensors, *_eval_plan._TENSOR_STATE(
         tensors), False) is False
     assert changed(ts=tensors[:2]) and changed(ts=tensors + [small])  # not the list recorded
-    with pytest.raises(RuntimeError, match=r"tensors\[1\] must be"):
-        with torch.inference_mode():
-            _eval_plan._TENSOR_STATE([small, torch.ones(2)])
+    with torch.inference_mode():
+        made_in_inference_mode = torch.randn(8)
+    tensors = [made_in_inference_mode]  # no version counter: its bytes show an in-place edit
+    state = _eval_plan._TENSOR_STATE(tensors)
+    assert not changed()
+    with torch.inference_mode():
+        made_in_inference_mode[3] = 100.0
+    assert changed()
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] must be a defined, strided CPU tensor"):
+        _eval_plan._TENSOR_STATE([small, torch.ones(2, device="meta")])
 
 
 def test_plan_guard_module_signature_sees_every_change():
@@ -582,6 +589,36 @@ def test_plan_guard_module_signature_sees_every_change():
             assert sign() == before, what
     with pytest.raises(TypeError):
         _eval_plan._MODULE_SIGNATURE(root, [root[0]])  # a tuple, not a list
+
+
+def test_a_model_built_in_inference_mode_is_planned_and_never_stale(per_unit_path, plan_runs):
+    """Parameters made under torch.inference_mode are inference tensors, which keep no version counter: their folds
+    are cached and guarded by their bytes (the per-unit path refolded every weight on every call: 0.69x eager at
+    batch 1). An in-place edit, which only inference mode allows, is seen."""
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        tv = randomize_(torchvision.models.resnet18(num_classes=10)).eval()
+        fr = fm.resnet18(num_classes=10).eval()
+        fr.load_state_dict(tv.state_dict())
+        assert fr.conv1.weight.is_inference()
+
+        def check(what):
+            out = fr(x)
+            with per_unit_path():
+                ref = fr(x)
+            assert torch.equal(out, ref), what
+            assert_within(what, out, copy.deepcopy(tv).double()(x.double()), tv(x))
+
+        check("first forward")
+        check("second forward")
+        assert plan_runs["plan"] == 2
+        for model in (fr, tv):
+            model.layer2[0].bn1.running_var.mul_(4)  # whole BN tensors are compared
+            model.layer3[1].conv2.weight.mul_(-1)  # every sampled element of a large weight changes
+        check("in-place edits of inference tensors")
+        assert plan_runs["plan"] == 3
+    with torch.no_grad():  # outside inference mode too (its own fold cache key)
+        assert_within("under no_grad", fr(x), copy.deepcopy(tv).double()(x.double()), tv(x))
 
 
 def _timm_resnet(**kwargs):

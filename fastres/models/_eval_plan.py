@@ -109,7 +109,7 @@ class _Plan:
         grad_enabled = torch.is_grad_enabled()
         self.tensors = [t for t in sources if t is not None]
         for t in self.tensors:
-            if t.device.type != "cpu" or t.is_inference() or t.layout != torch.strided \
+            if t.device.type != "cpu" or t.layout != torch.strided \
                     or (grad_enabled and t.requires_grad):
                 raise _NotPlannable  # not cacheable: see fastres.nn._fused._cacheable
         # Their state, as FoldCache checks it (version, pointer, dtype, sizes, strides, sampled bytes), checked in

@@ -182,7 +182,9 @@ class _Fingerprint:
 
 
 def _identity(t):
-    return None if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.shape, t.stride())
+    # An inference tensor has no version counter (-1): its bytes alone show its in-place edits.
+    return None if t is None else (id(t), t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.shape,
+                                   t.stride())
 
 
 class FoldCache:
@@ -197,7 +199,9 @@ class FoldCache:
         changes made through `.data` that bypass the version counter (EMA updates, pruning masks, init after a
         first eval) for about a microsecond per tensor.
     What it cannot see: an edit through `.data` (or another alias with its own version counter) that leaves all 256
-    sampled elements of a conv weight of more than 4096 elements as they were, e.g. `w.data[3, 7, 1, 1] += 1`.
+    sampled elements of a conv weight of more than 4096 elements as they were, e.g. `w.data[3, 7, 1, 1] += 1`; the
+    same in-place edit of an inference tensor (a model built or loaded under torch.inference_mode: such tensors
+    keep no version counter, so their bytes alone show an edit, which only inference mode allows).
     fastres.refresh(model) forces a refold after such an edit.
 
     Only CPU tensors are cached, since their bytes can be read in place. On other devices reading them back would
@@ -296,9 +300,8 @@ def _cacheable(sources):
     if _traced():  # a trace records the fold from the parameters, not a cached result as a constant
         return False
     present = [t for t in sources if t is not None]
-    if any(t.device.type != "cpu" or t.is_inference() for t in present):
-        # Inference tensors have no version counter: in-place changes could not be seen. Other devices refold.
-        return False
+    if any(t.device.type != "cpu" for t in present):
+        return False  # other devices refold (see FoldCache)
     return not torch.is_grad_enabled() or not any(t.requires_grad for t in present)
 
 
