@@ -243,8 +243,10 @@ def run(model, x, head=True):
     if global_hooks_set():
         return None
     grad_enabled = torch.is_grad_enabled()
-    if grad_enabled and x.requires_grad:
-        return None  # oneDNN's ops have no autograd formula
+    if grad_enabled and (x.requires_grad or any(p.requires_grad for p in model.parameters())):
+        # oneDNN's ops have no autograd formula. (Checked before building a plan, which would fail after walking
+        # the whole model: on every forward of an eval model called without no_grad.)
+        return None
     try:
         backend = ops.select("conv_bias_act", x.device)
     except ops.BackendUnavailableError:
