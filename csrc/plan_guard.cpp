@@ -3,9 +3,9 @@
 // ResNet's at batch 1):
 //  * _tensor_state / _tensor_state_changed (ops): the state of the tensors its folded weights come from, recorded
 //    once and compared per forward. Per tensor: version counter, data pointer, dtype, requires_grad, sizes,
-//    strides, and the bytes of its content, whole up to 4096 elements and 256 elements spread over a larger dense
-//    tensor (the sample fastres.nn._fused._Fingerprint takes, which catches edits through `.data` that bypass the
-//    version counter).
+//    strides, and the bytes of its content, whole up to `whole_elements` elements and `sampled_elements` spread
+//    over a larger dense tensor (the sample fastres.nn._fused._Fingerprint takes, whose sizes the caller passes:
+//    it catches edits through `.data` that bypass the version counter).
 //  * module_signature (fastres._C._module_signature): per module, its class, training flag, whether it has hooks,
 //    and the identity of every child, parameter and buffer, as one bytes object that compares with memcmp.
 #include <Python.h>
@@ -23,8 +23,11 @@
 namespace fastres {
 namespace {
 
-constexpr int64_t kWholeElements = 4096;
-constexpr int64_t kSampledElements = 256;
+// How much of a tensor's content the state holds (_tensor_state's arguments, recorded at the head of meta).
+struct Sampling {
+  int64_t whole_elements;    // up to this many elements: all of them
+  int64_t sampled_elements;  // else this many, spread over its dense memory
+};
 
 bool dense(const at::Tensor& t) {
   return t.is_contiguous() || (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
@@ -43,13 +46,13 @@ int64_t version(const at::Tensor& t) {
 }
 
 // The step between t's sampled elements: 0 where every element is taken (a small or non-dense tensor, in index
-// order), else kSampledElements elements of its dense memory at a step coprime to the element count.
-int64_t sample_step(const at::Tensor& t) {
+// order), else s.sampled_elements elements of its dense memory at a step coprime to the element count.
+int64_t sample_step(const at::Tensor& t, const Sampling& s) {
   const int64_t n = t.numel();
-  if (n <= kWholeElements || !dense(t)) {
+  if (n <= s.whole_elements || !dense(t)) {
     return 0;
   }
-  int64_t step = n / kSampledElements;
+  int64_t step = n / s.sampled_elements;
   while (std::gcd(step, n) != 1) {
     --step;
   }
@@ -58,12 +61,12 @@ int64_t sample_step(const at::Tensor& t) {
 
 // Calls visit(pointer, byte count) over t's sampled bytes, in order.
 template <typename Visit>
-void visit_bytes(const at::Tensor& t, Visit visit) {
+void visit_bytes(const at::Tensor& t, const Sampling& s, Visit visit) {
   const int64_t size = t.element_size();
-  const int64_t step = sample_step(t);
+  const int64_t step = sample_step(t, s);
   if (step > 0) {
     const auto* base = static_cast<const uint8_t*>(t.const_data_ptr());
-    for (const auto k : c10::irange(kSampledElements)) {
+    for (const auto k : c10::irange(s.sampled_elements)) {
       visit(base + k * step * size, size);
     }
     return;
@@ -72,15 +75,15 @@ void visit_bytes(const at::Tensor& t, Visit visit) {
   visit(static_cast<const uint8_t*>(c.const_data_ptr()), t.numel() * size);
 }
 
-void append_bytes(const at::Tensor& t, std::vector<uint8_t>& out) {
-  visit_bytes(t, [&](const uint8_t* p, int64_t n) { out.insert(out.end(), p, p + n); });
+void append_bytes(const at::Tensor& t, const Sampling& s, std::vector<uint8_t>& out) {
+  visit_bytes(t, s, [&](const uint8_t* p, int64_t n) { out.insert(out.end(), p, p + n); });
 }
 
 // Whether t's sampled bytes are the n_bytes at b.
-bool same_bytes(const at::Tensor& t, const uint8_t* b, int64_t n_bytes) {
+bool same_bytes(const at::Tensor& t, const Sampling& s, const uint8_t* b, int64_t n_bytes) {
   bool same = true;
   int64_t offset = 0;
-  visit_bytes(t, [&](const uint8_t* p, int64_t n) {
+  visit_bytes(t, s, [&](const uint8_t* p, int64_t n) {
     same = same && offset + n <= n_bytes && std::memcmp(p, b + offset, n) == 0;
     offset += n;
   });
@@ -98,15 +101,21 @@ void append_meta(const at::Tensor& t, std::vector<int64_t>& meta, int64_t bytes)
   meta.push_back(bytes);
 }
 
-// -> (meta: int64 [...], bytes: uint8 [...]): what tensor_state_changed compares against.
-std::tuple<at::Tensor, at::Tensor> tensor_state(const at::TensorList tensors) {
-  std::vector<int64_t> meta;
+// -> (meta: int64 [whole_elements, sampled_elements, then per tensor], bytes: uint8 [...]): what
+// tensor_state_changed compares against.
+std::tuple<at::Tensor, at::Tensor> tensor_state(const at::TensorList tensors, int64_t whole_elements,
+                                                int64_t sampled_elements) {
+  TORCH_CHECK(whole_elements >= 0 && sampled_elements > 0,
+              "fastres::_tensor_state: whole_elements must be >= 0 and sampled_elements > 0, got ", whole_elements,
+              " and ", sampled_elements);
+  const Sampling s{whole_elements, sampled_elements};
+  std::vector<int64_t> meta{whole_elements, sampled_elements};
   std::vector<uint8_t> bytes;
   for (const auto i : c10::irange(tensors.size())) {
     const at::Tensor& t = tensors[i];
     check_tensor(t, i);
     const size_t before = bytes.size();
-    append_bytes(t, bytes);
+    append_bytes(t, s, bytes);
     append_meta(t, meta, static_cast<int64_t>(bytes.size() - before));
   }
   auto meta_t = at::empty({static_cast<int64_t>(meta.size())}, at::kLong);
@@ -125,8 +134,11 @@ bool tensor_state_changed(const at::TensorList tensors, const at::Tensor& meta, 
   TORCH_CHECK(meta.scalar_type() == at::kLong && meta.is_contiguous() && bytes.scalar_type() == at::kByte &&
                   bytes.is_contiguous(),
               "fastres::_tensor_state_changed: meta and bytes must be what _tensor_state returned");
+  TORCH_CHECK(meta.numel() >= 2, "fastres::_tensor_state_changed: meta must be what _tensor_state returned");
   const int64_t* m = meta.const_data_ptr<int64_t>();
   const int64_t* m_end = m + meta.numel();
+  const Sampling s{m[0], m[1]};
+  m += 2;
   const uint8_t* b = bytes.const_data_ptr<uint8_t>();
   const uint8_t* b_end = b + bytes.numel();
   for (const auto i : c10::irange(tensors.size())) {
@@ -147,7 +159,7 @@ bool tensor_state_changed(const at::TensorList tensors, const at::Tensor& meta, 
     }
     m += 2 * dim;
     const int64_t n_bytes = *m++;
-    if (b + n_bytes > b_end || !same_bytes(t, b, n_bytes)) {
+    if (b + n_bytes > b_end || !same_bytes(t, s, b, n_bytes)) {
       return true;
     }
     b += n_bytes;
@@ -241,7 +253,7 @@ PyObject* module_signature(PyObject* /*self*/, PyObject* args) {
 }  // namespace fastres
 
 TORCH_LIBRARY_FRAGMENT(fastres, m) {
-  m.def("_tensor_state(Tensor[] tensors) -> (Tensor meta, Tensor bytes)");
+  m.def("_tensor_state(Tensor[] tensors, int whole_elements, int sampled_elements) -> (Tensor meta, Tensor bytes)");
   m.def("_tensor_state_changed(Tensor[] tensors, Tensor meta, Tensor bytes, bool grad_enabled) -> bool");
 }
 

@@ -19,6 +19,8 @@ without oneDNN kernels) runs through conv_norm_act inside the plan. The results 
 same calls on the same packed weights. Under autocast the classifier's weight is cast once per plan, not on every
 call, and the input's cast and channels_last copy are one pass.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,16 +28,18 @@ from torch import nn
 from fastres import ops
 from fastres.ops import _compiled
 from fastres._convert.torchvision import Sequential as FusedSequential
-from fastres.nn._fused import _MAX_DERIVED, _cast_fp32, _fold_spec, _traced, conv_geometry, \
-    functorch_active, global_hooks_set, has_own_hooks, is_plain_relu, keep_memory_format, norm_after_conv, \
-    norm_kind, packed_unit, run_packed, unit_fusable
+from fastres.nn._fused import _MAX_DERIVED, _SAMPLED_ELEMENTS, _WHOLE_ELEMENTS, _cacheable, _cast_fp32, \
+    _fold_spec, _traced, conv_geometry, functorch_active, global_hooks_set, has_own_hooks, is_plain_relu, \
+    keep_memory_format, norm_after_conv, norm_kind, packed_unit, run_packed, unit_fusable
 from fastres.nn._lean import conv_norm_act
 from fastres.nn.blocks import _FusedBlock
 
 _UNRESOLVED = object()
 # The plan's guard (csrc/plan_guard.cpp); None with a fastres._C built without it, where no plan runs.
 if _compiled.has_op("_tensor_state_changed") and hasattr(_compiled._C, "_module_signature"):
-    _TENSOR_STATE = torch.ops.fastres._tensor_state.default
+    # sampling the tensors' bytes as FoldCache's fingerprints do
+    _TENSOR_STATE = functools.partial(torch.ops.fastres._tensor_state.default, whole_elements=_WHOLE_ELEMENTS,
+                                      sampled_elements=_SAMPLED_ELEMENTS)
     _TENSOR_STATE_CHANGED = torch.ops.fastres._tensor_state_changed.default
     _MODULE_SIGNATURE = _compiled._C._module_signature
 else:
@@ -106,12 +110,9 @@ class _Plan:
         sources = [t for unit in self.units for t in _fold_spec(unit.conv, unit.norm, unit.kind)[0]]
         if self.head is not None:
             sources += [self.head.weight, self.head.bias]
-        grad_enabled = torch.is_grad_enabled()
         self.tensors = [t for t in sources if t is not None]
-        for t in self.tensors:
-            if t.device.type != "cpu" or t.layout != torch.strided \
-                    or (grad_enabled and t.requires_grad):
-                raise _NotPlannable  # not cacheable: see fastres.nn._fused._cacheable
+        if not _cacheable(self.tensors):
+            raise _NotPlannable  # folds that FoldCache would not keep either
         # Their state, as FoldCache checks it (version, pointer, dtype, sizes, strides, sampled bytes), checked in
         # one call before every forward (fastres._C's _tensor_state_changed). The storages are held so that an
         # unchanged pointer means the same memory, never a new allocation at a freed address.
