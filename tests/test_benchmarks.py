@@ -23,6 +23,12 @@ import _common as C  # noqa: E402
 import memory  # noqa: E402
 import throughput  # noqa: E402
 import train_modes  # noqa: E402
+import tune_models  # noqa: E402
+
+# The scripts are imported (they put their folder first on sys.path, for _common): take it off again, or its file
+# names would shadow installed packages for the rest of the session. benchmarks/kernels.py shadowed Hugging Face's
+# `kernels`, which transformers (5.25) imports.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != BENCHMARKS]
 
 # Small ceiling measurements: the smoke runs' figures mean nothing anyway.
 QUICK_ENV = {"FASTRES_BENCH_CEILING_SIZE": "256"}
@@ -253,7 +259,6 @@ def test_suite_flops_results(suite):
 
 
 def test_tune_models(capsys):
-    import tune_models
     assert tune_models.main(["--arch", "cifar_resnet20", "--batch-size", "2", "--dtype", "fp32", "--device",
                              "cpu"]) == 0
     out = capsys.readouterr().out
@@ -685,3 +690,9 @@ def test_throughput_timm_providers(tmp_path):
     r, run = run_throughput(tmp_path / "cifar", "fastres,timm", "--arch", "cifar_resnet20")
     assert list(run["results"]) == ["fastres"] and "timm has no cifar_resnet20" in run["skipped"]["timm"]
     assert "timm provider skipped: timm has no cifar_resnet20" in r.stderr
+
+
+def test_benchmark_scripts_shadow_no_installed_package():
+    """Importing the scripts above leaves their folder off sys.path: `import kernels` (or memory, plot, ...) later
+    in the session finds an installed package, never benchmarks/kernels.py."""
+    assert all(os.path.abspath(p or os.curdir) != BENCHMARKS for p in sys.path)
