@@ -424,10 +424,42 @@ def test_eval_plan_replays_the_per_unit_path(precision, per_unit_path, plan_runs
     assert torch.equal(first, ref) and torch.equal(second, ref)
     if precision == "fp32" or BF16_PACKED:
         assert plan_runs["lookups"] == 0
+    # The stem's ReLU and max pool ran as one pass (fastres::_max_pool_relu, no argmax indices): the other 48
+    # ReLUs are the blocks'.
+    names = [e.name for e in prof.events()]
+    assert names.count("fastres::_max_pool_relu") == 1 and "aten::max_pool2d_with_indices" not in names
+    assert names.count("aten::relu_") == 48
     # Not even the classifier's weight is cast again (autocast's linear would cast it on every call).
     fc_casts = [e for e in prof.events() if e.name == "aten::_to_copy" and tuple(model.fc.weight.shape) in
                 [tuple(s) for s in e.input_shapes]]
     assert fc_casts == []
+
+
+@pytest.mark.parametrize("pool", ["ceil", "dilated", "identity", "avg"])
+def test_eval_plan_fuses_only_a_max_pool_into_the_stem_relu(pool, per_unit_path, plan_runs):
+    """A stem max pool of any geometry runs as _max_pool_relu; any other module after the stem runs as it is, after
+    the stem's own ReLU; either way the result is the per-unit path's."""
+    model = randomize_(fm.resnet18(num_classes=10)).eval()
+    model.maxpool = {"ceil": nn.MaxPool2d(2, 2, ceil_mode=True), "dilated": nn.MaxPool2d(3, 1, 1, dilation=2),
+                     "identity": nn.Identity(), "avg": nn.AvgPool2d(3, 2, 1)}[pool].eval()
+    x = torch.randn(2, 3, 29, 29)
+    with torch.inference_mode():
+        with per_unit_path():
+            ref = model(x)
+        model(x)
+        with profile() as prof:
+            out = model(x)
+    assert plan_runs["plan"] == 2 and torch.equal(out, ref)
+    names = [e.name for e in prof.events()]
+    fused = pool in ("ceil", "dilated")
+    assert names.count("fastres::_max_pool_relu") == (1 if fused else 0)
+    assert names.count("aten::relu_") == 2 * 8 + (0 if fused else 1)
+    if fused:  # the pool's geometry is part of what the plan checks
+        model.maxpool.stride = 1
+        with torch.inference_mode():
+            with per_unit_path():
+                ref = model(x)
+            assert torch.equal(model(x), ref) and plan_runs["plan"] == 3
 
 
 def test_eval_plan_never_replays_a_stale_decision(per_unit_path, plan_runs):

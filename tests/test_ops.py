@@ -237,6 +237,90 @@ def test_add_relu(backend, dtype, fmt):
     assert torch.equal(gx, expected) and torch.equal(gr, expected)
 
 
+# ------------------------------------------------------------------------------------------- max_pool_relu
+POOL_CASES = [  # (N, C, H, W, kernel_size, stride, padding, dilation, ceil_mode)
+    (2, 64, 12, 12, 3, 2, 1, 1, False),        # a ResNet stem's pool: 32-channel register blocks
+    (1, 70, 9, 11, 3, 2, 1, 1, True),          # channels past the blocks, odd sizes, ceil_mode
+    (2, 5, 8, 7, (3, 2), (1, 2), (1, 0), (2, 1), True),  # a non-square window, dilated, fewer than 8 channels
+    (3, 13, 6, 6, 2, 2, 0, 1, False),
+]
+
+
+def _pool_reference(x, kernel_size, stride, padding, dilation, ceil_mode, relu):
+    y = F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+    return torch.relu(y) if relu else y
+
+
+@pytest.mark.parametrize("case", POOL_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+@pytest.mark.parametrize("relu", [True, False])
+def test_max_pool_relu(backend, case, dtype, fmt, relu):
+    n, c, h, w, *geometry = case
+    x = _fmt(torch.randn(n, c, h, w, dtype=dtype), fmt)
+    with torch.no_grad():  # values a max must pass through untouched: NaN wins its windows, the infinities too
+        x[0, 0, 1, 1], x[-1, -1, 2, 3], x[0, -1, 0, 0], x[-1, 0, -1, -1] = float("nan"), float("inf"), \
+            -float("inf"), -float("nan")
+    x.requires_grad_()
+    out = ops.max_pool_relu(x, *geometry, relu=relu)
+    expected = _pool_reference(x, *geometry, relu)
+    # A max is exact in any dtype: bitwise equal to ATen's pool (then ReLU), NaN where ATen has NaN.
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(out).any() and torch.isinf(out).any()
+    assert out.is_contiguous(memory_format=FORMATS[fmt])
+    g = torch.randn_like(out)
+    (gx,), (ge,) = _grads(out, [x], g), _grads(expected, [x], g)
+    torch.testing.assert_close(gx, ge, rtol=0, atol=0, equal_nan=True)
+
+
+def test_max_pool_relu_stride_defaults_to_kernel_and_input_is_not_written(backend):
+    x = torch.randn(2, 6, 10, 9)[:, ::2]  # not dense: the kernel reads a dense copy
+    before = x.clone()
+    assert torch.equal(ops.max_pool_relu(x, 3), torch.relu(F.max_pool2d(x, 3)))
+    assert torch.equal(x, before)
+
+
+def test_max_pool_relu_matches_the_stem_order():
+    """relu then pool (the stem as ResNet writes it) = pool then relu (as the op computes it), NaN included."""
+    x = torch.randn(2, 64, 15, 15).contiguous(memory_format=torch.channels_last)
+    x[0, 3, 4, 4] = float("nan")
+    x[1, 5] = -1.0  # a whole channel negative: its ReLU'd maxima are 0
+    torch.testing.assert_close(ops.max_pool_relu(x, 3, 2, 1), F.max_pool2d(torch.relu(x), 3, 2, 1), rtol=0, atol=0,
+                               equal_nan=True)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda x: ops.max_pool_relu(x, 0), ValueError, r"kernel_size must be >= 1"),
+    (lambda x: ops.max_pool_relu(x, 3, 0), ValueError, r"stride must be >= 1"),
+    (lambda x: ops.max_pool_relu(x, 3, 2, 2), ValueError, r"padding must be at most half of kernel_size"),
+    (lambda x: ops.max_pool_relu(x, 3, 1, 1, 0), ValueError, r"dilation must be >= 1"),
+    (lambda x: ops.max_pool_relu(x, 20), ValueError, r"output would be empty"),
+    (lambda x: ops.max_pool_relu(x, (3, 3, 3)), ValueError, r"kernel_size must be an int or a pair"),
+    (lambda x: ops.max_pool_relu(x, 3, ceil_mode=1), TypeError, r"ceil_mode must be a bool"),
+    (lambda x: ops.max_pool_relu(x[0], 3), ValueError, r"x must be 4-D"),
+    (lambda x: ops.max_pool_relu(x.int(), 3), TypeError, r"x must be a floating-point"),
+])
+def test_max_pool_relu_bad_input(backend, call, error, message):
+    with pytest.raises(error, match=message):
+        call(torch.randn(2, 3, 9, 8))
+
+
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+def test_max_pool_relu_gradcheck_and_opcheck(backend, fmt):
+    # Distinct values: a tie inside a window makes the max's gradient a choice, which finite differences cannot see.
+    x = _fmt(torch.randperm(2 * 3 * 7 * 6, dtype=torch.float64).view(2, 3, 7, 6) - 40, fmt).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: ops.max_pool_relu(t, (3, 2), (2, 1), (1, 0), 1, True), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: ops.max_pool_relu(t, 2, 1, 0, 1, False, False), (x,))
+    for args in (([3, 3], [2, 2], [1, 1], [1, 1], False, True), ([2, 3], [1, 2], [0, 1], [2, 1], True, False)):
+        opcheck(torch.ops.fastres.max_pool_relu.default, (x.detach().float(), *args))
+
+
+@pytest.mark.cuda
+def test_max_pool_relu_cuda():
+    x = torch.randn(2, 64, 15, 15, device="cuda").contiguous(memory_format=torch.channels_last)
+    assert torch.equal(ops.max_pool_relu(x, 3, 2, 1), torch.relu(F.max_pool2d(x, 3, 2, 1)))
+
+
 # ------------------------------------------------------------------------------------------- gradcheck, opcheck
 def _op_args(dtype=torch.float64, training=True, fmt="nchw"):
     x = _fmt(torch.randn(2, 3, 5, 5, dtype=dtype), fmt)

@@ -17,7 +17,8 @@ When anything has changed it is rebuilt; where it does not apply (hooks, trainin
 input that needs a gradient) the per-unit path runs. A unit the packed path cannot run (refused by oneDNN, a dtype
 without oneDNN kernels) runs through conv_norm_act inside the plan. The results are those of the per-unit path: the
 same calls on the same packed weights. Under autocast the classifier's weight is cast once per plan, not on every
-call, and the input's cast and channels_last copy are one pass.
+call, and the input's cast and channels_last copy are one pass. A max pool after the stem runs with the stem's ReLU
+as one pass (fastres.ops.max_pool_relu's kernel: ReLU commutes with max; ATen's pool also writes argmax indices).
 """
 import functools
 
@@ -44,6 +45,7 @@ if _compiled.has_op("_tensor_state_changed") and hasattr(_compiled._C, "_module_
     _MODULE_SIGNATURE = _compiled._C._module_signature
 else:
     _TENSOR_STATE = _TENSOR_STATE_CHANGED = _MODULE_SIGNATURE = None
+_MAX_POOL_RELU = torch.ops.fastres._max_pool_relu.default if _compiled.has_op("_max_pool_relu") else None
 # Block forwards that, in eval with plain ReLUs, run exactly _FusedBlock.forward's units (fastres._convert.timm adds
 # its blocks' forward): a block class with any other forward is not planned.
 PLANNABLE_BLOCK_FORWARDS = {_FusedBlock.forward}
@@ -95,7 +97,14 @@ class _Plan:
         if spec is None or not spec[0]:
             raise _NotPlannable
         stem, self.pool, layers = spec
-        self.stem = [self._unit(conv, norm, model.fold_cache, name, relu) for conv, norm, relu, name in stem]
+        # A max pool after the stem's ReLU runs as one pass that applies the ReLU after pooling (they commute),
+        # without ATen's argmax indices: (kernel_size, stride, padding, dilation, ceil_mode), or None.
+        self.pool_relu = _pool_relu_geometry(self.pool) if stem[-1][2] else None
+        if self.pool_relu is not None:
+            self.attributes.append((_pool_relu_geometry, self.pool, self.pool_relu))
+        self.stem = [self._unit(conv, norm, model.fold_cache, name, relu and (k < len(stem) - 1 or
+                                                                             self.pool_relu is None))
+                     for k, (conv, norm, relu, name) in enumerate(stem)]
         # The first block may write over the max pool's output (or the stem's): nothing else holds it.
         self.pool_output_owned = self.pool is None or type(self.pool) is nn.MaxPool2d
         self.blocks = []  # (unit indices of the residual branch, the projection (see _block) or None, residual)
@@ -196,7 +205,9 @@ class _Plan:
             x = x.contiguous(memory_format=torch.channels_last)
         for i in self.stem:
             x = self.run_unit(i, x, packs)
-        if self.pool is not None:
+        if self.pool_relu is not None:
+            x = _MAX_POOL_RELU(x, *self.pool_relu, True)
+        elif self.pool is not None:
             x = self.pool(x)
         owned = self.pool_output_owned
         for branch, projection, residual in self.blocks:
@@ -223,6 +234,15 @@ class _Plan:
         if head is _UNRESOLVED:
             head = packs[-1] = tuple(_cast_fp32(t, autocast_dtype) for t in (self.head.weight, self.head.bias))
         return F.linear(x, *head)  # under autocast, as model.fc(x) would compute it
+
+
+def _pool_relu_geometry(pool):
+    """The arguments of fastres._C's _max_pool_relu for `pool`, where it computes relu(pool(x)) exactly; else None."""
+    if _MAX_POOL_RELU is None or type(pool) is not nn.MaxPool2d or pool.return_indices:
+        return None
+    pair = torch.nn.modules.utils._pair
+    return (pair(pool.kernel_size), pair(pool.stride if pool.stride is not None else pool.kernel_size),
+            pair(pool.padding), pair(pool.dilation), bool(pool.ceil_mode))
 
 
 def _pad_shortcut():

@@ -3,6 +3,7 @@
     fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps=1e-5) -> (weight, bias)
     conv_bias_act(x, weight, bias=None, stride=1, padding=0, residual=None, relu=True, dilation=1, groups=1)
     add_relu(x, residual)
+    max_pool_relu(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, relu=True)
     conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum=0.1, eps=1e-5,
                 stride=1, padding=0, residual=None, relu=True, dilation=1, groups=1)
     bn_relu_conv(x, scale, shift, weight, stride=1, padding=0, relu=True, dilation=1, groups=1)
@@ -13,7 +14,7 @@ The backend is chosen by device (see fastres.ops._backend); `fastres.backend(nam
 """
 import torch
 
-from . import _library  # noqa: F401  (registers the ops)
+from . import _checks, _library  # noqa: F401  (_library registers the ops)
 from . import _decompositions  # noqa: F401  (registers their decompositions, for the ONNX exporter)
 from ._backend import BACKENDS, BackendUnavailableError, backend, forced_backend, select
 
@@ -27,6 +28,16 @@ def fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_va
 def add_relu(x, residual):
     """relu(x + residual)."""
     return torch.ops.fastres.add_relu(x, residual)
+
+
+def max_pool_relu(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, relu=True):
+    """relu(F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)), relu optional, in one pass that
+    keeps no argmax indices (backward recomputes them). As F.max_pool2d: stride defaults to kernel_size, padding
+    is never the maximum, a NaN in a window gives NaN. The output is laid out like x (channels_last in,
+    channels_last out)."""
+    kernel_size, stride, padding, dilation, _ = _checks.check_max_pool_relu(
+        x, kernel_size, kernel_size if stride is None else stride, padding, dilation, ceil_mode, relu)
+    return torch.ops.fastres.max_pool_relu(x, kernel_size, stride, padding, dilation, ceil_mode, relu)
 
 
 def conv_bias_act(x, weight, bias=None, stride=1, padding=0, residual=None, relu=True, dilation=1, groups=1):
@@ -68,5 +79,5 @@ def _pair(v):
     return [v, v] if isinstance(v, int) else list(v)
 
 
-__all__ = ["fold_bn", "add_relu", "conv_bias_act", "conv_bn_act", "bn_relu_conv", "dual_bn_act", "backend",
+__all__ = ["fold_bn", "add_relu", "max_pool_relu", "conv_bias_act", "conv_bn_act", "bn_relu_conv", "dual_bn_act", "backend",
            "forced_backend", "select", "BACKENDS", "BackendUnavailableError"]

@@ -148,6 +148,39 @@ def check_add_relu(x, residual):
                          f"{tuple(x.shape)}")
 
 
+def pooled_size(size, kernel, stride, padding, dilation, ceil_mode):
+    """The output size of a max pool along one dimension, as ATen computes it (pooling_output_shape)."""
+    span = size + 2 * padding - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)
+    out = span // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:  # the last window must start inside the input
+        out -= 1
+    return out
+
+
+def check_max_pool_relu(x, kernel_size, stride, padding, dilation, ceil_mode, relu):
+    """Checks max_pool_relu's arguments as F.max_pool2d does; returns (kernel_size, stride, padding, dilation,
+    output shape)."""
+    op = "max_pool_relu"
+    _tensor(op, "x", x, ndim=4)
+    kernel_size = pair(op, "kernel_size", kernel_size, 1)
+    stride = pair(op, "stride", stride, 1)
+    padding = pair(op, "padding", padding, 0)
+    dilation = pair(op, "dilation", dilation, 1)
+    if any(p > k // 2 for p, k in zip(padding, kernel_size)):
+        raise ValueError(f"fastres.{op}: padding must be at most half of kernel_size, got padding={padding} for "
+                         f"kernel_size={kernel_size}")
+    for name, flag in (("ceil_mode", ceil_mode), ("relu", relu)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"fastres.{op}: {name} must be a bool, got {type(flag).__name__}")
+    n, c, h, w = x.shape
+    out_hw = [pooled_size(size, *geometry, ceil_mode)
+              for size, *geometry in zip((h, w), kernel_size, stride, padding, dilation)]
+    if min(out_hw) < 1:
+        raise ValueError(f"fastres.{op}: the output would be empty ({out_hw[0]}x{out_hw[1]}) for x.shape="
+                         f"{tuple(x.shape)}, kernel_size={kernel_size}, padding={padding}, dilation={dilation}")
+    return kernel_size, stride, padding, dilation, (n, c, *out_hw)
+
+
 def check_fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps):
     op = "fold_bn"
     _tensor(op, "conv_weight", conv_weight)

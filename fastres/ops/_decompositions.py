@@ -30,7 +30,7 @@ def _reference_of(op_name):
 # The forward ops an eval model (or an inference export) calls, whose reference returns exactly what the op returns.
 # Not the backward ops (they return empty tensors where the references return None) nor dual_bn_act_forward
 # (training only): a decomposition in the global table must match its op, which opcheck's AOT test holds.
-DECOMPOSED = ("fold_bn", "add_relu", "conv_bias_act", "conv_bn_act_forward", "bn_relu_conv")
+DECOMPOSED = ("fold_bn", "add_relu", "max_pool_relu", "conv_bias_act", "conv_bn_act_forward", "bn_relu_conv")
 
 
 def register():

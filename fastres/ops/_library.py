@@ -10,6 +10,10 @@ _SCHEMAS = {
     "fold_bn": "(Tensor conv_weight, Tensor? conv_bias, Tensor bn_weight, Tensor bn_bias, Tensor running_mean, "
                "Tensor running_var, float eps=1e-05) -> (Tensor, Tensor)",
     "add_relu": "(Tensor x, Tensor residual) -> Tensor",
+    # relu(max_pool2d(x)) (relu optional), F.max_pool2d's semantics; one pass without argmax indices (a ResNet
+    # stem's ReLU and max pool: ReLU commutes with max, so the stem's conv ends without it).
+    "max_pool_relu": "(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding=0, int[2] dilation=1, "
+                     "bool ceil_mode=False, bool relu=True) -> Tensor",
     "conv_bias_act": "(Tensor x, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
                      "Tensor? residual=None, bool relu=True, int[2] dilation=[1, 1], int groups=1) -> Tensor",
     # The functional forward of conv_bn_act (autograd needs a functional op): besides the output it returns what
@@ -160,6 +164,44 @@ def _add_relu_backward(ctx, grad):
 
 
 _register_autograd(add_relu, _add_relu_backward, _add_relu_setup)
+
+
+# ---------------------------------------------------------------- max_pool_relu
+@torch.library.custom_op("fastres::max_pool_relu", mutates_args=(), schema=_SCHEMAS["max_pool_relu"])
+def max_pool_relu(x, kernel_size, stride, padding=(0, 0), dilation=(1, 1), ceil_mode=False, relu=True):
+    kernel_size, stride, padding, dilation, _ = _checks.check_max_pool_relu(x, kernel_size, stride, padding,
+                                                                            dilation, ceil_mode, relu)
+    return _backend.select("max_pool_relu", x.device).max_pool_relu(x, kernel_size, stride, padding, dilation,
+                                                                    ceil_mode, relu)
+
+
+@max_pool_relu.register_fake
+def _(x, kernel_size, stride, padding=(0, 0), dilation=(1, 1), ceil_mode=False, relu=True):
+    _inductor_fallbacks()
+    *_, out_shape = _checks.check_max_pool_relu(x, kernel_size, stride, padding, dilation, ceil_mode, relu)
+    return _empty(out_shape, x, backend_torch.suggest_memory_format(x))
+
+
+def _max_pool_relu_setup(ctx, inputs, output):
+    _record_forward(ctx, inputs)
+    x, *geometry = inputs
+    ctx.geometry = geometry
+    ctx.save_for_backward(x, output)
+
+
+def _max_pool_relu_backward(ctx, grad):
+    x, out = ctx.saved_tensors
+    kernel_size, stride, padding, dilation, ceil_mode, relu = ctx.geometry
+    if relu:
+        grad = torch.ops.aten.threshold_backward(grad, out, 0)
+    # The argmax the forward did not keep: ATen's, whose ties and NaN rules the forward's maximum follows.
+    _, indices = torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
+    grad_x = torch.ops.aten.max_pool2d_with_indices_backward(grad, x, kernel_size, stride, padding, dilation,
+                                                             ceil_mode, indices)
+    return grad_x, None, None, None, None, None, None
+
+
+_register_autograd(max_pool_relu, _max_pool_relu_backward, _max_pool_relu_setup)
 
 
 # ---------------------------------------------------------------- conv_bias_act

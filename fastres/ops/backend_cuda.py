@@ -27,6 +27,7 @@ if not _compiled.available():
 _KERNELS = {
     "fold_bn": ("_fold_bn",),
     "add_relu": ("_add_relu",),
+    "max_pool_relu": ("_max_pool_relu",),  # CPU only (csrc/cpu_pool.cpp): on GPU the reference runs
     "conv_bias_act": ("_bn_act_forward",),
     "conv_bn_act_forward": ("_bn_stats", "_bn_act_forward"),
     "bn_act_backward": ("_bn_act_backward",),
@@ -56,6 +57,10 @@ def fold_bn(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_va
 
 def add_relu(x, residual):
     return torch.ops.fastres._add_relu(x, residual)
+
+
+def max_pool_relu(x, kernel_size, stride, padding, dilation, ceil_mode, relu):
+    return torch.ops.fastres._max_pool_relu(x, kernel_size, stride, padding, dilation, ceil_mode, relu)
 
 
 # Calls that oneDNN's fused conv refused, by signature: the op is private to torch and its versions differ (torch

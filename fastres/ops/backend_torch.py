@@ -34,6 +34,13 @@ def add_relu(x, residual):
     return torch.relu(x + residual).contiguous(memory_format=memory_format(x))
 
 
+def max_pool_relu(x, kernel_size, stride, padding, dilation, ceil_mode, relu):
+    y = F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+    if relu:
+        y = torch.relu(y)
+    return y.contiguous(memory_format=suggest_memory_format(x))
+
+
 def conv_bias_act(x, weight, bias, stride, padding, residual, relu, dilation=(1, 1), groups=1):
     y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     if residual is not None:
