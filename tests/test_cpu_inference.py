@@ -103,7 +103,14 @@ def test_steady_state_eval_forward_copies_no_weight(precision, grad_mode, packin
         copies = steady_state_copies(model, x)
     packed_path = precision == "fp32" or BF16_PACKED
     assert packing["packed"] == (53 if packed_path else 0)  # once per conv, in the first forward
-    assert packing["ran"] == (2 * 53 if packed_path else 0)
+    # The first forward runs the plan's Python loop; from the second on, its body is one fastres::_run_plan call
+    # making the same 53 oneDNN calls on the packed weights.
+    assert packing["ran"] == (53 if packed_path else 0)
+    with mode, torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-autocast"), profile() as prof:
+        model(x)
+    body = [e for e in prof.events() if e.name == "fastres::_run_plan"]
+    convs = [e for e in prof.events() if e.name.startswith("mkldnn::_convolution_pointwise") and _under(e, "fastres::_run_plan")]
+    assert (len(body), len(convs)) == ((1, 53) if packed_path else (0, 0))
     assert not [c for c in copies if "reorder" in c[0] or any(s in weight_shapes for s in c[1])], copies
     casts = [c[:2] for c in copies if c[0] == "aten::_to_copy"]
     # Autocast casts the fp32 input once, for the stem; nothing else is cast: the activations stay bf16.
@@ -453,6 +460,8 @@ def test_eval_plan_fuses_only_a_max_pool_into_the_stem_relu(pool, per_unit_path,
     names = [e.name for e in prof.events()]
     fused = pool in ("ceil", "dilated")
     assert names.count("fastres::_max_pool_relu") == (1 if fused else 0)
+    # _run_plan runs no module: a pool other than a max pool leaves the body to the Python loop
+    assert names.count("fastres::_run_plan") == (0 if pool == "avg" else 1)
     assert names.count("aten::relu_") == 2 * 8 + (0 if fused else 1)
     if fused:  # the pool's geometry is part of what the plan checks
         model.maxpool.stride = 1
@@ -460,6 +469,44 @@ def test_eval_plan_fuses_only_a_max_pool_into_the_stem_relu(pool, per_unit_path,
             with per_unit_path():
                 ref = model(x)
             assert torch.equal(model(x), ref) and plan_runs["plan"] == 3
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+def test_eval_plan_body_runs_as_one_call(precision, per_unit_path, plan_runs, monkeypatch):
+    """From the second forward on, the plan's body is one fastres::_run_plan call (csrc/cpu_plan.cpp): the same
+    oneDNN calls, each block's last conv written over its residual, never over the model's input, with exactly the
+    Python loop's result; where that call fails, the Python loop runs from then on."""
+    from fastres.models import _eval_plan
+    model = randomize_(fm.resnet50(num_classes=10, width_per_group=16)).eval()
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
+    x_before = x.clone()
+    packed = precision == "fp32" or BF16_PACKED
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-autocast"):
+        with per_unit_path():
+            ref = model(x)
+        first = model(x)
+        with profile() as prof:
+            second = model(x)
+        assert torch.equal(first, ref) and torch.equal(second, ref) and torch.equal(x, x_before)
+        events = [e for e in prof.events() if _under(e, "fastres::_run_plan")]
+        names = [e.name for e in events]
+        assert [e.name for e in prof.events()].count("fastres::_run_plan") == (1 if packed else 0)
+        if packed:
+            assert names.count("mkldnn::_convolution_pointwise_") == 16  # every block's last conv, in place
+            assert names.count("mkldnn::_convolution_pointwise") == 53 - 16
+            assert names.count("fastres::_max_pool_relu") == 1 and names.count("aten::relu_") == 48
+
+        def refused(*args):
+            raise RuntimeError("could not create a primitive")
+
+        real = _eval_plan._RUN_PLAN
+        monkeypatch.setattr(_eval_plan, "_RUN_PLAN", refused)
+        assert torch.equal(model(x), ref) and torch.equal(x, x_before)
+        monkeypatch.setattr(_eval_plan, "_RUN_PLAN", real)
+        with profile() as prof:
+            assert torch.equal(model(x), ref)
+    assert "fastres::_run_plan" not in [e.name for e in prof.events()]  # not tried again for this input
+    assert plan_runs["plan"] == 4
 
 
 def test_eval_plan_never_replays_a_stale_decision(per_unit_path, plan_runs):

@@ -46,6 +46,8 @@ if _compiled.has_op("_tensor_state_changed") and hasattr(_compiled._C, "_module_
 else:
     _TENSOR_STATE = _TENSOR_STATE_CHANGED = _MODULE_SIGNATURE = None
 _MAX_POOL_RELU = torch.ops.fastres._max_pool_relu.default if _compiled.has_op("_max_pool_relu") else None
+# The plan's body as one call (csrc/cpu_plan.cpp), once every unit of a key runs from its packed weight.
+_RUN_PLAN = torch.ops.fastres._run_plan.default if _compiled.has_op("_run_plan") else None
 # Block forwards that, in eval with plain ReLUs, run exactly _FusedBlock.forward's units (fastres._convert.timm adds
 # its blocks' forward): a block class with any other forward is not planned.
 PLANNABLE_BLOCK_FORWARDS = {_FusedBlock.forward}
@@ -127,9 +129,11 @@ class _Plan:
         # unchanged pointer means the same memory, never a new allocation at a freed address.
         self.tensor_state = _TENSOR_STATE(self.tensors)
         self.storages = [t.untyped_storage() for t in self.tensors]
-        # input key -> [per unit: (backend, packed weight, bias, autocast dtype) or None; then the head's weight
-        # and bias in autocast's dtype, or None]
+        # input key -> [per unit: (backend, packed weight, bias, autocast dtype) or None; then the body as
+        # _run_plan's (weights, biases), or None where it cannot run there; then the head's weight and bias in
+        # autocast's dtype, or None]
         self.packs = {}
+        self.program = self._program()  # _run_plan's (units, program), or None where the body has more than it runs
 
     def _unit(self, conv, norm, cache, name, relu):
         if not unit_fusable(conv, norm):
@@ -166,6 +170,44 @@ class _Plan:
                 raise _NotPlannable
         return branch, projection, block.residual
 
+    def _program(self):
+        """The body for _run_plan (csrc/cpu_plan.cpp, which documents the encoding): units run from packed weights,
+        the fused pool, blocks with identity or unit shortcuts; None where it has anything else (another pool, a
+        module before a shortcut's unit, a parameter-free shortcut)."""
+        if _RUN_PLAN is None:
+            return None
+        units = []
+        for unit in self.units:
+            stride, padding, dilation, groups = unit.geometry
+            fields = [*stride, *padding, *dilation, groups, int(unit.relu)]
+            if len(fields) != 8 or not all(type(v) is int for v in fields):
+                return None
+            units += fields
+        program = [len(self.stem), *self.stem]
+        if self.pool_relu is not None:
+            kernel_size, stride, padding, dilation, ceil_mode = self.pool_relu
+            program += [1, *kernel_size, *stride, *padding, *dilation, int(ceil_mode), 1]
+        elif self.pool is None or type(self.pool) is nn.Identity:
+            program.append(0)
+        else:
+            return None
+        program += [int(self.pool_output_owned), len(self.blocks)]
+        for branch, projection, residual in self.blocks:
+            if projection is not None and (projection[0] is not None or projection[1] is None):
+                return None
+            program += [len(branch), *branch, -1 if projection is None else projection[1], int(residual)]
+        return units, program
+
+    def _runnable(self, packs):
+        """_run_plan's (weights, biases) for a key whose units all run from packed weights (resolved by a forward
+        of the Python loop, none ever refused by oneDNN), else None."""
+        if self.program is None or any(p is _UNRESOLVED or p is None for p in packs[:len(self.units)]):
+            return None
+        backends = {p[0] for p in packs[:len(self.units)]}
+        if len(backends) != 1 or getattr(next(iter(backends)), "_onednn_refused", True):
+            return None
+        return [p[1] for p in packs[:len(self.units)]], [p[2] for p in packs[:len(self.units)]]
+
     def valid(self, model, grad_enabled):
         """Whether the model and every tensor the units' folds read are as when the plan was made."""
         if _MODULE_SIGNATURE(model, self.modules) != self.module_signature:
@@ -180,7 +222,7 @@ class _Plan:
         if packs is None:
             if len(self.packs) >= _MAX_DERIVED:
                 self.packs.pop(next(iter(self.packs)), None)  # the oldest: at most as many as FoldCache keeps
-            packs = self.packs[key] = [_UNRESOLVED] * (len(self.units) + 1)
+            packs = self.packs[key] = [_UNRESOLVED] * (len(self.units) + 2)
         return packs
 
     def run_unit(self, i, x, packs, residual=None, residual_owned=False):
@@ -203,6 +245,16 @@ class _Plan:
             x = x.to(dtype=stem[3], memory_format=torch.channels_last)  # autocast's cast and the layout in one pass
         else:
             x = x.contiguous(memory_format=torch.channels_last)
+        body = packs[-2]
+        if body is not _UNRESOLVED and body is not None:
+            try:
+                features = _RUN_PLAN(x, *body, *self.program)
+            except RuntimeError:
+                # Refused by this torch's oneDNN: the Python loop from now on. (Nothing was written over the input,
+                # only over tensors the body made.)
+                packs[-2] = None
+            else:
+                return self._head(model, features, packs, autocast_dtype)
         for i in self.stem:
             x = self.run_unit(i, x, packs)
         if self.pool_relu is not None:
@@ -225,6 +277,11 @@ class _Plan:
                 shortcut, shortcut_owned = (block_input, owned) if residual else (None, False)
             x = self.run_unit(branch[-1], x, packs, shortcut, shortcut_owned)
             owned = True
+        if body is _UNRESOLVED:
+            packs[-2] = self._runnable(packs)
+        return self._head(model, x, packs, autocast_dtype)
+
+    def _head(self, model, x, packs, autocast_dtype):
         if not self.has_head:
             return x
         x = torch.flatten(model.avgpool(x), 1)

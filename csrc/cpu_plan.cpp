@@ -1,0 +1,192 @@
+// _run_plan: the CPU eval plan's body (fastres.models._eval_plan) run as one call, the same oneDNN calls on the same
+// prepacked weights that its Python loop makes, in the same order, with the same in-place residual writes.
+//
+// Why: at batch 1 a ResNet-50's 53 convolutions take about 45 ms, and the Python loop around them (a unit's
+// function calls, argument lists, the op's Python dispatch) about 25 us each: a few percent, which is where
+// torch.compile's generated wrapper was ahead. The Python plan keeps every decision (what is packed, the guard, the
+// fallbacks); this replays its steady state.
+//
+// Program (int[]): the stem's unit count and units; the pool (0: none, 1: _max_pool_relu with kernel_size, stride,
+// padding, dilation, ceil_mode, relu); whether the first block may write over the pool's output; the block count;
+// per block the branch's unit count and units, the projection's unit (-1: none) and whether it adds a residual.
+// Units (int[], 8 per unit): stride h w, padding h w, dilation h w, groups, relu; unit i's packed weight and bias
+// are weights[i] and biases[i].
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace fastres {
+namespace {
+
+constexpr int64_t kUnitFields = 8;
+
+// ATen's oneDNN ops, found on first use (libtorch_cpu registered them before this library loaded) and called boxed:
+// their C++ signatures differ between torch versions, their schemas' arguments do not.
+const c10::OperatorHandle& conv_pointwise() {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "");
+  return op;
+}
+const c10::OperatorHandle& conv_pointwise_binary() {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "binary");
+  return op;
+}
+const c10::OperatorHandle& conv_pointwise_binary_inplace() {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise_", "binary");
+  return op;
+}
+// fastres's own (csrc/cpu_pool.cpp), through the dispatcher like the others: profiles and hooks see every op.
+at::Tensor max_pool_relu(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode, bool relu) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastres::_max_pool_relu", "")
+                             .typed<at::Tensor(const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                                               at::IntArrayRef, bool, bool)>();
+  return op.call(x, kernel_size, stride, padding, dilation, ceil_mode, relu);
+}
+
+struct Unit {
+  std::vector<int64_t> stride, padding, dilation;
+  int64_t groups;
+  bool relu;
+};
+
+Unit unit_at(at::IntArrayRef units, int64_t i) {
+  TORCH_CHECK(i >= 0 && (i + 1) * kUnitFields <= static_cast<int64_t>(units.size()),
+              "fastres::_run_plan: unit ", i, " is not in units");
+  const int64_t* u = units.data() + i * kUnitFields;
+  return {{u[0], u[1]}, {u[2], u[3]}, {u[4], u[5]}, u[6], u[7] != 0};
+}
+
+c10::IValue optional_tensor(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? c10::IValue(*t) : c10::IValue();
+}
+
+// relu?(conv(x) + bias + residual?) from a prepacked weight, as fastres.ops.backend_cuda.prepacked_conv_bias_act.
+at::Tensor run_unit(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                    const Unit& u, const at::Tensor& residual, bool residual_owned) {
+  const c10::List<std::optional<c10::Scalar>> no_scalars;
+  torch::jit::Stack stack;
+  at::Tensor out;
+  if (!residual.defined()) {
+    stack = {x, weight, optional_tensor(bias), u.padding, u.stride, u.dilation, u.groups, "none", no_scalars, ""};
+    conv_pointwise().callBoxed(&stack);
+    out = stack[0].toTensor();
+  } else {
+    const at::Tensor laid_out = residual.contiguous(at::MemoryFormat::ChannelsLast);
+    // Over the residual only where nothing else holds it and it is the output's exact buffer.
+    std::vector<int64_t> out_shape{x.size(0), weight.size(0), 0, 0};
+    for (const int d : {0, 1}) {
+      const int64_t span = u.dilation[d] * (weight.size(2 + d) - 1) + 1;
+      out_shape[2 + d] = (x.size(2 + d) + 2 * u.padding[d] - span) / u.stride[d] + 1;
+    }
+    const bool into_residual = (residual_owned || !laid_out.is_same(residual)) &&
+                               laid_out.scalar_type() == x.scalar_type() && !laid_out.requires_grad() &&
+                               (c10::InferenceMode::is_enabled() || !laid_out.is_inference()) &&
+                               laid_out.sizes() == at::IntArrayRef(out_shape);
+    bool done = false;
+    if (into_residual) {
+      stack = {laid_out, x, weight, optional_tensor(bias), u.padding, u.stride, u.dilation, u.groups, "add",
+               c10::IValue(), c10::IValue(), no_scalars, ""};
+      try {
+        conv_pointwise_binary_inplace().callBoxed(&stack);
+        out = stack[0].toTensor();
+        done = true;
+      } catch (const c10::Error&) {
+        // refused in place (another torch version): out of place, as the Python path does
+      }
+    }
+    if (!done) {
+      stack = {x, laid_out, weight, optional_tensor(bias), u.padding, u.stride, u.dilation, u.groups, "add",
+               c10::IValue(), c10::IValue(), no_scalars, ""};
+      conv_pointwise_binary().callBoxed(&stack);
+      out = stack[0].toTensor();
+    }
+  }
+  // Not oneDNN's relu post-op, which maps NaN to 0 (see backend_cuda._onednn_conv).
+  return u.relu ? out.relu_() : out;
+}
+
+class Reader {
+ public:
+  explicit Reader(at::IntArrayRef program) : program_(program) {}
+  int64_t next() {
+    TORCH_CHECK(pos_ < program_.size(), "fastres::_run_plan: the program ends early");
+    return program_[pos_++];
+  }
+  bool done() const { return pos_ == program_.size(); }
+
+ private:
+  at::IntArrayRef program_;
+  size_t pos_ = 0;
+};
+
+at::Tensor run_plan(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                    at::IntArrayRef units, at::IntArrayRef program) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4, "fastres::_run_plan: x must be a 4-D CPU tensor");
+  TORCH_CHECK(weights.size() == biases.size() && static_cast<int64_t>(units.size()) ==
+                  kUnitFields * static_cast<int64_t>(weights.size()),
+              "fastres::_run_plan: weights, biases and units must describe the same units");
+  const auto unit = [&](const at::Tensor& in, int64_t i, const at::Tensor& residual = {}, bool owned = false) {
+    TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(weights.size()), "fastres::_run_plan: no unit ", i);
+    return run_unit(in, weights[i], biases.get(i), unit_at(units, i), residual, owned);
+  };
+  Reader r(program);
+  at::Tensor cur = x;
+  for (int64_t n = r.next(); n > 0; --n) {
+    cur = unit(cur, r.next());
+  }
+  const int64_t pool = r.next();
+  if (pool == 1) {
+    std::vector<int64_t> g(8);
+    for (auto& v : g) v = r.next();
+    const bool ceil_mode = r.next() != 0;
+    const bool relu = r.next() != 0;
+    cur = max_pool_relu(cur, {g[0], g[1]}, {g[2], g[3]}, {g[4], g[5]}, {g[6], g[7]}, ceil_mode, relu);
+  } else {
+    TORCH_CHECK(pool == 0, "fastres::_run_plan: unknown pool ", pool);
+  }
+  bool owned = r.next() != 0;
+  for (int64_t blocks = r.next(); blocks > 0; --blocks) {
+    const int64_t branch = r.next();
+    TORCH_CHECK(branch >= 1, "fastres::_run_plan: a block needs a unit");
+    at::Tensor block_input = cur;
+    for (int64_t k = 0; k + 1 < branch; ++k) {
+      cur = unit(cur, r.next());
+    }
+    const int64_t last = r.next();
+    const int64_t projection = r.next();
+    const bool residual = r.next() != 0;
+    at::Tensor shortcut;
+    bool shortcut_owned = false;
+    if (projection >= 0) {
+      shortcut = unit(block_input, projection);
+      shortcut_owned = true;
+    } else if (residual) {
+      shortcut = block_input;
+      shortcut_owned = owned;
+    }
+    block_input.reset();  // (where the shortcut is the block's input, it still holds it)
+    cur = unit(cur, last, shortcut, shortcut_owned);
+    owned = true;
+  }
+  TORCH_CHECK(r.done(), "fastres::_run_plan: the program has more than its blocks");
+  return cur;
+}
+
+}  // namespace
+}  // namespace fastres
+
+TORCH_LIBRARY_FRAGMENT(fastres, m) {
+  m.def("_run_plan(Tensor x, Tensor[] weights, Tensor?[] biases, int[] units, int[] program) -> Tensor");
+}
+
+// The packed weights are oneDNN (MkldnnCPU) tensors, which decide the dispatch.
+TORCH_LIBRARY_IMPL(fastres, CPU, m) { m.impl("_run_plan", &fastres::run_plan); }
+TORCH_LIBRARY_IMPL(fastres, MkldnnCPU, m) { m.impl("_run_plan", &fastres::run_plan); }
