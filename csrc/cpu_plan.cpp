@@ -8,7 +8,9 @@
 //
 // Program (int[]): the stem's unit count and units; the pool (0: none, 1: _max_pool_relu with kernel_size, stride,
 // padding, dilation, ceil_mode, relu); whether the first block may write over the pool's output; the block count;
-// per block the branch's unit count and units, the projection's unit (-1: none) and whether it adds a residual.
+// per block the branch's unit count and units, then its shortcut: 0 none (no residual), 1 the block's input,
+// 2 a unit (its index), 3 an average pool then a unit (kernel_size, stride, padding, ceil_mode, count_include_pad,
+// divisor_override or 0, the unit), 4 option A (stride, the zero channels appended).
 // Units (int[], 8 per unit): stride h w, padding h w, dilation h w, groups, relu; unit i's packed weight and bias
 // are weights[i] and biases[i].
 #include <ATen/ATen.h>
@@ -161,16 +163,44 @@ at::Tensor run_plan(const at::Tensor& x, at::TensorList weights, const c10::List
       cur = unit(cur, r.next());
     }
     const int64_t last = r.next();
-    const int64_t projection = r.next();
-    const bool residual = r.next() != 0;
     at::Tensor shortcut;
-    bool shortcut_owned = false;
-    if (projection >= 0) {
-      shortcut = unit(block_input, projection);
-      shortcut_owned = true;
-    } else if (residual) {
-      shortcut = block_input;
-      shortcut_owned = owned;
+    bool shortcut_owned = false;  // as the Python loop: a module's output (option A) is not the block's to write over
+    switch (r.next()) {
+      case 0:
+        break;
+      case 1:
+        shortcut = block_input;
+        shortcut_owned = owned;
+        break;
+      case 2:
+        shortcut = unit(block_input, r.next());
+        shortcut_owned = true;
+        break;
+      case 3: {
+        std::vector<int64_t> g(6);
+        for (auto& v : g) v = r.next();
+        const bool ceil_mode = r.next() != 0;
+        const bool count_include_pad = r.next() != 0;
+        const int64_t divisor = r.next();
+        const at::Tensor pooled = at::avg_pool2d(block_input, {g[0], g[1]}, {g[2], g[3]}, {g[4], g[5]}, ceil_mode,
+                                                 count_include_pad, divisor > 0 ? std::optional<int64_t>(divisor)
+                                                                                : std::nullopt);
+        shortcut = unit(pooled, r.next());
+        shortcut_owned = true;
+        break;
+      }
+      case 4: {  // PadShortcut.forward: x[:, :, ::stride, ::stride], then F.pad with zero channels
+        const int64_t stride = r.next();
+        const int64_t channels = r.next();
+        at::Tensor sub = block_input;
+        if (stride != 1) {
+          sub = sub.slice(2, 0, std::nullopt, stride).slice(3, 0, std::nullopt, stride);
+        }
+        shortcut = at::constant_pad_nd(sub, {0, 0, 0, 0, 0, channels}, 0);
+        break;
+      }
+      default:
+        TORCH_CHECK(false, "fastres::_run_plan: unknown shortcut");
     }
     block_input.reset();  // (where the shortcut is the block's input, it still holds it)
     cur = unit(cur, last, shortcut, shortcut_owned);

@@ -722,11 +722,15 @@ def test_converted_timm_resnet_plans_its_features(family, per_unit_path, plan_ru
     with torch.no_grad():
         with per_unit_path():
             ref = model(x)
-        outs = [model(x), model(x)]
+        model(x)
+        with profile() as prof:
+            outs = [model(x), model(x)]
         features = model.forward_features(x)
         assert_within(family, outs[0], copy.deepcopy(baseline).double()(x.double()), baseline(x))
     planned = family not in ("se", "silu")
-    assert plan_runs["plan"] == (3 if planned else 0)
+    assert plan_runs["plan"] == (4 if planned else 0)
+    # Planned, the features' body is one _run_plan call (average-pool shortcuts included).
+    assert [e.name for e in prof.events()].count("fastres::_run_plan") == (2 if planned else 0)
     assert all(torch.equal(out, ref) for out in outs)
     assert features.is_contiguous(memory_format=torch.channels_last)
     if planned:
@@ -736,7 +740,30 @@ def test_converted_timm_resnet_plans_its_features(family, per_unit_path, plan_ru
         with torch.no_grad():
             out = model(x)
             assert_within("act2 replaced", out, copy.deepcopy(baseline).double()(x.double()), baseline(x))
-        assert plan_runs["plan"] == 3
+        assert plan_runs["plan"] == 4
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_cifar_resnets_run_their_plan_body_as_one_call(shortcut, per_unit_path, plan_runs):
+    """The paper's CIFAR nets: planned (no pool; option-A shortcuts, parameter-free, or B's projections), the body
+    one _run_plan call from the second forward on, exactly the per-unit path's result, the input never written."""
+    model = randomize_(fm.cifar_resnet(20, shortcut=shortcut)).eval()
+    # channels_last: the plan runs every model channels_last, CifarResNet's per-unit forward in the input's layout
+    # (an NCHW input takes other oneDNN algorithms there, equal only to rounding)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
+    x_before = x.clone()
+    with torch.inference_mode():
+        with per_unit_path():
+            ref = model(x)
+        first = model(x)
+        with profile() as prof:
+            second = model(x)
+    assert plan_runs["plan"] == 2
+    assert torch.equal(first, ref) and torch.equal(second, ref) and torch.equal(x, x_before)
+    names = [e.name for e in prof.events()]
+    assert names.count("fastres::_run_plan") == 1
+    # option A's shortcut: the subsampled, zero-padded identity, made inside the call
+    assert names.count("aten::constant_pad_nd") == (2 if shortcut == "A" else 0)
 
 
 def test_a_planned_model_is_freed_by_reference_counting():

@@ -193,9 +193,21 @@ class _Plan:
             return None
         program += [int(self.pool_output_owned), len(self.blocks)]
         for branch, projection, residual in self.blocks:
-            if projection is not None and (projection[0] is not None or projection[1] is None):
+            program += [len(branch), *branch]
+            if projection is None:
+                program.append(1 if residual else 0)
+                continue
+            pre, unit = projection
+            if pre is None or type(pre) is nn.Identity:
+                program += [2, unit]
+            elif type(pre) is nn.AvgPool2d:
+                program += [3, *_avg_pool_arguments(pre), unit]
+                self.attributes.append((_avg_pool_arguments, pre, _avg_pool_arguments(pre)))
+            elif type(pre) is _pad_shortcut():
+                program += [4, *_pad_arguments(pre)]
+                self.attributes.append((_pad_arguments, pre, _pad_arguments(pre)))
+            else:
                 return None
-            program += [len(branch), *branch, -1 if projection is None else projection[1], int(residual)]
         return units, program
 
     def _runnable(self, packs):
@@ -300,6 +312,18 @@ def _pool_relu_geometry(pool):
     pair = torch.nn.modules.utils._pair
     return (pair(pool.kernel_size), pair(pool.stride if pool.stride is not None else pool.kernel_size),
             pair(pool.padding), pair(pool.dilation), bool(pool.ceil_mode))
+
+
+def _avg_pool_arguments(pool):
+    """An nn.AvgPool2d's arguments as _run_plan reads them (divisor_override None as 0)."""
+    pair = torch.nn.modules.utils._pair
+    return (*pair(pool.kernel_size), *pair(pool.stride if pool.stride is not None else pool.kernel_size),
+            *pair(pool.padding), int(pool.ceil_mode), int(pool.count_include_pad), pool.divisor_override or 0)
+
+
+def _pad_arguments(pad):
+    """A PadShortcut's as _run_plan reads them: stride, the zero channels appended."""
+    return pad.stride, pad.out_channels - pad.in_channels
 
 
 def _pad_shortcut():
