@@ -211,12 +211,9 @@ class _Plan:
         return units, program
 
     def _runnable(self, packs):
-        """_run_plan's (weights, biases) for a key whose units all run from packed weights (resolved by a forward
-        of the Python loop, none ever refused by oneDNN), else None."""
+        """_run_plan's (weights, biases) after a forward of the Python loop in which every unit ran from its packed
+        weight (run_unit marks the key otherwise), else None."""
         if self.program is None or any(p is _UNRESOLVED or p is None for p in packs[:len(self.units)]):
-            return None
-        backends = {p[0] for p in packs[:len(self.units)]}
-        if len(backends) != 1 or getattr(next(iter(backends)), "_onednn_refused", True):
             return None
         return [p[1] for p in packs[:len(self.units)]], [p[2] for p in packs[:len(self.units)]]
 
@@ -246,6 +243,7 @@ class _Plan:
             out = run_packed(packed, x, unit.geometry, residual, unit.relu, residual_owned)
             if out is not None:
                 return out
+        packs[-2] = None  # a unit not run from its packed weight (not packable, or refused): no _run_plan body
         out = conv_norm_act(x, unit.conv, unit.norm, relu=unit.relu, residual=residual, cache=unit.cache,
                             name=unit.name, residual_owned=residual_owned)
         return keep_memory_format(out, x)
