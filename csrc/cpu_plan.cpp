@@ -53,6 +53,13 @@ at::Tensor max_pool_relu(const at::Tensor& x, at::IntArrayRef kernel_size, at::I
   return op.call(x, kernel_size, stride, padding, dilation, ceil_mode, relu);
 }
 
+at::Tensor relu_in_place(const at::Tensor& x) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastres::_relu_", "").typed<void(const at::Tensor&)>();
+  op.call(x);
+  return x;
+}
+
 struct Unit {
   std::vector<int64_t> stride, padding, dilation;
   int64_t groups;
@@ -112,7 +119,7 @@ at::Tensor run_unit(const at::Tensor& x, const at::Tensor& weight, const std::op
     }
   }
   // Not oneDNN's relu post-op, which maps NaN to 0 (see backend_cuda._onednn_conv).
-  return u.relu ? out.relu_() : out;
+  return u.relu ? relu_in_place(out) : out;
 }
 
 class Reader {

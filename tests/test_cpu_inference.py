@@ -435,7 +435,7 @@ def test_eval_plan_replays_the_per_unit_path(precision, per_unit_path, plan_runs
     # ReLUs are the blocks'.
     names = [e.name for e in prof.events()]
     assert names.count("fastres::_max_pool_relu") == 1 and "aten::max_pool2d_with_indices" not in names
-    assert names.count("aten::relu_") == 48
+    assert names.count("fastres::_relu_") == 48
     # Not even the classifier's weight is cast again (autocast's linear would cast it on every call).
     fc_casts = [e for e in prof.events() if e.name == "aten::_to_copy" and tuple(model.fc.weight.shape) in
                 [tuple(s) for s in e.input_shapes]]
@@ -462,7 +462,7 @@ def test_eval_plan_fuses_only_a_max_pool_into_the_stem_relu(pool, per_unit_path,
     assert names.count("fastres::_max_pool_relu") == (1 if fused else 0)
     # _run_plan runs no module: a pool other than a max pool leaves the body to the Python loop
     assert names.count("fastres::_run_plan") == (0 if pool == "avg" else 1)
-    assert names.count("aten::relu_") == 2 * 8 + (0 if fused else 1)
+    assert names.count("fastres::_relu_") == 2 * 8 + (0 if fused else 1)
     if fused:  # the pool's geometry is part of what the plan checks
         model.maxpool.stride = 1
         with torch.inference_mode():
@@ -494,7 +494,7 @@ def test_eval_plan_body_runs_as_one_call(precision, per_unit_path, plan_runs, mo
         if packed:
             assert names.count("mkldnn::_convolution_pointwise_") == 16  # every block's last conv, in place
             assert names.count("mkldnn::_convolution_pointwise") == 53 - 16
-            assert names.count("fastres::_max_pool_relu") == 1 and names.count("aten::relu_") == 48
+            assert names.count("fastres::_max_pool_relu") == 1 and names.count("fastres::_relu_") == 48
 
         def refused(*args):
             raise RuntimeError("could not create a primitive")

@@ -531,6 +531,55 @@ def test_add_relu(dtype, layout, shape):
     check_add_relu("cpu", dtype, layout, shape)
 
 
+# Every class of value a ReLU must treat as torch.relu does: signed zeros, NaN of either sign (payloads kept),
+# infinities, subnormals.
+SPECIAL_VALUES = [1.0, -1.0, 0.0, -0.0, float("nan"), -float("nan"), float("inf"), -float("inf"), 1e-40, -1e-40,
+                  3e38, -3e38]
+
+
+@pytest.mark.parametrize("layout, shape", LAYOUT_SHAPES + [(layout, shape) for layout in ("contiguous", "channels_last")
+                                                              for shape in LARGE_SHAPES], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_relu_in_place(dtype, layout, shape):
+    """_relu_ (the CPU eval path's ReLU after each oneDNN conv): torch.relu's values bit for bit (NaN payloads
+    included), written over x itself, its version bumped, the rest of a strided view's storage untouched."""
+    x = randn(shape, dtype, "cpu", layout)
+    flat = x.view(-1) if x.is_contiguous() else None
+    if flat is not None:  # the special values, where the layout lets them be placed by flat index
+        specials = torch.tensor(SPECIAL_VALUES).to(dtype)
+        flat[:specials.numel()] = specials[:flat.numel()]
+    storage_before = x.untyped_storage().clone() if layout.startswith("sliced") or layout == "offset" else None
+    expected = torch.relu(x)
+    version = x._version
+    assert ops._relu_(x) is None and x._version > version
+    torch.testing.assert_close(x, expected, rtol=0, atol=0, equal_nan=True)
+    # NaN keeps its bits (the sign and payload of the input's NaN)
+    nan = torch.isnan(expected)
+    bits = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+            torch.float64: torch.int64}[dtype]
+    assert torch.equal(x[nan].view(bits), expected[nan].view(bits))
+    if storage_before is not None:  # the storage outside the view: untouched
+        base = torch.empty(0, dtype=dtype).set_(x.untyped_storage())
+        outside = torch.ones(base.numel(), dtype=torch.bool)
+        outside[torch.arange(base.numel()).as_strided(x.shape, x.stride(), x.storage_offset()).reshape(-1)] = False
+        old = torch.empty(0, dtype=dtype).set_(storage_before)
+        assert torch.equal(base[outside].view(bits), old[outside].view(bits))
+
+
+def test_relu_in_place_refuses_what_autograd_or_inference_mode_forbid():
+    leaf = torch.randn(4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="requires grad"):
+        ops._relu_(leaf)
+    with torch.no_grad():
+        ops._relu_(leaf.bfloat16().requires_grad_())  # under no_grad, as the eval paths run
+    with torch.inference_mode():
+        frozen = torch.randn(4, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="[Ii]nference"):
+        ops._relu_(frozen)  # an inference tensor outside inference mode, as ATen's relu_ refuses it
+    with pytest.raises(RuntimeError, match="floating point"):
+        ops._relu_(torch.ones(4, dtype=torch.int32))
+
+
 @pytest.mark.parametrize("x_layout, r_layout", [("channels_last", "contiguous"), ("contiguous", "channels_last"),
                                                 ("sliced", "channels_last")])
 def test_add_relu_mixed_layouts(x_layout, r_layout):
@@ -818,6 +867,16 @@ def test_opcheck():
 def test_opcheck_new_kernels():
     for op, args in opcheck_new_samples("cpu"):
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck_cpu_eval_kernels(layout):
+    """The CPU-only kernels of the eval path: the max pool + ReLU and the in-place ReLU."""
+    x = randn((2, 5, 9, 8), torch.float32, "cpu", layout)
+    torch.library.opcheck(ops._max_pool_relu.default, (x, [3, 3], [2, 2], [1, 1], [1, 1], False, True))
+    torch.library.opcheck(ops._max_pool_relu.default, (x.bfloat16(), [2, 3], [1, 2], [0, 1], [2, 1], True, False))
+    for dtype in (torch.bfloat16, torch.float32):
+        torch.library.opcheck(ops._relu_.default, (x.to(dtype),))
 
 
 def test_fakes_under_torch_compile():

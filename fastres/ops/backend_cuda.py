@@ -67,6 +67,7 @@ def max_pool_relu(x, kernel_size, stride, padding, dilation, ceil_mode, relu):
 # 2.11's binary post-op raises "could not create a memory" for a 1x1 map whose strides are channels_last's, where
 # torch 2.14's runs). A refused call takes the unfused path from then on instead of raising again.
 _onednn_refused = set()
+_relu_ = torch.ops.fastres._relu_.default if _compiled.has_op("_relu_") else torch.relu_
 
 
 def _call_signature(x, weight, bias, stride, padding, residual, dilation=(1, 1), groups=1, into_residual=False):
@@ -104,8 +105,11 @@ def _onednn_conv(x, weight, bias, stride, padding, dilation, groups, residual, r
                                             into_residual))
         return None
     # Not oneDNN's relu post-op: it is max(v, 0), which maps NaN to 0 where torch.relu keeps it (a corrupt input
-    # would give a confident answer). torch's in-place relu is one more pass over the output.
-    return out.relu_() if relu else out
+    # would give a confident answer). An in-place relu is one more pass over the output: fastres._C's _relu_, on the
+    # values' bits (csrc/cpu_relu.cpp; ATen's bf16 relu_ converts to fp32 and back), where this build has it.
+    if relu:
+        _relu_(out)
+    return out
 
 
 def _onednn_fused_conv(x, weight, bias, stride, padding, residual, relu, dilation=(1, 1), groups=1):
