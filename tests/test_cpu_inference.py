@@ -509,6 +509,28 @@ def test_eval_plan_body_runs_as_one_call(precision, per_unit_path, plan_runs, mo
     assert plan_runs["plan"] == 4
 
 
+def test_eval_plan_body_stays_in_python_where_a_unit_was_refused(per_unit_path, monkeypatch):
+    """A key in which some unit did not run from its packed weight (here oneDNN refuses every residual conv) keeps
+    the Python loop, which runs that unit another way; _run_plan is not even tried."""
+    from fastres.ops import backend_cuda
+    run = backend_cuda._onednn_conv
+
+    def refusing_residuals(*args, **kwargs):
+        return None if args[7] is not None else run(*args, **kwargs)
+
+    monkeypatch.setattr(backend_cuda, "_onednn_conv", refusing_residuals)
+    model = randomize_(fm.resnet18(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
+    with torch.inference_mode():
+        with per_unit_path():
+            ref = model(x)
+        model(x)
+        with profile() as prof:
+            out = model(x)
+    assert torch.equal(out, ref)
+    assert "fastres::_run_plan" not in [e.name for e in prof.events()]
+
+
 def test_eval_plan_never_replays_a_stale_decision(per_unit_path, plan_runs):
     """Every change the per-unit path would see (weights, statistics, modules, their attributes, modes, hooks) makes
     the plan decide again, or stand aside where it does not apply; it never replays a stale weight or unit."""

@@ -19,6 +19,8 @@ without oneDNN kernels) runs through conv_norm_act inside the plan. The results 
 same calls on the same packed weights. Under autocast the classifier's weight is cast once per plan, not on every
 call, and the input's cast and channels_last copy are one pass. A max pool after the stem runs with the stem's ReLU
 as one pass (fastres.ops.max_pool_relu's kernel: ReLU commutes with max; ATen's pool also writes argmax indices).
+Once a forward of an input key has run every unit from its packed weight, the body (stem to last block) runs as one
+C++ call, fastres::_run_plan (csrc/cpu_plan.cpp): the same calls without the Python around each (~25 us a unit).
 """
 import functools
 
@@ -172,8 +174,9 @@ class _Plan:
 
     def _program(self):
         """The body for _run_plan (csrc/cpu_plan.cpp, which documents the encoding): units run from packed weights,
-        the fused pool, blocks with identity or unit shortcuts; None where it has anything else (another pool, a
-        module before a shortcut's unit, a parameter-free shortcut)."""
+        the fused stem pool (or none), blocks whose shortcut is the identity, a unit, an average pool then a unit,
+        or option A; None where it has anything else (another pool after the stem, another module in a shortcut).
+        The modules it encodes by their arguments join the plan's guard."""
         if _RUN_PLAN is None:
             return None
         units = []
@@ -287,7 +290,7 @@ class _Plan:
                 shortcut, shortcut_owned = (block_input, owned) if residual else (None, False)
             x = self.run_unit(branch[-1], x, packs, shortcut, shortcut_owned)
             owned = True
-        if body is _UNRESOLVED:
+        if packs[-2] is _UNRESOLVED:  # (run_unit set None where a unit did not run from its packed weight)
             packs[-2] = self._runnable(packs)
         return self._head(model, x, packs, autocast_dtype)
 
