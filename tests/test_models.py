@@ -237,8 +237,13 @@ def test_stem_and_blocks_run_through_fastres_ops(monkeypatch):
     with torch.no_grad():
         model(x)
     assert calls == {"conv_bn_act": 0, "conv_bias_act": n_units, "bn_relu_conv": 0}
-    model(x)  # eval with trainable BN affine: normalized after the conv, not folded
+    out = model(x)  # eval under autograd: the plan's output (with fastres._C), without a per-unit op
+    if _compiled.available():
+        assert calls == {"conv_bn_act": 0, "conv_bias_act": n_units, "bn_relu_conv": 0}
+    out.sum().backward()  # recomputed for the backward: trainable BN affine, normalized after the conv, not folded
     assert calls == {"conv_bn_act": n_units, "conv_bias_act": n_units, "bn_relu_conv": 0}
+    model(x)  # once differentiated, the model runs those ops directly
+    assert calls == {"conv_bn_act": 2 * n_units, "conv_bias_act": n_units, "bn_relu_conv": 0}
     grouped = fm.resnet50(groups=2, width_per_group=32, num_classes=10).eval()
     calls.update(conv_bn_act=0, conv_bias_act=0, bn_relu_conv=0)
     with torch.no_grad():

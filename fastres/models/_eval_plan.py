@@ -13,8 +13,10 @@ checks, in one pass, that nothing they rest on has changed:
     its packed weights per such key), no global hooks, no trace or torch.func transform.
 The first two run in C++ (csrc/plan_guard.cpp): in Python they cost about 0.5 ms a forward, a tenth of a CIFAR
 ResNet's at batch 1; now about 0.2 ms, most of it reading the bytes of the BN statistics.
-When anything has changed it is rebuilt; where it does not apply (hooks, training, a module it does not know, an
-input that needs a gradient) the per-unit path runs. A unit the packed path cannot run (refused by oneDNN, a dtype
+When anything has changed it is rebuilt; where it does not apply (hooks, training, a module it does not know) the
+per-unit path runs. Under autograd (an eval forward whose input or parameters want gradients) the plan's output
+carries a node whose backward recomputes the forward through the per-unit path (_PlannedForward); once a model has
+been differentiated so, it takes the per-unit path under autograd directly. A unit the packed path cannot run (refused by oneDNN, a dtype
 without oneDNN kernels) runs through conv_norm_act inside the plan. The results are those of the per-unit path: the
 same calls on the same packed weights. Under autocast the classifier's weight is cast once per plan, not on every
 call, and the input's cast and channels_last copy are one pass. A max pool after the stem runs with the stem's ReLU
@@ -22,6 +24,7 @@ as one pass (fastres.ops.max_pool_relu's kernel: ReLU commutes with max; ATen's 
 Once a forward of an input key has run every unit from its packed weight, the body (stem to last block) runs as one
 C++ call, fastres::_run_plan (csrc/cpu_plan.cpp): the same calls without the Python around each (~25 us a unit).
 """
+import contextvars
 import functools
 
 import torch
@@ -336,6 +339,64 @@ class _NotPlannable(Exception):
     """The model as it is now has something the plan does not cover."""
 
 
+# Set while a backward recomputes a planned forward through the per-unit path.
+_RECOMPUTING = contextvars.ContextVar("fastres_plan_recomputing", default=False)
+# In a model's __dict__ once a backward has gone through one of its planned forwards.
+_BACKWARD_SEEN = "_fastres_eval_backward_seen"
+
+
+def _planned_with_recomputing_backward(model, x, head):
+    """The plan's output for an eval forward under autograd (parameters or input that want gradients), carrying a
+    graph node whose backward recomputes the forward through the per-unit path: nothing but the input and the
+    parameters is kept, and an inference-only caller (an eval model called without no_grad) pays nothing for
+    autograd. None where no plan applies."""
+    with torch.no_grad():
+        out = run(model, x, head)
+    if out is None:
+        return None
+    params = [p for p in model.parameters() if p.requires_grad]
+    buffers = [b for b in model.buffers() if b.is_floating_point() and not b.is_inference()]
+    autocast = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+    return _PlannedForward.apply([out], model, head, autocast, buffers, x, *params)
+
+
+class _PlannedForward(torch.autograd.Function):
+    """Identity in forward on a plan's output (passed in a list, so that it is not one of the inputs); backward
+    recomputes the forward with autograd (as torch.utils.checkpoint does) and differentiates that. The input and
+    the parameters are saved, so an in-place change to any of them before the backward raises as autograd does;
+    so does one to a buffer (a BN statistic) or a switch to training mode."""
+
+    @staticmethod
+    def forward(ctx, out, model, head, autocast, buffers, x, *params):
+        ctx.model, ctx.head, ctx.autocast, ctx.buffers = model, head, autocast, buffers
+        ctx.buffer_versions = [b._version for b in buffers]
+        ctx.save_for_backward(x, *params)
+        return out[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *params = ctx.saved_tensors
+        model = ctx.model
+        if any(b._version != v for b, v in zip(ctx.buffers, ctx.buffer_versions)) or \
+                any(m.training for m in model.modules()):
+            raise RuntimeError("fastres: a buffer of the model (a BN statistic) was modified in place, or the model "
+                               "was put in training mode, between an eval forward and its backward; the backward "
+                               "would recompute a different forward")
+        model.__dict__[_BACKWARD_SEEN] = True
+        enabled, dtype = ctx.autocast
+        token = _RECOMPUTING.set(True)
+        try:
+            with torch.enable_grad(), torch.autocast("cpu", dtype=dtype, enabled=enabled):
+                out = model.forward(x) if ctx.head else model.forward_features(x)
+        finally:
+            _RECOMPUTING.reset(token)
+        inputs = (x, *params)
+        wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[5:]) if need]
+        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True,
+                                         create_graph=torch.is_grad_enabled()))
+        return (None,) * 5 + tuple(next(grads) if need else None for need in ctx.needs_input_grad[5:])
+
+
 def run(model, x, head=True):
     """model(x) for a fastres.models.ResNet or CifarResNet in eval mode through its plan (head=False: the last
     layer's output, for the forward_features of timm's converted ResNet), or None where no plan applies (the caller
@@ -347,9 +408,12 @@ def run(model, x, head=True):
         return None
     grad_enabled = torch.is_grad_enabled()
     if grad_enabled and (x.requires_grad or any(p.requires_grad for p in model.parameters())):
-        # oneDNN's ops have no autograd formula. (Checked before building a plan, which would fail after walking
-        # the whole model: on every forward of an eval model called without no_grad.)
-        return None
+        # oneDNN's ops have no autograd formula: the plan runs without a graph, and a backward, if one comes,
+        # recomputes the forward through the per-unit path (_PlannedForward). After the first such backward the model
+        # takes the per-unit path with autograd directly, as its user differentiates it.
+        if _RECOMPUTING.get() or model.__dict__.get(_BACKWARD_SEEN):
+            return None
+        return _planned_with_recomputing_backward(model, x, head)
     try:
         backend = ops.select("conv_bias_act", x.device)
     except ops.BackendUnavailableError:
