@@ -413,6 +413,17 @@ def plan_runs(monkeypatch):
     return counts
 
 
+def _per_unit_then_planned(model, x, per_unit_path):
+    """(the per-unit path's output, the first planned forward's, which builds the plan and packs the weights, the
+    second's, whose body runs as one _run_plan call where it can, and the second's profile)."""
+    with per_unit_path():
+        ref = model(x)
+    first = model(x)
+    with profile() as prof:
+        second = model(x)
+    return ref, first, second, prof
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16-weights"])
 def test_eval_plan_replays_the_per_unit_path(precision, per_unit_path, plan_runs):
     """The plan decides each unit once: a steady-state forward makes no per-unit decision (no fold-cache lookup) and
@@ -454,11 +465,7 @@ def test_eval_plan_fuses_only_a_max_pool_into_the_stem_relu(pool, per_unit_path,
                      "identity": nn.Identity(), "avg": nn.AvgPool2d(3, 2, 1)}[pool].eval()
     x = torch.randn(2, 3, 29, 29)
     with torch.inference_mode():
-        with per_unit_path():
-            ref = model(x)
-        model(x)
-        with profile() as prof:
-            out = model(x)
+        ref, _, out, prof = _per_unit_then_planned(model, x, per_unit_path)
     assert plan_runs["plan"] == 2 and torch.equal(out, ref)
     names = [e.name for e in prof.events()]
     fused = pool in ("ceil", "dilated")
@@ -485,11 +492,7 @@ def test_eval_plan_body_runs_as_one_call(precision, per_unit_path, plan_runs, mo
     x_before = x.clone()
     packed = precision == "fp32" or BF16_PACKED
     with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-autocast"):
-        with per_unit_path():
-            ref = model(x)
-        first = model(x)
-        with profile() as prof:
-            second = model(x)
+        ref, first, second, prof = _per_unit_then_planned(model, x, per_unit_path)
         assert torch.equal(first, ref) and torch.equal(second, ref) and torch.equal(x, x_before)
         events = [e for e in prof.events() if _under(e, "fastres::_run_plan")]
         names = [e.name for e in events]
@@ -525,11 +528,7 @@ def test_eval_plan_body_stays_in_python_where_a_unit_was_refused(per_unit_path, 
     model = randomize_(fm.resnet18(num_classes=10)).eval()
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
     with torch.inference_mode():
-        with per_unit_path():
-            ref = model(x)
-        model(x)
-        with profile() as prof:
-            out = model(x)
+        ref, _, out, prof = _per_unit_then_planned(model, x, per_unit_path)
     assert torch.equal(out, ref)
     assert "fastres::_run_plan" not in [e.name for e in prof.events()]
 
@@ -838,11 +837,7 @@ def test_cifar_resnets_run_their_plan_body_as_one_call(shortcut, per_unit_path, 
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
     x_before = x.clone()
     with torch.inference_mode():
-        with per_unit_path():
-            ref = model(x)
-        first = model(x)
-        with profile() as prof:
-            second = model(x)
+        ref, first, second, prof = _per_unit_then_planned(model, x, per_unit_path)
     assert plan_runs["plan"] == 2
     assert torch.equal(first, ref) and torch.equal(second, ref) and torch.equal(x, x_before)
     names = [e.name for e in prof.events()]
