@@ -2,9 +2,9 @@
 // prepacked weights that its Python loop makes, in the same order, with the same in-place residual writes.
 //
 // Why: at batch 1 a ResNet-50's 53 convolutions take about 45 ms, and the Python loop around them (a unit's
-// function calls, argument lists, the op's Python dispatch) about 20 us each (1 ms over 53 units, measured at 64x64): a few percent, which is where
-// torch.compile's generated wrapper was ahead. The Python plan keeps every decision (what is packed, the guard, the
-// fallbacks); this replays its steady state.
+// function calls, argument lists, the op's Python dispatch) about 20 us each (1 ms over 53 units, measured at
+// 64x64): a few percent, which is where torch.compile's generated wrapper was ahead. The Python plan keeps every
+// decision (what is packed, the guard, the fallbacks); this replays its steady state.
 //
 // Program (int[]): the stem's unit count and units; the pool (0: none, 1: _max_pool_relu with kernel_size, stride,
 // padding, dilation, ceil_mode, relu); whether the first block may write over the pool's output; the block count;
