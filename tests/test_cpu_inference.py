@@ -109,7 +109,8 @@ def test_steady_state_eval_forward_copies_no_weight(precision, grad_mode, packin
     with mode, torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-autocast"), profile() as prof:
         model(x)
     body = [e for e in prof.events() if e.name == "fastres::_run_plan"]
-    convs = [e for e in prof.events() if e.name.startswith("mkldnn::_convolution_pointwise") and _under(e, "fastres::_run_plan")]
+    convs = [e for e in prof.events()
+             if e.name.startswith("mkldnn::_convolution_pointwise") and _under(e, "fastres::_run_plan")]
     assert (len(body), len(convs)) == ((1, 53) if packed_path else (0, 0))
     assert not [c for c in copies if "reorder" in c[0] or any(s in weight_shapes for s in c[1])], copies
     casts = [c[:2] for c in copies if c[0] == "aten::_to_copy"]

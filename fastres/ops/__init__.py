@@ -79,5 +79,5 @@ def _pair(v):
     return [v, v] if isinstance(v, int) else list(v)
 
 
-__all__ = ["fold_bn", "add_relu", "max_pool_relu", "conv_bias_act", "conv_bn_act", "bn_relu_conv", "dual_bn_act", "backend",
-           "forced_backend", "select", "BACKENDS", "BackendUnavailableError"]
+__all__ = ["fold_bn", "add_relu", "max_pool_relu", "conv_bias_act", "conv_bn_act", "bn_relu_conv", "dual_bn_act",
+           "backend", "forced_backend", "select", "BACKENDS", "BackendUnavailableError"]
