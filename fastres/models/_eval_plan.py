@@ -169,8 +169,11 @@ class _Plan:
             elif type(ds) is FusedSequential and len(ds) == 3 and type(ds[0]) in (nn.AvgPool2d, nn.Identity):
                 # timm's average-pool shortcut (pool, conv, norm), as FusedSequential.forward runs it
                 projection = ds[0], self._unit(ds[1], ds[2], ds.fold_cache, "1", False)
+                if type(ds[0]) is nn.AvgPool2d:  # (_run_plan takes its arguments, not the module)
+                    self.attributes.append((_avg_pool_arguments, ds[0], _avg_pool_arguments(ds[0])))
             elif type(ds) is _pad_shortcut():  # the CIFAR nets' option A: parameter-free, no unit
                 projection = ds, None
+                self.attributes.append((_pad_arguments, ds, _pad_arguments(ds)))
             else:
                 raise _NotPlannable
         return branch, projection, block.residual
@@ -179,7 +182,7 @@ class _Plan:
         """The body for _run_plan (csrc/cpu_plan.cpp, which documents the encoding): units run from packed weights,
         the fused stem pool (or none), blocks whose shortcut is the identity, a unit, an average pool then a unit,
         or option A; None where it has anything else (another pool after the stem, another module in a shortcut).
-        The modules it encodes by their arguments join the plan's guard."""
+        The modules it encodes by their arguments are in the plan's guard (_block, __init__)."""
         if _RUN_PLAN is None:
             return None
         units = []
@@ -208,10 +211,8 @@ class _Plan:
                 program += [2, unit]
             elif type(pre) is nn.AvgPool2d:
                 program += [3, *_avg_pool_arguments(pre), unit]
-                self.attributes.append((_avg_pool_arguments, pre, _avg_pool_arguments(pre)))
             elif type(pre) is _pad_shortcut():
                 program += [4, *_pad_arguments(pre)]
-                self.attributes.append((_pad_arguments, pre, _pad_arguments(pre)))
             else:
                 return None
         return units, program
@@ -309,20 +310,24 @@ class _Plan:
         return F.linear(x, *head)  # under autocast, as model.fc(x) would compute it
 
 
+def _window(pool):
+    """A pooling module's (kernel_size, stride, padding) as pairs (stride None: the kernel's)."""
+    pair = torch.nn.modules.utils._pair
+    return pair(pool.kernel_size), pair(pool.stride or pool.kernel_size), pair(pool.padding)
+
+
 def _pool_relu_geometry(pool):
     """The arguments of fastres._C's _max_pool_relu for `pool`, where it computes relu(pool(x)) exactly; else None."""
     if _MAX_POOL_RELU is None or type(pool) is not nn.MaxPool2d or pool.return_indices:
         return None
-    pair = torch.nn.modules.utils._pair
-    return (pair(pool.kernel_size), pair(pool.stride if pool.stride is not None else pool.kernel_size),
-            pair(pool.padding), pair(pool.dilation), bool(pool.ceil_mode))
+    return (*_window(pool), torch.nn.modules.utils._pair(pool.dilation), bool(pool.ceil_mode))
 
 
 def _avg_pool_arguments(pool):
     """An nn.AvgPool2d's arguments as _run_plan reads them (divisor_override None as 0)."""
-    pair = torch.nn.modules.utils._pair
-    return (*pair(pool.kernel_size), *pair(pool.stride if pool.stride is not None else pool.kernel_size),
-            *pair(pool.padding), int(pool.ceil_mode), int(pool.count_include_pad), pool.divisor_override or 0)
+    kernel_size, stride, padding = _window(pool)
+    return (*kernel_size, *stride, *padding, int(pool.ceil_mode), int(pool.count_include_pad),
+            pool.divisor_override or 0)
 
 
 def _pad_arguments(pad):

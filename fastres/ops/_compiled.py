@@ -169,17 +169,11 @@ def _register_fakes():
     def _max_pool_relu_fake(x, kernel_size, stride, padding, dilation, ceil_mode, relu):
         from fastres.ops import _checks
         *_, out_shape = _checks.check_max_pool_relu(x, kernel_size, stride, padding, dilation, ceil_mode, relu)
-        fmt = torch.channels_last if x.dim() == 4 and _suggests_channels_last(x) else torch.contiguous_format
-        return x.new_empty(out_shape).contiguous(memory_format=fmt)
+        return torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
 
     @_fake("_relu_")
     def _relu_fake(x):
         return None
-
-
-def _suggests_channels_last(t):
-    from torch._prims_common import suggest_memory_format
-    return suggest_memory_format(t) == torch.channels_last
 
 
 if _C is not None:
