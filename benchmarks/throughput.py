@@ -57,7 +57,8 @@ their CUDA-graph modes. Each replay first copies the batch into the graph's stat
 Every provider gets the same weights, dtype, memory format and inputs. Per provider: a first batch (compilation,
 autotuning: reported apart), a second that measures peak memory (with --cuda-graphs, the capture), then
 --warmup untimed rounds and the timed rounds, interleaved (each round runs every provider once, from a rotating
-start) over a few random batches, so that no provider times a cached input. Timing: CUDA events and a synchronize
+start) over a few random batches, so that no provider times a cached input. On CPUs each batch follows a pause
+(--settle), so that none is timed while another engine's threads still spin. Timing: CUDA events and a synchronize
 per batch on GPUs, the wall clock on CPUs. --mode infer: eval mode under torch.inference_mode(); --mode train:
 forward, cross-entropy, backward and an SGD step (momentum 0.9, weight decay 1e-4, the paper's) in train mode.
 TFLOP/s = 2 x the multiply-adds counted by fastres.flops (forward, or forward + backward in train mode) x images/s;
@@ -105,8 +106,9 @@ AGREEMENT_IMAGES = 2  # images of the first batch held to a float64 forward when
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Per device type: batch size, timed batches, warm-up rounds, time budget of the timed batches (seconds; 0: none).
 # The CPU budget keeps a default run of the largest nets within about three minutes on a small, shared machine.
-DEFAULTS = {"cpu": {"batch_size": 8, "iters": 10, "warmup": 1, "time_budget": 60.0},
-            "cuda": {"batch_size": 256, "iters": 50, "warmup": 5, "time_budget": 0.0}}
+# Settle: seconds of idle before each batch of the interleaved rounds (see run_interleaved).
+DEFAULTS = {"cpu": {"batch_size": 8, "iters": 10, "warmup": 1, "time_budget": 60.0, "settle": 0.1},
+            "cuda": {"batch_size": 256, "iters": 50, "warmup": 5, "time_budget": 0.0, "settle": 0.0}}
 MIN_TIMED_ROUNDS = 3  # a time budget never cuts the timed batches below this
 # channels_last by default on GPUs (tensor cores want NHWC) and on CPUs too, as measured on the 2-core AMD EPYC
 # development machine (torch 2.14, fp32, batch 8, eval, the two formats alternated, process CPU time as the machine
@@ -140,6 +142,7 @@ class Settings:
     seed: int
     progress: bool
     memory_mode: str = None  # fastres.nn.set_memory_mode for the fastres model in train mode; None: the default
+    settle: float = 0.0  # seconds of idle before each batch of the interleaved rounds
 
     @property
     def dtype_name(self):
@@ -150,7 +153,7 @@ class Settings:
                 "dtype": self.dtype_name, "device": str(self.device),
                 "batch_size": self.batch_size, "input_size": self.input_size, "channels_last": self.channels_last,
                 "channels_last_why": self.channels_last_why, "iters": self.iters, "warmup": self.warmup,
-                "time_budget_s": self.time_budget, "providers": list(self.providers),
+                "time_budget_s": self.time_budget, "settle_s": self.settle, "providers": list(self.providers),
                 "cuda_graphs": self.cuda_graphs, "compile_timeout_s": self.compile_timeout,
                 "compile_modes": {p: COMPILE_MODES[(p, self.cuda_graphs)] for p in self.providers
                                   if p.startswith("compile")},
@@ -525,8 +528,12 @@ def memory_and_graphs(providers, inputs, s):
 
 def run_interleaved(providers, inputs, s, interrupts):
     """Warm-up then timed rounds; each round runs every provider once, starting with a different one each round.
-    With a time budget, the timed rounds stop once it is spent (after at least MIN_TIMED_ROUNDS); after SIGTERM,
-    after at least one. Returns the number of timed rounds."""
+    With a time budget, the timed rounds stop once it is spent (after at least MIN_TIMED_ROUNDS; the settle pauses
+    count); after SIGTERM, after at least one. Returns the number of timed rounds.
+
+    s.settle seconds of idle come before each batch, so that no provider is timed while another's threads still
+    spin: onnxruntime's intra-op workers burn both cores for about 40 ms after a run, and the provider timed next
+    ran 8-13% slower for it (ResNet-50, batch 8, 2 threads; with a 0.1 s pause the effect was gone)."""
     timer = C.Timer(s.device)
     rounds = s.warmup + s.iters
     bar = _progress(rounds * len(providers), s)
@@ -544,6 +551,8 @@ def run_interleaved(providers, inputs, s, interrupts):
             continue  # skip the rest of the warm-up
         k = i % len(providers)
         for p in providers[k:] + providers[:k]:
+            if s.settle:
+                time.sleep(s.settle)
             dt = timer(p.step, *p.batch(inputs, i))
             if i >= s.warmup:
                 p.times.append(dt)
@@ -615,8 +624,9 @@ def report(s, env, results, counted, ceiling, agreement, float64_checks, skipped
     if timed_rounds < s.iters:
         cut = (" (SIGTERM: stopped early)" if stopped else
                f" (of {s.iters}: the {s.time_budget:g} s time budget was spent)")
+    settle = f", {s.settle:g} s idle before each" if s.settle else ""
     print(f"first batch + memory batch + {s.warmup} warm-up + {timed_rounds} timed batches{cut} per provider, "
-          f"interleaved over {NUM_INPUTS} random inputs; torch {env['versions']['torch']}, "
+          f"interleaved over {NUM_INPUTS} random inputs{settle}; torch {env['versions']['torch']}, "
           f"triton {env['versions'].get('triton')}, {torch.get_num_threads()} threads, commit {env['commit'][:12]}")
     names = list(results)
     header = (["provider", "img/s median", "p20", "p80", "ms/batch", "TFLOP/s", "% of mm", "peak memory*",
@@ -701,6 +711,9 @@ def parse_args(argv=None):
     p.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help=f"stop the timed batches once they took this long (after at least {MIN_TIMED_ROUNDS}); "
                         "0: no limit (default: 60 CPU, 0 CUDA)")
+    p.add_argument("--settle", type=float, metavar="SECONDS",
+                   help="idle before each batch of the interleaved rounds, so that no provider is timed while "
+                        "another's threads still spin (default: 0.1 CPU, 0 CUDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--memory-mode", choices=fnn.MEMORY_MODES,
@@ -757,12 +770,15 @@ def parse_args(argv=None):
         p.error(f"--iters must be >= 1 and --warmup >= 0, got {iters} and {warmup}")
     if time_budget < 0 or args.compile_timeout < 0:
         p.error(f"--time-budget and --compile-timeout must be >= 0, got {time_budget} and {args.compile_timeout}")
+    settle = d["settle"] if args.settle is None else args.settle
+    if not 0 <= settle <= 10:
+        p.error(f"--settle must be between 0 and 10 seconds, got {settle}")
     if input_size < 8:
         p.error(f"--input-size must be >= 8, got {input_size}")
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     return args, Settings(arch, args.mode, dtype, device, batch_size, input_size, channels_last, why,
                           iters, warmup, time_budget, providers, args.cuda_graphs, args.compile_timeout, args.seed,
-                          args.progress, args.memory_mode)
+                          args.progress, args.memory_mode, settle)
 
 
 def main(argv=None):

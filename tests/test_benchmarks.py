@@ -402,6 +402,7 @@ def test_interrupts_run_ends_the_function_at_sigterm():
     ("throughput", ["--arch", "resnet18", "--providers", "eager,eager"], "--providers"),
     ("throughput", ["--arch", "resnet18", "--mode", "train", "--batch-size", "1"], "--batch-size"),
     ("throughput", ["--arch", "resnet18", "--compile-timeout", "-1"], "--compile-timeout"),
+    ("throughput", ["--arch", "resnet18", "--settle", "-0.1"], "--settle"),
     ("throughput", ["--arch", "resnet18", "--memory-mode", "lean"], "--memory-mode applies to --mode train"),
     ("throughput", ["--arch", "resnet18", "--mode", "train", "--memory-mode", "checkpoint"], "--memory-mode"),
     ("throughput", ["--arch", "resnet18", "--device", "cpu", "--mode", "train", "--providers", "fastres,onnxruntime"],
@@ -438,6 +439,36 @@ def test_throughput_defaults():
     modes = throughput.COMPILE_MODES
     assert modes[("compile-max-autotune", True)] == "max-autotune"  # exactly torch.compile(mode="max-autotune")
     assert modes[("compile", False)] == "default"
+    assert s.settle == 0.1 and s.to_dict()["settle_s"] == 0.1
+    _, s = throughput.parse_args(["--arch", "resnet50", "--device", "cpu", "--settle", "0"])
+    assert s.settle == 0
+
+
+def test_throughput_settles_before_every_batch(monkeypatch):
+    """Each batch of the interleaved rounds (warm-up included) follows s.settle seconds of idle, which no timed
+    batch includes: another engine's spinning threads must not slow the provider timed next."""
+    _, s = throughput.parse_args(["--arch", "resnet18", "--device", "cpu", "--iters", "3", "--warmup", "1",
+                                  "--settle", "0.25", "--no-progress"])
+    events = []
+    monkeypatch.setattr(throughput.time, "sleep", lambda t: events.append(("sleep", t)))
+
+    class Provider:
+        def __init__(self, name):
+            self.name, self.times = name, []
+
+        def batch(self, inputs, i):
+            return (i,)
+
+        def step(self, i):
+            events.append(("step", self.name))
+
+    providers = [Provider("a"), Provider("b")]
+    assert throughput.run_interleaved(providers, None, s, throughput.C.Interrupts()) == 3
+    assert events == [("sleep", 0.25), ("step", "a"), ("sleep", 0.25), ("step", "b"),  # warm-up
+                      ("sleep", 0.25), ("step", "b"), ("sleep", 0.25), ("step", "a"),
+                      ("sleep", 0.25), ("step", "a"), ("sleep", 0.25), ("step", "b"),
+                      ("sleep", 0.25), ("step", "b"), ("sleep", 0.25), ("step", "a")]
+    assert all(len(p.times) == 3 for p in providers)
 
 
 # ------------------------------------------------------------------------------------------------ CPU peers
