@@ -42,7 +42,10 @@ TORCH_LIBRARY_IMPL(fastres, CPU, m) {
 }
 
 namespace fastres {
-PyObject* module_signature(PyObject* self, PyObject* args);  // csrc/plan_guard.cpp
+// csrc/plan_guard.cpp
+PyObject* module_signature(PyObject* self, PyObject* args);
+PyObject* tensor_state_guard(PyObject* self, PyObject* args);
+PyObject* tensor_state_changed(PyObject* self, PyObject* args);
 }  // namespace fastres
 
 namespace {
@@ -61,6 +64,13 @@ PyMethodDef module_methods[] = {
     {"_module_signature", fastres::module_signature, METH_VARARGS,
      "_module_signature(root, modules: tuple) -> bytes: each module's class, training flag, whether it has "
      "hooks, and the identity of its children, parameters and buffers (the CPU eval plan's guard)."},
+    {"_tensor_state_guard", fastres::tensor_state_guard, METH_VARARGS,
+     "_tensor_state_guard(tensors, whole_elements, sampled_elements) -> guard: the tensors' version counters, "
+     "pointers, dtypes, shapes, strides and (sampled) bytes now, held with the tensors (the CPU eval plan's "
+     "guard)."},
+    {"_tensor_state_changed", fastres::tensor_state_changed, METH_VARARGS,
+     "_tensor_state_changed(guard, grad_enabled) -> bool: whether any of the guard's tensors changed since "
+     "_tensor_state_guard, or (grad_enabled) requires a gradient."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "fastres._C",

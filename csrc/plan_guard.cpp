@@ -1,21 +1,22 @@
 // The guard of the CPU eval plan (fastres/models/_eval_plan.py), which must see before every forward any change
 // to what its decisions rest on, in C++ because in Python it cost about 0.5 ms a forward (a tenth of a CIFAR
 // ResNet's at batch 1):
-//  * _tensor_state / _tensor_state_changed (ops): the state of the tensors its folded weights come from, recorded
-//    once and compared per forward. Per tensor: version counter, data pointer, dtype, requires_grad, sizes,
-//    strides, and the bytes of its content, whole up to `whole_elements` elements and `sampled_elements` spread
-//    over a larger dense tensor (the sample fastres.nn._fused._Fingerprint takes, whose sizes the caller passes:
-//    it catches edits through `.data` that bypass the version counter).
+//  * _tensor_state_guard / _tensor_state_changed (fastres._C): the state of the tensors its folded weights come
+//    from, recorded once into a guard that holds them, and compared per forward. Per tensor: version counter, data
+//    pointer, dtype, requires_grad, sizes, strides, and the bytes of its content, whole up to `whole_elements`
+//    elements and `sampled_elements` spread over a larger dense tensor (the sample fastres.nn._fused._Fingerprint
+//    takes, whose sizes the caller passes: it catches edits through `.data` that bypass the version counter).
 //  * module_signature (fastres._C._module_signature): per module, its class, training flag, whether it has hooks,
 //    and the identity of every child, parameter and buffer, as one bytes object that compares with memcmp.
 #include <Python.h>
 
 #include <ATen/ATen.h>
 #include <c10/util/irange.h>
-#include <torch/library.h>
+#include <torch/csrc/autograd/python_variable.h>
 
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -23,7 +24,7 @@
 namespace fastres {
 namespace {
 
-// How much of a tensor's content the state holds (_tensor_state's arguments, recorded at the head of meta).
+// How much of a tensor's content the state holds (_tensor_state_guard's arguments).
 struct Sampling {
   int64_t whole_elements;    // up to this many elements: all of them
   int64_t sampled_elements;  // else this many, spread over its dense memory
@@ -32,11 +33,6 @@ struct Sampling {
 bool dense(const at::Tensor& t) {
   return t.is_contiguous() || (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
          (t.dim() == 5 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d));
-}
-
-void check_tensor(const at::Tensor& t, size_t i) {
-  TORCH_CHECK(t.defined() && t.device().is_cpu() && t.layout() == at::kStrided, "fastres::_tensor_state: tensors[",
-              i, "] must be a defined, strided CPU tensor");
 }
 
 // An inference tensor (made under torch.inference_mode) keeps no version counter: -1, and its bytes alone show
@@ -59,112 +55,134 @@ int64_t sample_step(const at::Tensor& t, const Sampling& s) {
   return step;
 }
 
-// Calls visit(pointer, byte count) over t's sampled bytes, in order.
-template <typename Visit>
-void visit_bytes(const at::Tensor& t, const Sampling& s, Visit visit) {
-  const int64_t size = t.element_size();
-  const int64_t step = sample_step(t, s);
-  if (step > 0) {
+// Whether the n elements of type T at base, base + step, ... are the n at b: one load per element and no branch
+// between them, so that the sampled elements (each in another page of a large weight, evicted by the forward since
+// the last check) are fetched in parallel rather than one cache miss after another.
+template <typename T>
+bool same_strided(const uint8_t* base, int64_t step, int64_t n, const uint8_t* b) {
+  T diff = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    T value;
+    T expected;
+    std::memcpy(&value, base + k * step * static_cast<int64_t>(sizeof(T)), sizeof(T));
+    std::memcpy(&expected, b + k * static_cast<int64_t>(sizeof(T)), sizeof(T));
+    diff |= value ^ expected;
+  }
+  return diff == 0;
+}
+
+// What the guard recorded of one tensor.
+struct Record {
+  int64_t version;
+  const void* data;
+  at::ScalarType dtype;
+  bool requires_grad;
+  std::vector<int64_t> sizes;
+  std::vector<int64_t> strides;
+  int64_t step;     // sample_step at recording: 0, the whole tensor
+  size_t offset;    // of its bytes in TensorStateGuard::bytes
+  size_t n_bytes;
+};
+
+// The state of a list of CPU tensors, and the tensors (and their storages, so that an unchanged data pointer means
+// the same memory, never a new allocation at a freed address). Held by a capsule (_tensor_state_guard).
+class TensorStateGuard {
+ public:
+  TensorStateGuard(std::vector<at::Tensor> tensors, Sampling s) : tensors_(std::move(tensors)), sampling_(s) {
+    for (const auto& t : tensors_) {
+      storages_.push_back(t.storage());
+      const int64_t step = sample_step(t, sampling_);
+      Record r{version(t), t.const_data_ptr(), t.scalar_type(), t.requires_grad(), t.sizes().vec(),
+               t.strides().vec(), step, bytes_.size(), 0};
+      const auto* base = static_cast<const uint8_t*>(t.const_data_ptr());
+      const int64_t size = t.element_size();
+      if (step > 0) {
+        for (const auto k : c10::irange(sampling_.sampled_elements)) {
+          bytes_.insert(bytes_.end(), base + k * step * size, base + (k * step + 1) * size);
+        }
+      } else {
+        const at::Tensor c = t.contiguous();  // t itself where it is contiguous
+        const auto* p = static_cast<const uint8_t*>(c.const_data_ptr());
+        bytes_.insert(bytes_.end(), p, p + t.numel() * size);
+      }
+      r.n_bytes = bytes_.size() - r.offset;
+      records_.push_back(std::move(r));
+    }
+  }
+
+  // Whether any tensor differs from what was recorded, or (with grad_enabled) requires a gradient.
+  bool changed(bool grad_enabled) const {
+    prefetch();
+    for (const auto i : c10::irange(tensors_.size())) {
+      if (changed(tensors_[i], records_[i], grad_enabled)) {
+        return true;
+      }
+    }
+    return false;
+  }
+
+ private:
+  // The tensors and the bytes compared are cold after a forward (the forward reads the packed weights, not
+  // these): their first cache lines, and every sampled element, are requested at once from the recorded pointers
+  // (a stale pointer is harmless: a prefetch never faults), so that the misses overlap instead of queueing.
+  void prefetch() const {
+    for (const auto& t : tensors_) {
+      __builtin_prefetch(t.unsafeGetTensorImpl());
+    }
+    for (const auto i : c10::irange(tensors_.size())) {
+      const Record& r = records_[i];
+      const auto* base = static_cast<const uint8_t*>(r.data);
+      if (r.step == 0) {
+        __builtin_prefetch(base);
+        continue;
+      }
+      const int64_t size = at::elementSize(r.dtype);
+      for (const auto k : c10::irange(sampling_.sampled_elements)) {
+        __builtin_prefetch(base + k * r.step * size);
+      }
+    }
+  }
+
+  bool changed(const at::Tensor& t, const Record& r, bool grad_enabled) const {
+    if (r.version != version(t) || r.data != t.const_data_ptr() || r.dtype != t.scalar_type() ||
+        r.requires_grad != t.requires_grad() || (grad_enabled && t.requires_grad()) || t.sizes() != r.sizes ||
+        t.strides() != r.strides) {
+      return true;
+    }
+    const uint8_t* b = bytes_.data() + r.offset;
     const auto* base = static_cast<const uint8_t*>(t.const_data_ptr());
-    for (const auto k : c10::irange(s.sampled_elements)) {
-      visit(base + k * step * size, size);
+    if (r.step > 0) {
+      switch (t.element_size()) {
+        case 1: return !same_strided<uint8_t>(base, r.step, sampling_.sampled_elements, b);
+        case 2: return !same_strided<uint16_t>(base, r.step, sampling_.sampled_elements, b);
+        case 4: return !same_strided<uint32_t>(base, r.step, sampling_.sampled_elements, b);
+        case 8: return !same_strided<uint64_t>(base, r.step, sampling_.sampled_elements, b);
+        default:
+          break;
+      }
+      const int64_t size = t.element_size();
+      for (const auto k : c10::irange(sampling_.sampled_elements)) {
+        if (std::memcmp(base + k * r.step * size, b + k * size, size) != 0) {
+          return true;
+        }
+      }
+      return false;
     }
-    return;
+    const at::Tensor c = t.contiguous();
+    return std::memcmp(c.const_data_ptr(), b, r.n_bytes) != 0;
   }
-  const at::Tensor c = t.contiguous();  // t itself where it is contiguous
-  visit(static_cast<const uint8_t*>(c.const_data_ptr()), t.numel() * size);
-}
 
-void append_bytes(const at::Tensor& t, const Sampling& s, std::vector<uint8_t>& out) {
-  visit_bytes(t, s, [&](const uint8_t* p, int64_t n) { out.insert(out.end(), p, p + n); });
-}
+  std::vector<at::Tensor> tensors_;
+  std::vector<c10::Storage> storages_;
+  Sampling sampling_;
+  std::vector<Record> records_;
+  std::vector<uint8_t> bytes_;
+};
 
-// Whether t's sampled bytes are the n_bytes at b.
-bool same_bytes(const at::Tensor& t, const Sampling& s, const uint8_t* b, int64_t n_bytes) {
-  bool same = true;
-  int64_t offset = 0;
-  visit_bytes(t, s, [&](const uint8_t* p, int64_t n) {
-    same = same && offset + n <= n_bytes && std::memcmp(p, b + offset, n) == 0;
-    offset += n;
-  });
-  return same && offset == n_bytes;
-}
+constexpr const char* kGuardCapsule = "fastres._C.TensorStateGuard";
 
-void append_meta(const at::Tensor& t, std::vector<int64_t>& meta, int64_t bytes) {
-  meta.push_back(version(t));
-  meta.push_back(reinterpret_cast<int64_t>(t.const_data_ptr()));
-  meta.push_back(static_cast<int64_t>(t.scalar_type()));
-  meta.push_back(t.requires_grad());
-  meta.push_back(t.dim());
-  for (const auto s : t.sizes()) meta.push_back(s);
-  for (const auto s : t.strides()) meta.push_back(s);
-  meta.push_back(bytes);
-}
-
-// -> (meta: int64 [whole_elements, sampled_elements, then per tensor], bytes: uint8 [...]): what
-// tensor_state_changed compares against.
-std::tuple<at::Tensor, at::Tensor> tensor_state(const at::TensorList tensors, int64_t whole_elements,
-                                                int64_t sampled_elements) {
-  TORCH_CHECK(whole_elements >= 0 && sampled_elements > 0,
-              "fastres::_tensor_state: whole_elements must be >= 0 and sampled_elements > 0, got ", whole_elements,
-              " and ", sampled_elements);
-  const Sampling s{whole_elements, sampled_elements};
-  std::vector<int64_t> meta{whole_elements, sampled_elements};
-  std::vector<uint8_t> bytes;
-  for (const auto i : c10::irange(tensors.size())) {
-    const at::Tensor& t = tensors[i];
-    check_tensor(t, i);
-    const size_t before = bytes.size();
-    append_bytes(t, s, bytes);
-    append_meta(t, meta, static_cast<int64_t>(bytes.size() - before));
-  }
-  auto meta_t = at::empty({static_cast<int64_t>(meta.size())}, at::kLong);
-  std::memcpy(meta_t.data_ptr<int64_t>(), meta.data(), meta.size() * sizeof(int64_t));
-  auto bytes_t = at::empty({static_cast<int64_t>(bytes.size())}, at::kByte);
-  if (!bytes.empty()) {
-    std::memcpy(bytes_t.data_ptr<uint8_t>(), bytes.data(), bytes.size());
-  }
-  return {meta_t, bytes_t};
-}
-
-// Whether any of `tensors` differs from the (meta, bytes) tensor_state recorded for the same list, or (with
-// grad_enabled) requires a gradient.
-bool tensor_state_changed(const at::TensorList tensors, const at::Tensor& meta, const at::Tensor& bytes,
-                          bool grad_enabled) {
-  TORCH_CHECK(meta.scalar_type() == at::kLong && meta.is_contiguous() && bytes.scalar_type() == at::kByte &&
-                  bytes.is_contiguous(),
-              "fastres::_tensor_state_changed: meta and bytes must be what _tensor_state returned");
-  TORCH_CHECK(meta.numel() >= 2, "fastres::_tensor_state_changed: meta must be what _tensor_state returned");
-  const int64_t* m = meta.const_data_ptr<int64_t>();
-  const int64_t* m_end = m + meta.numel();
-  const Sampling s{m[0], m[1]};
-  m += 2;
-  const uint8_t* b = bytes.const_data_ptr<uint8_t>();
-  const uint8_t* b_end = b + bytes.numel();
-  for (const auto i : c10::irange(tensors.size())) {
-    const at::Tensor& t = tensors[i];
-    check_tensor(t, i);
-    if (m + 5 > m_end || m[0] != version(t) || m[1] != reinterpret_cast<int64_t>(t.const_data_ptr()) ||
-        m[2] != static_cast<int64_t>(t.scalar_type()) || m[3] != t.requires_grad() || m[4] != t.dim()) {
-      return true;
-    }
-    if (grad_enabled && t.requires_grad()) {
-      return true;
-    }
-    const int64_t dim = m[4];
-    m += 5;
-    if (m + 2 * dim + 1 > m_end || !std::equal(m, m + dim, t.sizes().begin()) ||
-        !std::equal(m + dim, m + 2 * dim, t.strides().begin())) {
-      return true;
-    }
-    m += 2 * dim;
-    const int64_t n_bytes = *m++;
-    if (b + n_bytes > b_end || !same_bytes(t, s, b, n_bytes)) {
-      return true;
-    }
-    b += n_bytes;
-  }
-  return m != m_end || b != b_end;  // another list than the one recorded
+void delete_guard(PyObject* capsule) {
+  delete static_cast<TensorStateGuard*>(PyCapsule_GetPointer(capsule, kGuardCapsule));
 }
 
 // ---- modules ------------------------------------------------------------------------------------------------
@@ -250,16 +268,72 @@ PyObject* module_signature(PyObject* /*self*/, PyObject* args) {
   return PyBytes_FromStringAndSize(out.data(), static_cast<Py_ssize_t>(out.size()));
 }
 
+// _tensor_state_guard(tensors: list or tuple, whole_elements: int, sampled_elements: int) -> capsule: the state of
+// `tensors` now, for _tensor_state_changed; the capsule holds the tensors.
+PyObject* tensor_state_guard(PyObject* /*self*/, PyObject* args) {
+  PyObject* sequence = nullptr;
+  long long whole_elements = 0;
+  long long sampled_elements = 0;
+  if (!PyArg_ParseTuple(args, "OLL:_tensor_state_guard", &sequence, &whole_elements, &sampled_elements)) {
+    return nullptr;
+  }
+  if (whole_elements < 0 || sampled_elements <= 0) {
+    PyErr_Format(PyExc_ValueError,
+                 "fastres._C._tensor_state_guard: whole_elements must be >= 0 and sampled_elements > 0, got %lld "
+                 "and %lld", whole_elements, sampled_elements);
+    return nullptr;
+  }
+  PyObject* items = PySequence_Fast(sequence, "fastres._C._tensor_state_guard: tensors must be a list or tuple");
+  if (items == nullptr) {
+    return nullptr;
+  }
+  std::vector<at::Tensor> tensors;
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(items); ++i) {
+    PyObject* item = PySequence_Fast_GET_ITEM(items, i);
+    const bool ok = THPVariable_Check(item);
+    at::Tensor t = ok ? THPVariable_Unpack(item) : at::Tensor();
+    if (!ok || !t.defined() || !t.device().is_cpu() || t.layout() != at::kStrided) {
+      Py_DECREF(items);
+      PyErr_Format(PyExc_TypeError, "fastres._C._tensor_state_guard: tensors[%zd] must be a strided CPU tensor", i);
+      return nullptr;
+    }
+    tensors.push_back(std::move(t));
+  }
+  Py_DECREF(items);
+  TensorStateGuard* guard = nullptr;
+  try {
+    guard = new TensorStateGuard(std::move(tensors), Sampling{whole_elements, sampled_elements});
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  PyObject* capsule = PyCapsule_New(guard, kGuardCapsule, delete_guard);
+  if (capsule == nullptr) {
+    delete guard;
+  }
+  return capsule;
+}
+
+// _tensor_state_changed(guard, grad_enabled: bool) -> bool: whether any of the guard's tensors differs from its
+// recorded state, or (with grad_enabled) requires a gradient.
+PyObject* tensor_state_changed(PyObject* /*self*/, PyObject* args) {
+  PyObject* capsule = nullptr;
+  int grad_enabled = 0;
+  if (!PyArg_ParseTuple(args, "Op:_tensor_state_changed", &capsule, &grad_enabled)) {
+    return nullptr;
+  }
+  if (!PyCapsule_IsValid(capsule, kGuardCapsule)) {
+    PyErr_SetString(PyExc_TypeError,
+                    "fastres._C._tensor_state_changed: guard must be what _tensor_state_guard returned");
+    return nullptr;
+  }
+  const auto* guard = static_cast<const TensorStateGuard*>(PyCapsule_GetPointer(capsule, kGuardCapsule));
+  try {
+    return PyBool_FromLong(guard->changed(grad_enabled != 0));
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
 }  // namespace fastres
-
-TORCH_LIBRARY_FRAGMENT(fastres, m) {
-  m.def("_tensor_state(Tensor[] tensors, int whole_elements, int sampled_elements) -> (Tensor meta, Tensor bytes)");
-  m.def("_tensor_state_changed(Tensor[] tensors, Tensor meta, Tensor bytes, bool grad_enabled) -> bool");
-}
-
-// Composite: they only read metadata and bytes, under any autograd or inference mode, for any dispatch key set
-// of CPU tensors (the plan never runs them under a trace).
-TORCH_LIBRARY_IMPL(fastres, CompositeImplicitAutograd, m) {
-  m.impl("_tensor_state", &fastres::tensor_state);
-  m.impl("_tensor_state_changed", &fastres::tensor_state_changed);
-}

@@ -671,17 +671,17 @@ def test_converted_torchvision_resnet_runs_the_plan(plan_runs):
 
 
 def test_plan_guard_tensor_state_sees_every_change():
-    """fastres._C's _tensor_state / _tensor_state_changed (the plan's guard over the tensors its folds read): any
-    change FoldCache would see is seen, including edits through .data (no version bump) of any element of a small
-    tensor and of a sampled element of a large one; an unchanged list is unchanged."""
+    """fastres._C's _tensor_state_guard / _tensor_state_changed (the plan's guard over the tensors its folds read):
+    any change FoldCache would see is seen, including edits through .data (no version bump) of any element of a
+    small tensor and of every sampled element of a large one, in each dtype size; unchanged tensors are unchanged."""
     from fastres.models import _eval_plan
     if _eval_plan._TENSOR_STATE is None:
         pytest.skip("fastres._C without the plan guard")
     small, large = torch.randn(64), torch.randn(256, 64, 3, 3).contiguous(memory_format=CL)
     tensors = [small, large, torch.randn(3, 5).t()]  # a non-contiguous one: compared whole
 
-    def changed(grad_enabled=False, ts=None):
-        return _eval_plan._TENSOR_STATE_CHANGED(ts or tensors, *state, grad_enabled)
+    def changed(grad_enabled=False):
+        return _eval_plan._TENSOR_STATE_CHANGED(state, grad_enabled)
 
     state = _eval_plan._TENSOR_STATE(tensors)
     assert not changed() and not changed(grad_enabled=True)
@@ -704,19 +704,41 @@ def test_plan_guard_tensor_state_sees_every_change():
         state = _eval_plan._TENSOR_STATE(tensors)
         assert not changed(), what
     small.requires_grad_(True)
-    assert changed(grad_enabled=True) and _eval_plan._TENSOR_STATE_CHANGED(tensors, *_eval_plan._TENSOR_STATE(
-        tensors), False) is False
-    assert changed(ts=tensors[:2]) and changed(ts=tensors + [small])  # not the list recorded
+    assert changed()  # a recorded flag
+    state = _eval_plan._TENSOR_STATE(tensors)
+    assert changed(grad_enabled=True) and not changed(grad_enabled=False)  # wanting a gradient, where one may flow
+    # The guard holds the tensors: a list changed after recording changes nothing it compares.
+    tensors.append(torch.randn(4))
+    assert not changed()
     with torch.inference_mode():
         made_in_inference_mode = torch.randn(8)
-    tensors = [made_in_inference_mode]  # no version counter: its bytes show an in-place edit
-    state = _eval_plan._TENSOR_STATE(tensors)
+    state = _eval_plan._TENSOR_STATE([made_in_inference_mode])  # no version counter: its bytes show an edit
     assert not changed()
     with torch.inference_mode():
         made_in_inference_mode[3] = 100.0
     assert changed()
-    with pytest.raises(RuntimeError, match=r"tensors\[1\] must be a defined, strided CPU tensor"):
+    # Every sampled element of a large tensor is compared, for every element size (the sampled loop is typed).
+    for dtype in (torch.uint8, torch.bfloat16, torch.float32, torch.float64, torch.complex128):
+        big = torch.zeros(100_003, dtype=dtype)  # prime: step n // 256 is coprime as it is
+        state = _eval_plan._TENSOR_STATE([big])
+        step = big.numel() // _eval_plan._SAMPLED_ELEMENTS
+        for k in (0, 1, _eval_plan._SAMPLED_ELEMENTS - 1):
+            big.data[k * step] = 1
+            assert changed(), (dtype, k)
+            big.data[k * step] = 0
+            assert not changed(), (dtype, k)
+        big.data[1] = 1  # not sampled
+        assert not changed(), dtype
+    with pytest.raises(TypeError, match=r"tensors\[1\] must be a strided CPU tensor"):
         _eval_plan._TENSOR_STATE([small, torch.ones(2, device="meta")])
+    with pytest.raises(TypeError, match=r"tensors\[0\] must be a strided CPU tensor"):
+        _eval_plan._TENSOR_STATE([3.0])
+    with pytest.raises(TypeError, match="tensors must be a list or tuple"):
+        _eval_plan._TENSOR_STATE(None)
+    with pytest.raises(ValueError, match="sampled_elements > 0"):
+        fastres._C._tensor_state_guard([small], 16, 0)
+    with pytest.raises(TypeError, match="guard must be what _tensor_state_guard returned"):
+        _eval_plan._TENSOR_STATE_CHANGED(object(), False)
 
 
 def test_plan_guard_module_signature_sees_every_change():

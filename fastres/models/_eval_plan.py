@@ -25,7 +25,6 @@ Once a forward of an input key has run every unit from its packed weight, the bo
 C++ call, fastres::_run_plan (csrc/cpu_plan.cpp): the same calls without the Python around each (~20 us a unit).
 """
 import contextvars
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -42,11 +41,12 @@ from fastres.nn.blocks import _FusedBlock
 
 _UNRESOLVED = object()
 # The plan's guard (csrc/plan_guard.cpp); None with a fastres._C built without it, where no plan runs.
-if _compiled.has_op("_tensor_state_changed") and hasattr(_compiled._C, "_module_signature"):
+if all(hasattr(_compiled._C, f) for f in ("_tensor_state_guard", "_tensor_state_changed", "_module_signature")):
     # sampling the tensors' bytes as FoldCache's fingerprints do
-    _TENSOR_STATE = functools.partial(torch.ops.fastres._tensor_state.default, whole_elements=_WHOLE_ELEMENTS,
-                                      sampled_elements=_SAMPLED_ELEMENTS)
-    _TENSOR_STATE_CHANGED = torch.ops.fastres._tensor_state_changed.default
+    def _TENSOR_STATE(tensors):
+        return _compiled._C._tensor_state_guard(tensors, _WHOLE_ELEMENTS, _SAMPLED_ELEMENTS)
+
+    _TENSOR_STATE_CHANGED = _compiled._C._tensor_state_changed
     _MODULE_SIGNATURE = _compiled._C._module_signature
 else:
     _TENSOR_STATE = _TENSOR_STATE_CHANGED = _MODULE_SIGNATURE = None
@@ -130,10 +130,9 @@ class _Plan:
         if not _cacheable(self.tensors):
             raise _NotPlannable  # folds that FoldCache would not keep either
         # Their state, as FoldCache checks it (version, pointer, dtype, sizes, strides, sampled bytes), checked in
-        # one call before every forward (fastres._C's _tensor_state_changed). The storages are held so that an
-        # unchanged pointer means the same memory, never a new allocation at a freed address.
+        # one call before every forward (fastres._C's _tensor_state_changed). The guard holds the tensors and their
+        # storages, so that an unchanged pointer means the same memory, never a new allocation at a freed address.
         self.tensor_state = _TENSOR_STATE(self.tensors)
-        self.storages = [t.untyped_storage() for t in self.tensors]
         # input key -> [per unit: (backend, packed weight, bias, autocast dtype) or None; then the body as
         # _run_plan's (weights, biases), or None where it cannot run there; then the head's weight and bias in
         # autocast's dtype, or None]
@@ -231,7 +230,7 @@ class _Plan:
         for attributes, m, value in self.attributes:
             if attributes(m) != value:
                 return False
-        return not _TENSOR_STATE_CHANGED(self.tensors, *self.tensor_state, grad_enabled)
+        return not _TENSOR_STATE_CHANGED(self.tensor_state, grad_enabled)
 
     def packs_for(self, key):
         packs = self.packs.get(key)
