@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCHMARKS)
 import _common as C  # noqa: E402
+import cpu_breakdown  # noqa: E402
 import memory  # noqa: E402
 import throughput  # noqa: E402
 import train_modes  # noqa: E402
@@ -419,10 +420,18 @@ def test_interrupts_run_ends_the_function_at_sigterm():
     ("memory", ["--device", "cpu", "--largest-batch", "16"], "--largest-batch needs a CUDA device"),
     ("memory", ["--batch-sizes", "1"], "--batch-sizes"),
     ("memory", ["--providers", "fastres,bogus"], "--providers"),
+    ("cpu_breakdown", ["--arch", "resnet19"], "--arch"),
+    ("cpu_breakdown", ["--providers", "fastres,bogus"], "--providers"),
+    ("cpu_breakdown", ["--providers", "eager,eager"], "--providers"),
+    ("cpu_breakdown", ["--batch-size", "0"], "--batch-size"),
+    ("cpu_breakdown", ["--input-size", "0"], "--input-size"),
+    ("cpu_breakdown", ["--iters", "0"], "--iters"),
+    ("cpu_breakdown", ["--settle", "-1"], "--settle"),
 ])
 def test_bad_arguments(script, args, message, capsys):
     with pytest.raises(SystemExit) as e:
-        {"throughput": throughput, "train_modes": train_modes, "memory": memory}[script].parse_args(args)
+        {"throughput": throughput, "train_modes": train_modes, "memory": memory,
+         "cpu_breakdown": cpu_breakdown}[script].parse_args(args)
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -727,3 +736,69 @@ def test_benchmark_scripts_shadow_no_installed_package():
     """Importing the scripts above leaves their folder off sys.path: `import kernels` (or memory, plot, ...) later
     in the session finds an installed package, never benchmarks/kernels.py."""
     assert all(os.path.abspath(p or os.curdir) != BENCHMARKS for p in sys.path)
+
+
+# ------------------------------------------------------------------------------------------------ cpu_breakdown.py
+def _has_cpu_plan():
+    from fastres.ops import _backend, _compiled
+    return _backend._why_not("cuda", "conv_bias_act", "cpu") is None and _compiled.has_op("_run_plan")
+
+
+def test_cpu_breakdown_parses_onednn_verbose():
+    text = "\n".join([
+        "onednn_verbose,v1,info,oneDNN v3.9.0",
+        "onednn_verbose,v1,primitive,info,template:operation,engine,primitive,implementation,exec_time",
+        "onednn_verbose,v1,primitive,create:cache_miss,cpu,convolution,brg_conv_fwd:avx512_core,forward_inference,"
+        "src:f32::blocked:acdb::f0,,alg:convolution_direct,mb1_ic3oc64,0.5",
+        "onednn_verbose,v1,primitive,exec,cpu,convolution,brg_conv_fwd:avx512_core,forward_inference,"
+        "src:f32::blocked:acdb::f0,attr-scratchpad:user,alg:convolution_direct,mb1_ic3oc64,1.25",
+        "onednn_verbose,v1,1796337407228.02,primitive,exec,cpu,convolution,brgconv_1x1:avx512_core,"
+        "forward_inference,src:f32,attr-post-ops:sum,alg:convolution_direct,mb1_ic64oc256,0.5",
+        "dnnl_verbose,exec,cpu,reorder,jit:uni,undef,src_f32::blocked:abcd:f0 dst_f32::blocked:Acdb64a:f0,,,"
+        "64x3x7x7,0.125",
+        "some other output,exec,not a verbose line,9",
+        "onednn_verbose,v1,primitive,exec,cpu,convolution,cut short",
+    ])
+    assert cpu_breakdown.parse_onednn_exec(text) == {"convolution": [2, 1.75], "reorder": [1, 0.125]}
+
+
+def test_cpu_breakdown_summarizes_per_forward():
+    """Medians over forwards; outside is the plain forward's median less the kernels' medians (the instrumented
+    forwards' wall times carry the instrumentation's cost)."""
+    conv = {"convolution": [2, 3.0]}
+    instrumented = [(10.0, {**conv, "reorder": [1, 1.0]}), (20.0, {"convolution": [2, 4.0], "reorder": [1, 1.0]}),
+                    (12.0, {"convolution": [2, 9.0], "reorder": [1, 0.5]})]
+    row = cpu_breakdown.summarize([8.0, 9.0, 30.0], instrumented)
+    assert row == {"forward_ms": 9.0, "instrumented_ms": 12.0, "conv_kernels_ms": 4.0, "conv_kernels": 2,
+                   "other_kernels_ms": 1.0, "other_kernels": {"reorder": 1}, "outside_ms": 4.0}
+
+
+def test_cpu_breakdown_groups_onnxruntime_nodes_by_run():
+    def node(ts, dur, op):
+        return {"cat": "Node", "name": f"n{ts}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
+    events = [{"cat": "Session", "name": "model_run", "ts": 0, "dur": 100}, node(10, 40, "Conv"),
+              {"cat": "Session", "name": "model_run", "ts": 200, "dur": 100}, node(210, 30, "Conv"),
+              node(240, 20, "FusedConv"), node(260, 5, "MaxPool"),
+              {"cat": "Node", "name": "n270_fence_before", "ts": 270, "dur": 1, "args": {"op_name": "Gemm"}},
+              {"cat": "Session", "name": "model_run", "ts": 400, "dur": 100}, node(410, 1000, "Gemm")]
+    runs = cpu_breakdown.onnxruntime_kernels(events, 2)
+    assert runs == [{"conv": [2, 0.05], "other": [1, 0.005]}, {"other": [1, 1.0]}]
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available() or not _has_cpu_plan(),
+                    reason="needs oneDNN and fastres._C's CPU eval plan")
+def test_cpu_breakdown_runs(tmp_path):
+    """A tiny run: fastres's forward executes each of ResNet-18's 20 convolutions as one oneDNN primitive (its
+    plan), and the run is written with the documented fields."""
+    path = tmp_path / "breakdown.jsonl"
+    run = cpu_breakdown.main(["--arch", "resnet18", "--input-size", "64", "--iters", "2", "--settle", "0",
+                              "--providers", "fastres,eager", "--json", str(path)])
+    rows = {r["provider"]: r for r in run["rows"]}
+    assert list(rows) == ["fastres", "eager"]
+    assert rows["fastres"]["conv_kernels"] == 20 and rows["fastres"]["other_kernels"] == {}
+    for r in rows.values():
+        assert r["forward_ms"] > 0 and r["instrumented_ms"] > 0 and r["conv_kernels_ms"] >= 0
+    assert 0 < rows["fastres"]["conv_kernels_ms"]
+    written = read_json_lines(path)
+    assert len(written) == 1 and ENV_FIELDS <= set(written[0]) and written[0]["benchmark"] == "cpu_breakdown"
+    assert written[0]["rows"][0]["conv_kernels"] == 20
