@@ -6,6 +6,17 @@
 // 64x64): a few percent, which is where torch.compile's generated wrapper was ahead. The Python plan keeps every
 // decision (what is packed, the guard, the fallbacks); this replays its steady state.
 //
+// The ReLUs, first as oneDNN's relu post-op, then checked. The post-op maps NaN to 0 where torch.relu keeps it
+// (issue 12: NaN and Inf propagate exactly as in the reference), so the Python loop runs each ReLU as its own pass
+// (fastres::_relu_). Those passes cost 5% of a ResNet-50 forward at batch 8 (2-3% at batch 1). A NaN reaches a ReLU
+// only from a NaN or Inf input or weight, or from an Inf - Inf or 0 x Inf inside a convolution, and every one of
+// these raises the floating-point invalid flag on the thread that computes it: the post-op's vmaxps raises it for a
+// NaN operand (quiet ones included), and so do Inf - Inf and 0 x Inf. So the body runs with the post-op, with
+// FE_INVALID cleared before on every thread of ATen's pool (the threads oneDNN's kernels run on) and read after;
+// where any thread raised it, the output is dropped and the body runs again with the ReLU passes, exactly as the
+// Python loop does. Where nothing raised it, no ReLU saw a NaN, and max(x, 0) in a register equals the pass:
+// bitwise, fp32 and bf16 (rounding keeps the sign). Each thread's flag is left as it was, or as the run raised it.
+//
 // Program (int[]): the stem's unit count and units; the pool (0: none, 1: _max_pool_relu with kernel_size, stride,
 // padding, dilation, ceil_mode, relu); whether the first block may write over the pool's output; the block count;
 // per block the branch's unit count and units, then its shortcut: 0 none (no residual), 1 the block's input,
@@ -14,11 +25,14 @@
 // Units (int[], 8 per unit): stride h w, padding h w, dilation h w, groups, relu; unit i's packed weight and bias
 // are weights[i] and biases[i].
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cfenv>
 #include <vector>
 
 namespace fastres {
@@ -77,14 +91,18 @@ c10::IValue optional_tensor(const std::optional<at::Tensor>& t) {
   return t.has_value() ? c10::IValue(*t) : c10::IValue();
 }
 
-// relu?(conv(x) + bias + residual?) from a prepacked weight, as fastres.ops.backend_cuda.prepacked_conv_bias_act.
+// relu?(conv(x) + bias + residual?) from a prepacked weight, as fastres.ops.backend_cuda.prepacked_conv_bias_act;
+// fuse_relu: the ReLU as oneDNN's post-op (NaN to 0: see run_plan).
 at::Tensor run_unit(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                    const Unit& u, const at::Tensor& residual, bool residual_owned) {
+                    const Unit& u, const at::Tensor& residual, bool residual_owned, bool fuse_relu) {
   const c10::List<std::optional<c10::Scalar>> no_scalars;
+  const bool post_relu = fuse_relu && u.relu;
+  const c10::IValue unary = post_relu ? c10::IValue("relu") : c10::IValue();
   torch::jit::Stack stack;
   at::Tensor out;
   if (!residual.defined()) {
-    stack = {x, weight, optional_tensor(bias), u.padding, u.stride, u.dilation, u.groups, "none", no_scalars, ""};
+    stack = {x, weight, optional_tensor(bias), u.padding, u.stride, u.dilation, u.groups, post_relu ? "relu" : "none",
+             no_scalars, ""};
     conv_pointwise().callBoxed(&stack);
     out = stack[0].toTensor();
   } else {
@@ -102,7 +120,7 @@ at::Tensor run_unit(const at::Tensor& x, const at::Tensor& weight, const std::op
     bool done = false;
     if (into_residual) {
       stack = {laid_out, x, weight, optional_tensor(bias), u.padding, u.stride, u.dilation, u.groups, "add",
-               c10::IValue(), c10::IValue(), no_scalars, ""};
+               c10::IValue(), unary, no_scalars, ""};
       try {
         conv_pointwise_binary_inplace().callBoxed(&stack);
         out = stack[0].toTensor();
@@ -113,13 +131,13 @@ at::Tensor run_unit(const at::Tensor& x, const at::Tensor& weight, const std::op
     }
     if (!done) {
       stack = {x, laid_out, weight, optional_tensor(bias), u.padding, u.stride, u.dilation, u.groups, "add",
-               c10::IValue(), c10::IValue(), no_scalars, ""};
+               c10::IValue(), unary, no_scalars, ""};
       conv_pointwise_binary().callBoxed(&stack);
       out = stack[0].toTensor();
     }
   }
-  // Not oneDNN's relu post-op, which maps NaN to 0 (see backend_cuda._onednn_conv).
-  return u.relu ? relu_in_place(out) : out;
+  // (without the post-op: the NaN-keeping pass)
+  return u.relu && !post_relu ? relu_in_place(out) : out;
 }
 
 class Reader {
@@ -136,15 +154,15 @@ class Reader {
   size_t pos_ = 0;
 };
 
-at::Tensor run_plan(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
-                    at::IntArrayRef units, at::IntArrayRef program) {
+at::Tensor run_body(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                    at::IntArrayRef units, at::IntArrayRef program, bool fuse_relu) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 4, "fastres::_run_plan: x must be a 4-D CPU tensor");
   TORCH_CHECK(weights.size() == biases.size() && static_cast<int64_t>(units.size()) ==
                   kUnitFields * static_cast<int64_t>(weights.size()),
               "fastres::_run_plan: weights, biases and units must describe the same units");
   const auto unit = [&](const at::Tensor& in, int64_t i, const at::Tensor& residual = {}, bool owned = false) {
     TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(weights.size()), "fastres::_run_plan: no unit ", i);
-    return run_unit(in, weights[i], biases.get(i), unit_at(units, i), residual, owned);
+    return run_unit(in, weights[i], biases.get(i), unit_at(units, i), residual, owned, fuse_relu);
   };
   Reader r(program);
   at::Tensor cur = x;
@@ -215,6 +233,57 @@ at::Tensor run_plan(const at::Tensor& x, at::TensorList weights, const c10::List
   }
   TORCH_CHECK(r.done(), "fastres::_run_plan: the program has more than its blocks");
   return cur;
+}
+
+// FE_INVALID on every thread of ATen's pool (the threads oneDNN's kernels run on): cleared before, read after. A
+// parallel_for over [0, threads) with grain 1 runs index t on team thread t, in every region of that team size.
+struct InvalidFlags {
+  int64_t threads = at::get_num_threads();
+  std::vector<fexcept_t> saved;
+  std::vector<char> had;
+  InvalidFlags() : saved(threads), had(threads, 0) {
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        fegetexceptflag(&saved[t], FE_INVALID);
+        had[t] = fetestexcept(FE_INVALID) != 0;
+        feclearexcept(FE_INVALID);
+      }
+    });
+  }
+  // Whether any thread raised FE_INVALID since; each thread's flag is left as it was or as raised.
+  bool raised() {
+    std::vector<char> now(threads, 0);
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        now[t] = fetestexcept(FE_INVALID) != 0;
+        if (had[t] && !now[t]) fesetexceptflag(&saved[t], FE_INVALID);
+      }
+    });
+    for (char c : now) if (c) return true;
+    return false;
+  }
+};
+
+// Set once this torch's oneDNN ops refused a relu post-op: the ReLU passes from then on.
+std::atomic<bool> post_relu_refused{false};
+
+at::Tensor run_plan(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                    at::IntArrayRef units, at::IntArrayRef program) {
+  if (!post_relu_refused.load(std::memory_order_relaxed)) {
+    InvalidFlags flags;
+    at::Tensor out;
+    try {
+      out = run_body(x, weights, biases, units, program, /*fuse_relu=*/true);
+    } catch (const c10::Error&) {
+      post_relu_refused.store(true, std::memory_order_relaxed);
+    }
+    // (read even after a refusal: it restores the flags)
+    if (!flags.raised() && out.defined()) {
+      return out;
+    }
+  }
+  // A NaN met a ReLU (or the post-op was refused): the body with the ReLU passes. It wrote only over tensors it made.
+  return run_body(x, weights, biases, units, program, /*fuse_relu=*/false);
 }
 
 }  // namespace

@@ -3,7 +3,11 @@ fastres.ops.backend_cuda), autocast's casts of the fold made once; no weight cop
 steady-state forward, never a stale weight, results within the tolerance rule."""
 import contextlib
 import copy
+import ctypes
+import ctypes.util
 import gc
+import platform
+import sys
 import weakref
 
 import pytest
@@ -446,15 +450,88 @@ def test_eval_plan_replays_the_per_unit_path(precision, per_unit_path, plan_runs
     assert torch.equal(first, ref) and torch.equal(second, ref)
     if precision == "fp32" or BF16_PACKED:
         assert plan_runs["lookups"] == 0
-    # The stem's ReLU and max pool ran as one pass (fastres::_max_pool_relu, no argmax indices): the other 48
-    # ReLUs are the blocks'.
+    # The stem's ReLU and max pool ran as one pass (fastres::_max_pool_relu, no argmax indices); the blocks' 48
+    # ReLUs ran as oneDNN's post-op inside _run_plan, no pass of their own (the NaN check behind it:
+    # test_eval_plan_body_reruns_with_relu_passes_where_a_nan_met_a_relu).
     names = [e.name for e in prof.events()]
     assert names.count("fastres::_max_pool_relu") == 1 and "aten::max_pool2d_with_indices" not in names
-    assert names.count("fastres::_relu_") == 48
+    assert names.count("fastres::_run_plan") == 1 and names.count("fastres::_relu_") == 0
     # Not even the classifier's weight is cast again (autocast's linear would cast it on every call).
     fc_casts = [e for e in prof.events() if e.name == "aten::_to_copy" and tuple(model.fc.weight.shape) in
                 [tuple(s) for s in e.input_shapes]]
     assert fc_casts == []
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("where", ["input", "weight", "overflow"])
+def test_eval_plan_body_reruns_with_relu_passes_where_a_nan_met_a_relu(precision, where, per_unit_path, plan_runs):
+    """_run_plan runs its ReLUs as oneDNN's post-op, which maps NaN to 0, and reruns the body with the NaN-keeping
+    passes where any thread raised the invalid flag: a NaN or Inf in the input (in one sample) or in a weight, or an
+    Inf - Inf inside a convolution. The result is the per-unit path's, NaN and Inf where it has them, bit for bit; a
+    clean input after that runs without the passes again."""
+    model = randomize_(fm.resnet50(num_classes=10, width_per_group=16)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    bad = x.clone()
+    if where == "input":
+        bad[1, 2, 31, 0] = float("nan")
+        bad[1, 0, 3, 4] = float("inf")
+    elif where == "overflow":
+        bad[0] *= 3e38  # finite, but the first convolution's sums overflow to +-Inf, and meet each other
+    weight = model.layer3[2].conv2.weight
+
+    def set_weight(value):
+        with torch.no_grad():
+            weight[5, 7, 1, 1] = value
+    kept = weight[5, 7, 1, 1].item()
+    outs, counts = [], []
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-autocast"):
+        for i, inp in enumerate([x, bad, x]):
+            if where == "weight" and i > 0:
+                set_weight(float("nan") if i == 1 else kept)
+            model(inp), model(inp)  # (after a weight change, the plan's guard made it pack again)
+            with profile() as prof:
+                outs.append(model(inp))
+            names = [e.name for e in prof.events()]
+            assert names.count("fastres::_run_plan") == 1
+            counts.append((names.count("fastres::_relu_"), names.count("mkldnn::_convolution_pointwise") +
+                           names.count("mkldnn::_convolution_pointwise_")))
+            if i == 1:
+                with per_unit_path():
+                    ref_bad = model(inp)
+        with per_unit_path():
+            ref_clean = model(x)
+    assert counts[0] == (0, 53) and counts[2] == (0, 53)
+    assert counts[1] == (48, 2 * 53)  # the body twice: with the post-op, then with the 48 passes
+    assert torch.equal(outs[0], ref_clean) and torch.equal(outs[2], ref_clean)
+    assert torch.isnan(ref_bad).any() or torch.isinf(ref_bad).any()  # (else the case tests nothing)
+    torch.testing.assert_close(outs[1], ref_bad, rtol=0, atol=0, equal_nan=True)
+    if where == "input":  # a NaN stays in its own sample
+        assert torch.isfinite(outs[1][0]).all() and torch.isnan(outs[1][1]).all()
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine() == "x86_64"),
+                    reason="reads the thread's floating-point flags through glibc")
+def test_eval_plan_leaves_the_invalid_flag_as_it_was_or_as_raised(per_unit_path):
+    """The body clears FE_INVALID on each thread to watch for NaN; a caller's flag survives it, and a forward that
+    meets a NaN leaves it raised, as torch's own ops do."""
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    fe_invalid = 0x01  # <fenv.h> on x86-64
+    model = randomize_(fm.resnet18(num_classes=10)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        model(x), model(x)
+        libm.feclearexcept(fe_invalid)
+        model(x)
+        assert libm.fetestexcept(fe_invalid) == 0
+        libm.feraiseexcept(fe_invalid)  # the caller's own flag
+        out = model(x)
+        assert libm.fetestexcept(fe_invalid) == fe_invalid and torch.isfinite(out).all()
+        libm.feclearexcept(fe_invalid)
+        bad = x.clone()
+        bad[0, 0, 0, 0] = float("nan")
+        assert torch.isnan(model(bad)).all()
+        assert libm.fetestexcept(fe_invalid) == fe_invalid
+        libm.feclearexcept(fe_invalid)
 
 
 @pytest.mark.parametrize("pool", ["ceil", "dilated", "identity", "avg"])
@@ -473,7 +550,8 @@ def test_eval_plan_fuses_only_a_max_pool_into_the_stem_relu(pool, per_unit_path,
     assert names.count("fastres::_max_pool_relu") == (1 if fused else 0)
     # _run_plan runs no module: a pool other than a max pool leaves the body to the Python loop
     assert names.count("fastres::_run_plan") == (0 if pool == "avg" else 1)
-    assert names.count("fastres::_relu_") == 2 * 8 + (0 if fused else 1)
+    # (in _run_plan every ReLU is oneDNN's post-op; the Python loop runs the 16 blocks' and the stem's as passes)
+    assert names.count("fastres::_relu_") == (2 * 8 + 1 if pool == "avg" else 0)
     if fused:  # the pool's geometry is part of what the plan checks
         model.maxpool.stride = 1
         with torch.inference_mode():
@@ -501,7 +579,7 @@ def test_eval_plan_body_runs_as_one_call(precision, per_unit_path, plan_runs, mo
         if packed:
             assert names.count("mkldnn::_convolution_pointwise_") == 16  # every block's last conv, in place
             assert names.count("mkldnn::_convolution_pointwise") == 53 - 16
-            assert names.count("fastres::_max_pool_relu") == 1 and names.count("fastres::_relu_") == 48
+            assert names.count("fastres::_max_pool_relu") == 1 and names.count("fastres::_relu_") == 0
 
         def refused(*args):
             raise RuntimeError("could not create a primitive")

@@ -106,7 +106,9 @@ def _onednn_conv(x, weight, bias, stride, padding, dilation, groups, residual, r
         return None
     # Not oneDNN's relu post-op: it is max(v, 0), which maps NaN to 0 where torch.relu keeps it (a corrupt input
     # would give a confident answer). An in-place relu is one more pass over the output: fastres._C's _relu_, on the
-    # values' bits (csrc/cpu_relu.cpp; ATen's bf16 relu_ converts to fp32 and back), where this build has it.
+    # values' bits (csrc/cpu_relu.cpp; ATen's bf16 relu_ converts to fp32 and back), where this build has it. (The
+    # eval plan's one-call body does use the post-op, and runs again with these passes where the floating-point
+    # invalid flag says a NaN met a ReLU: csrc/cpu_plan.cpp.)
     if relu:
         _relu_(out)
     return out
