@@ -395,6 +395,14 @@ def results_dir(path=None):
     return os.path.abspath(path or os.path.join(REPO_ROOT, "benchmarks", "results"))
 
 
+def parse_arch_arg(parser, name, variant="v1.5"):
+    """--arch's value as an Arch, or a parser error naming it."""
+    try:
+        return parse_arch(name, variant)
+    except ValueError as e:
+        parser.error(f"--arch: {e}")
+
+
 def parse_device(parser, name, supported=("cpu", "cuda")):
     """--device's value (default: cuda if available, else cpu) as a torch.device, or a parser error naming it."""
     device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))

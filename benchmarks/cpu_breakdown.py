@@ -161,10 +161,7 @@ def parse_args(argv=None):
                    help="idle before each timed forward, so that no engine's threads still spin (default 0.1)")
     C.add_output_args(p)
     args = p.parse_args(argv)
-    try:
-        args.arch_spec = C.parse_arch(args.arch, args.variant)
-    except ValueError as e:
-        p.error(f"--arch: {e}")
+    args.arch_spec = C.parse_arch_arg(p, args.arch, args.variant)
     if args.batch_size < 1:
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.input_size is not None and args.input_size < 1:

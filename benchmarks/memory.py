@@ -203,10 +203,7 @@ def parse_args(argv=None):
                    help=f"fastres.nn.set_memory_mode for the fastres model (default {fastres.nn.DEFAULT_MEMORY_MODE})")
     C.add_output_args(p)
     args = p.parse_args(argv)
-    try:
-        args.arch_spec = C.parse_arch(args.arch, args.variant)
-    except ValueError as e:
-        p.error(f"--arch: {e}")
+    args.arch_spec = C.parse_arch_arg(p, args.arch, args.variant)
     args.device = C.parse_device(p, args.device, tuple(DEFAULTS))
     d = DEFAULTS[args.device.type]
     try:

@@ -720,10 +720,7 @@ def parse_args(argv=None):
                    help="how fastres's blocks train (fastres.nn.set_memory_mode; default: the library's)")
     C.add_output_args(p)
     args = p.parse_args(argv)
-    try:
-        arch = C.parse_arch(args.arch, args.variant)
-    except ValueError as e:
-        p.error(f"--arch: {e}")
+    arch = C.parse_arch_arg(p, args.arch, args.variant)
     device = C.parse_device(p, args.device, tuple(DEFAULTS))
     if args.channels_last is not None:
         channels_last, why = args.channels_last, "flag"

@@ -38,10 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="append the run as one JSON line (nothing is written without it)")
     args = p.parse_args(argv)
-    try:
-        args.arch_spec = C.parse_arch(args.arch)
-    except ValueError as e:
-        p.error(f"--arch: {e}")
+    args.arch_spec = C.parse_arch_arg(p, args.arch)
     args.device = C.parse_device(p, args.device, tuple(DEFAULTS))
     d = DEFAULTS[args.device.type]
     args.dtype = args.dtype or d["dtype"]

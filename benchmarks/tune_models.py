@@ -44,10 +44,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.time_budget is not None and args.time_budget <= 0:
         p.error(f"--time-budget must be positive, got {args.time_budget}")
-    try:
-        arch = C.parse_arch(args.arch, args.variant)
-    except ValueError as e:
-        p.error(f"--arch: {e}")
+    arch = C.parse_arch_arg(p, args.arch, args.variant)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in ("infer", "train") for m in modes):
         p.error(f"--modes must be infer and/or train, got {args.modes!r}")
