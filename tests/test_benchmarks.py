@@ -22,6 +22,7 @@ sys.path.insert(0, BENCHMARKS)
 import _common as C  # noqa: E402
 import cpu_breakdown  # noqa: E402
 import memory  # noqa: E402
+import packed_error  # noqa: E402
 import throughput  # noqa: E402
 import train_modes  # noqa: E402
 import tune_models  # noqa: E402
@@ -427,11 +428,15 @@ def test_interrupts_run_ends_the_function_at_sigterm():
     ("cpu_breakdown", ["--input-size", "0"], "--input-size"),
     ("cpu_breakdown", ["--iters", "0"], "--iters"),
     ("cpu_breakdown", ["--settle", "-1"], "--settle"),
+    ("packed_error", ["--arch", "resnet19"], "--arch"),
+    ("packed_error", ["--batch-size", "0"], "--batch-size"),
+    ("packed_error", ["--input-size", "0"], "--input-size"),
+    ("packed_error", ["--dtype", "fp16"], "--dtype"),
 ])
 def test_bad_arguments(script, args, message, capsys):
     with pytest.raises(SystemExit) as e:
         {"throughput": throughput, "train_modes": train_modes, "memory": memory,
-         "cpu_breakdown": cpu_breakdown}[script].parse_args(args)
+         "cpu_breakdown": cpu_breakdown, "packed_error": packed_error}[script].parse_args(args)
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -802,3 +807,42 @@ def test_cpu_breakdown_runs(tmp_path):
     written = read_json_lines(path)
     assert len(written) == 1 and ENV_FIELDS <= set(written[0]) and written[0]["benchmark"] == "cpu_breakdown"
     assert written[0]["rows"][0]["conv_kernels"] == 20
+
+
+# ------------------------------------------------------------------------------------------------ packed_error.py
+needs_packing = pytest.mark.skipif(packed_error.why_not_packed(torch.float32) is not None,
+                                   reason="needs oneDNN convolutions from a packed weight")
+
+
+@needs_packing
+def test_packed_error_runs(tmp_path):
+    """At batch 2 ATen runs its channels_last convs on oneDNN too: each packed conv's error is within the rule (in
+    fact ATen's own), every conv of the model is packed, and the run is written with the documented fields."""
+    path = tmp_path / "packed.jsonl"
+    run = packed_error.main(["--arch", "cifar_resnet20", "--batch-size", "2", "--json", str(path)])
+    rows = run["rows"]
+    assert [r["layer"] for r in rows[:2]] == ["conv1", "layer1.0.conv1"] and rows[-1]["layer"] == "whole model"
+    assert len(rows) == 19 + 1 and all(r["ok"] for r in rows)
+    assert rows[-1]["packed_weights"] == rows[-1]["convs"] == 19
+    for r in rows:
+        assert 0 < r["packed"] <= r["limit"] and r["aten_cl"] > 0 and r["aten_nchw"] > 0
+    written = read_json_lines(path)
+    assert len(written) == 1 and ENV_FIELDS <= set(written[0]) and written[0]["benchmark"] == "packed_error"
+
+
+@needs_packing
+def test_packed_error_names_a_layer_past_the_rule(monkeypatch, capsys):
+    """A packed conv made less accurate than the rule allows (its output rounded to bf16's precision) is named, and
+    the command exits 1."""
+    from fastres.ops import backend_cuda
+    run = backend_cuda.prepacked_conv_bias_act
+
+    def rounded(*args, **kwargs):
+        return run(*args, **kwargs).bfloat16().float()
+
+    monkeypatch.setattr(backend_cuda, "prepacked_conv_bias_act", rounded)
+    with pytest.raises(SystemExit) as e:
+        packed_error.main(["--arch", "cifar_resnet20", "--batch-size", "2"])
+    out = capsys.readouterr()
+    assert e.value.code == 1 and "past the tolerance rule: conv1, layer1.0.conv1" in out.err
+    assert "EXCEEDS" in out.out
