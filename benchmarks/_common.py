@@ -403,6 +403,24 @@ def parse_arch_arg(parser, name, variant="v1.5"):
         parser.error(f"--arch: {e}")
 
 
+def add_model_args(parser, default_arch):
+    """--arch, --variant, --batch-size (default 1) and --input-size, as one-model commands take them; check_model_args
+    validates them after parsing."""
+    parser.add_argument("--arch", default=default_arch, help=f"one of {', '.join(arch_names())}")
+    parser.add_argument("--variant", choices=VARIANTS, default="v1.5")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--input-size", type=int, help="default: the arch's (224 ImageNet, 32 CIFAR)")
+
+
+def check_model_args(parser, args):
+    """add_model_args's values checked (a parser error naming the flag); sets args.arch_spec."""
+    args.arch_spec = parse_arch_arg(parser, args.arch, args.variant)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.input_size is not None and args.input_size < 1:
+        parser.error(f"--input-size must be at least 1, got {args.input_size}")
+
+
 def parse_device(parser, name, supported=("cpu", "cuda")):
     """--device's value (default: cuda if available, else cpu) as a torch.device, or a parser error naming it."""
     device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -39,19 +39,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="vgg19", help=f"one of {', '.join(C.arch_names())}")
-    p.add_argument("--variant", choices=C.VARIANTS, default="v1.5")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--input-size", type=int, help="default: the arch's (224 ImageNet, 32 CIFAR)")
+    C.add_model_args(p, "vgg19")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--seed", type=int, default=0)
     C.add_output_args(p)
     args = p.parse_args(argv)
-    args.arch_spec = C.parse_arch_arg(p, args.arch, args.variant)
-    if args.batch_size < 1:
-        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.input_size is not None and args.input_size < 1:
-        p.error(f"--input-size must be at least 1, got {args.input_size}")
+    C.check_model_args(p, args)
     return args
 
 
