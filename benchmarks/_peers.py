@@ -34,7 +34,10 @@ def _import(package):
 
 def unavailable(provider):
     """Why `provider` cannot run on this machine (its package is not installed; OpenVINO bf16 on a CPU without
-    bf16 support), or None."""
+    bf16 support; a torch without oneDNN Graph fusion for torchscript-onednn), or None."""
+    if provider == "torchscript-onednn" and not (hasattr(torch.jit, "enable_onednn_fusion")
+                                                and torch.backends.mkldnn.is_available()):
+        return "this torch build has no oneDNN Graph fusion for TorchScript (torch.jit.enable_onednn_fusion)"
     package = PACKAGES.get(provider)
     if package is None:
         return None

@@ -20,6 +20,9 @@ CPU inference peers (--device cpu --mode infer; what a user would run instead, s
   compile-freezing      torch.compile of a copy of the reference, mode "default", with
                         torch._inductor.config.freezing = True only around its first call (the compilation):
                         weights become constants, BN folded into the convolutions
+  torchscript-onednn    the reference traced on the first batch (torch.jit.trace) and frozen (torch.jit.freeze), run
+                        with oneDNN Graph fusion (torch.jit.enable_onednn_fusion) on around each of its calls only:
+                        its graph executor fuses conv, bias, add and ReLU into cached oneDNN Graph partitions
   onnxruntime           the reference exported with torch.onnx.export(dynamo=True) (dynamo=False, with a note, if
                         that fails), an InferenceSession on CPUExecutionProvider, graph optimizations ALL (folds BN),
                         intra-op threads = torch.get_num_threads()
@@ -76,6 +79,7 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
+import warnings  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -87,13 +91,13 @@ import fastres.nn as fnn  # noqa: E402
 from fastres import testing  # noqa: E402
 
 # What a CPU user would run instead of fastres (--mode infer, --device cpu): see the module docstring.
-CPU_PEERS = ("eager-nchw", "compile-freezing", "onnxruntime", "openvino", "openvino-bf16", "eager-autocast",
-             "fastres-autocast")
+CPU_PEERS = ("eager-nchw", "compile-freezing", "torchscript-onednn", "onnxruntime", "openvino", "openvino-bf16",
+             "eager-autocast", "fastres-autocast")
 TIMM = ("timm", "fastres-timm")
 PROVIDERS = ("fastres", "eager", "compile", "compile-max-autotune") + CPU_PEERS + TIMM
 DEFAULT_PROVIDERS = {"cuda": PROVIDERS[:4], "cpu": ("fastres", "eager")}
 PEERS_KEYWORD = "peers"  # --providers peers: fastres, eager and every CPU peer
-FP32_ONLY = ("onnxruntime", "openvino", "openvino-bf16", "eager-autocast", "fastres-autocast")
+FP32_ONLY = ("torchscript-onednn", "onnxruntime", "openvino", "openvino-bf16", "eager-autocast", "fastres-autocast")
 AUTOCAST = ("eager-autocast", "fastres-autocast")  # fp32 weights and inputs, forward under autocast to bf16
 BF16_PEERS = ("openvino-bf16",) + AUTOCAST  # held to eager under autocast to bf16 in the agreement check
 OPENVINO_PRECISION = {"openvino": "f32", "openvino-bf16": "bf16"}
@@ -276,6 +280,27 @@ def freezing_on_first_call(compiled):
     return forward
 
 
+def torchscript_onednn(model):
+    """forward(x): `model` traced on its first batch and frozen, each call run with oneDNN Graph fusion on (the
+    graph executor fuses on the calls it profiles first) and the flag restored after, so that it reaches no other
+    provider."""
+    state = {}
+
+    def forward(x):
+        before = torch.jit.onednn_fusion_enabled()
+        torch.jit.enable_onednn_fusion(True)
+        try:
+            if "module" not in state:
+                # traced outside inference mode (x is an inference tensor there): TorchScript's deprecation warnings off
+                with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    state["module"] = torch.jit.freeze(torch.jit.trace(model, x.clone()))
+            return state["module"](x)
+        finally:
+            torch.jit.enable_onednn_fusion(before)
+    return forward
+
+
 def autocast_bf16(model, device):
     def forward(x):
         with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -309,7 +334,7 @@ def build_providers(s, inputs, skipped):
         if why is not None:
             skipped[name] = why
             print(f"{name} provider skipped: {why}", file=sys.stderr)
-        elif name.startswith("compile") or name in ("eager-nchw", "eager-autocast"):
+        elif name.startswith("compile") or name in ("eager-nchw", "eager-autocast", "torchscript-onednn"):
             models[name] = twin(ref, lambda: C.build_reference(s.arch))
         elif name == "fastres-autocast":
             models[name] = twin(fast, lambda: C.build_fastres(s.arch))
@@ -337,6 +362,11 @@ def build_providers(s, inputs, skipped):
                 forward = freezing_on_first_call(forward)
             step, body, zero_grad = make_step(model, s.mode, forward, mark_cudagraph_step=s.cuda_graphs)
             providers.append(Provider(name, model, step, None, zero_grad, compile_mode, fallible=True))
+        elif name == "torchscript-onednn":
+            step, body, zero_grad = make_step(model, s.mode, torchscript_onednn(model))
+            providers.append(Provider(name, model, step, None, zero_grad, fallible=True, notes=[
+                "torch.jit.freeze(torch.jit.trace(reference)) on the first batch, torch.jit.enable_onednn_fusion(True) "
+                "around each call"]))
         else:
             forward = autocast_bf16(model, s.device) if name in AUTOCAST else None
             step, body, zero_grad = make_step(model, s.mode, forward)

@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCHMARKS)
 import _common as C  # noqa: E402
+import _peers  # noqa: E402
 import cpu_breakdown  # noqa: E402
 import memory  # noqa: E402
 import packed_error  # noqa: E402
@@ -489,11 +490,11 @@ def test_throughput_settles_before_every_batch(monkeypatch):
 def test_throughput_peers_keyword():
     """--providers peers: fastres, eager and every CPU peer; eager-nchw only where eager is channels_last."""
     _, s = throughput.parse_args(["--arch", "resnet50", "--device", "cpu", "--providers", "peers"])
-    assert s.providers == ("fastres", "eager", "eager-nchw", "compile-freezing", "onnxruntime", "openvino",
-                           "openvino-bf16", "eager-autocast", "fastres-autocast") and s.channels_last
+    assert s.providers == ("fastres", "eager", "eager-nchw", "compile-freezing", "torchscript-onednn", "onnxruntime",
+                           "openvino", "openvino-bf16", "eager-autocast", "fastres-autocast") and s.channels_last
     _, s = throughput.parse_args(["--arch", "resnet50", "--device", "cpu", "--providers", "onnxruntime,peers",
                                   "--no-channels-last"])
-    assert s.providers[0] == "onnxruntime" and "eager-nchw" not in s.providers and len(s.providers) == 8
+    assert s.providers[0] == "onnxruntime" and "eager-nchw" not in s.providers and len(s.providers) == 9
 
 
 def test_freezing_only_around_the_first_call():
@@ -552,6 +553,39 @@ def test_throughput_cpu_peers(tmp_path):
     assert run["versions"]["onnxruntime"] and run["versions"]["openvino"] and run["versions"]["onnx"]
     assert run["cpu"] and isinstance(run["cpu_flags"], list) and set(run["cpu_flags"]) <= set(C.CPU_FLAGS)
     assert [row["provider"] for row in read_csv(tmp_path / "t.csv")] == ran
+
+
+needs_onednn_fusion = pytest.mark.skipif(_peers.unavailable("torchscript-onednn") is not None,
+                                         reason="needs TorchScript's oneDNN Graph fusion")
+
+
+@needs_onednn_fusion
+def test_torchscript_onednn_fuses_and_leaves_the_flag_off():
+    """The torchscript-onednn provider's forward: the traced, frozen reference, whose optimized graph runs oneDNN
+    Graph partitions, with eager's result; the global fusion flag is on only inside its calls."""
+    import torchvision
+    model = torchvision.models.resnet18(num_classes=10).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    forward = throughput.torchscript_onednn(model)
+    assert not torch.jit.onednn_fusion_enabled()
+    with torch.inference_mode():
+        for _ in range(3):  # the graph executor profiles the first calls, then fuses
+            out = forward(x)
+            assert not torch.jit.onednn_fusion_enabled()
+        graph = torch.jit.last_executed_optimized_graph().str()
+        torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+    assert "oneDNNFusionGroup" in graph
+
+
+@needs_onednn_fusion
+def test_throughput_torchscript_onednn(tmp_path):
+    """The provider runs beside fastres and eager on the same weights and agrees with a float64 forward."""
+    r, run = run_throughput(tmp_path, "fastres,eager,torchscript-onednn")
+    assert list(run["results"]) == ["fastres", "eager", "torchscript-onednn"]
+    assert_peers_agree(run)
+    result = run["results"]["torchscript-onednn"]
+    assert len(result["times_s"]) == 2 and result["first_call_s"] > 0
+    assert "enable_onednn_fusion(True)" in result["notes"][0]
 
 
 def test_throughput_missing_peer_package_is_skipped(tmp_path, monkeypatch, capsys):
