@@ -33,6 +33,7 @@
 
 #include <atomic>
 #include <cfenv>
+#include <cstring>
 #include <vector>
 
 namespace fastres {
@@ -236,32 +237,57 @@ at::Tensor run_body(const at::Tensor& x, at::TensorList weights, const c10::List
 }
 
 // FE_INVALID on every thread of ATen's pool (the threads oneDNN's kernels run on): cleared before, read after. A
-// parallel_for over [0, threads) with grain 1 runs index t on team thread t, in every region of that team size.
+// parallel_for over [0, threads) with grain 1 runs index t on team thread t, in every region of that team size. The
+// state (each thread's saved flag and whether it was set) is a byte tensor, so that Python can hold it too: the
+// plan's oneDNN Graph body (fastres.models._eval_plan) runs the same relu post-ops between _fe_invalid_clear and
+// _fe_invalid_raised.
+constexpr int64_t kFlagBytes = 1 + static_cast<int64_t>(sizeof(fexcept_t));
+
+at::Tensor fe_invalid_clear() {
+  const int64_t threads = at::get_num_threads();
+  at::Tensor state = at::empty({threads * kFlagBytes}, at::kByte);
+  uint8_t* bytes = state.data_ptr<uint8_t>();
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      fexcept_t saved;
+      fegetexceptflag(&saved, FE_INVALID);
+      bytes[t * kFlagBytes] = fetestexcept(FE_INVALID) != 0;
+      std::memcpy(bytes + t * kFlagBytes + 1, &saved, sizeof(saved));
+      feclearexcept(FE_INVALID);
+    }
+  });
+  return state;
+}
+
+// Whether any thread raised FE_INVALID since fe_invalid_clear gave `state`; each thread's flag is left as it was or
+// as raised. A state from another team size answers true (the caller then takes its NaN-keeping path).
+bool fe_invalid_raised(const at::Tensor& state) {
+  TORCH_CHECK(state.device().is_cpu() && state.scalar_type() == at::kByte && state.is_contiguous() &&
+                  state.numel() % kFlagBytes == 0,
+              "fastres::_fe_invalid_raised: state must come from fastres::_fe_invalid_clear");
+  const int64_t threads = state.numel() / kFlagBytes;
+  if (threads != at::get_num_threads()) {
+    return true;
+  }
+  const uint8_t* bytes = state.data_ptr<uint8_t>();
+  std::vector<char> now(threads, 0);
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      now[t] = fetestexcept(FE_INVALID) != 0;
+      if (bytes[t * kFlagBytes] && !now[t]) {
+        fexcept_t saved;
+        std::memcpy(&saved, bytes + t * kFlagBytes + 1, sizeof(saved));
+        fesetexceptflag(&saved, FE_INVALID);
+      }
+    }
+  });
+  for (char c : now) if (c) return true;
+  return false;
+}
+
 struct InvalidFlags {
-  int64_t threads = at::get_num_threads();
-  std::vector<fexcept_t> saved;
-  std::vector<char> had;
-  InvalidFlags() : saved(threads), had(threads, 0) {
-    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        fegetexceptflag(&saved[t], FE_INVALID);
-        had[t] = fetestexcept(FE_INVALID) != 0;
-        feclearexcept(FE_INVALID);
-      }
-    });
-  }
-  // Whether any thread raised FE_INVALID since; each thread's flag is left as it was or as raised.
-  bool raised() {
-    std::vector<char> now(threads, 0);
-    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        now[t] = fetestexcept(FE_INVALID) != 0;
-        if (had[t] && !now[t]) fesetexceptflag(&saved[t], FE_INVALID);
-      }
-    });
-    for (char c : now) if (c) return true;
-    return false;
-  }
+  at::Tensor state = fe_invalid_clear();
+  bool raised() const { return fe_invalid_raised(state); }
 };
 
 // Set once this torch's oneDNN ops refused a relu post-op: the ReLU passes from then on.
@@ -291,6 +317,9 @@ at::Tensor run_plan(const at::Tensor& x, at::TensorList weights, const c10::List
 
 TORCH_LIBRARY_FRAGMENT(fastres, m) {
   m.def("_run_plan(Tensor x, Tensor[] weights, Tensor?[] biases, int[] units, int[] program) -> Tensor");
+  // No tensor decides their dispatch: one kernel for every key.
+  m.def("_fe_invalid_clear() -> Tensor", &fastres::fe_invalid_clear);
+  m.def("_fe_invalid_raised(Tensor state) -> bool", &fastres::fe_invalid_raised);
 }
 
 // The packed weights are oneDNN (MkldnnCPU) tensors, which decide the dispatch.

@@ -381,6 +381,42 @@ def test_inference_tensors_are_written_over_only_in_inference_mode(residual_writ
 
 
 # ---------------------------------------------------------------- the eval plan (fastres.models._eval_plan)
+# Whether this machine can run the plan's body as a oneDNN Graph (before the fixture below turns it off).
+GRAPH_CAPABLE = __import__("fastres.models._eval_plan", fromlist=["GRAPH_BODY"]).GRAPH_BODY
+
+
+@pytest.fixture(autouse=True)
+def one_call_body(monkeypatch):
+    """The tests here hold the plan's Python loop and its one-call body to the per-unit path bit for bit, over as many
+    forwards as they need: the oneDNN Graph body (other kernels, its own rounding) stays off unless a test turns it
+    on (test_eval_plan_body_becomes_a_onednn_graph and those after it)."""
+    from fastres.models import _eval_plan
+    monkeypatch.setattr(_eval_plan, "GRAPH_BODY", False)
+
+
+@pytest.fixture
+def graph_body(monkeypatch):
+    """The oneDNN Graph body on; counts the graphs built and the forwards that ran one."""
+    from fastres.models import _eval_plan
+    if not GRAPH_CAPABLE:
+        pytest.skip("needs TorchScript's oneDNN Graph fusion and fastres._C's invalid-flag ops")
+    monkeypatch.setattr(_eval_plan, "GRAPH_BODY", True)
+    counts = {"built": 0, "ran": 0}
+    build, run = _eval_plan._Plan._graph, _eval_plan._Plan._run_graph
+
+    def counting_build(self, x):
+        graph = build(self, x)
+        counts["built"] += graph is not None
+        return graph
+
+    def counting_run(self, x, packs):
+        out = run(self, x, packs)
+        counts["ran"] += out is not None
+        return out
+
+    monkeypatch.setattr(_eval_plan._Plan, "_graph", counting_build)
+    monkeypatch.setattr(_eval_plan._Plan, "_run_graph", counting_run)
+    return counts
 @pytest.fixture
 def per_unit_path(monkeypatch):
     """A context manager under which fastres.models.ResNet runs its per-unit path, not its plan."""
@@ -963,3 +999,149 @@ def test_a_planned_model_is_freed_by_reference_counting():
         assert freed() is None
     finally:
         gc.enable()
+
+
+# ---------------------------------------------------------------- the plan's body as a oneDNN Graph
+def test_eval_plan_body_becomes_a_onednn_graph(graph_body, per_unit_path):
+    """After GRAPH_AFTER one-call bodies of an input key, the body runs as a frozen TorchScript graph fused into
+    oneDNN Graph partitions: no oneDNN op call of its own, within the tolerance rule against float64 (its kernels
+    round as they do, not bit for bit as _run_plan), the same result on every call; the global fusion flag stays
+    off outside it."""
+    from fastres.models import _eval_plan
+    fr, tv = pair(fm.resnet50, torchvision.models.resnet50, width_per_group=16)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref64 = copy.deepcopy(tv).double()(x.double())
+        aten = _aten_worse(tv, x, ref64)
+    with torch.inference_mode():
+        with per_unit_path():
+            ref = fr(x)
+        outs = [fr(x) for _ in range(1 + _eval_plan.GRAPH_AFTER)]  # the Python loop, then the one-call bodies
+        assert graph_body == {"built": 0, "ran": 0} and all(torch.equal(o, ref) for o in outs)
+        graphed = fr(x)
+        with profile() as prof:
+            again = fr(x)
+        fused = torch.jit.last_executed_optimized_graph().str()
+    assert graph_body == {"built": 1, "ran": 2}
+    names = [e.name for e in prof.events()]
+    assert "fastres::_run_plan" not in names and "mkldnn::_convolution_pointwise" not in names
+    assert "oneDNNFusionGroup" in fused and not torch.jit.onednn_fusion_enabled()
+    assert_within("resnet50 eval, oneDNN Graph body", graphed, ref64, aten)
+    assert torch.equal(again, graphed)
+
+
+@pytest.mark.parametrize("where", ["input", "weight", "overflow"])
+def test_onednn_graph_body_keeps_nan(where, graph_body, per_unit_path):
+    """The graph fuses its ReLUs as oneDNN's post-op, which maps NaN to 0: where the invalid flag says a NaN met one,
+    the forward is _run_plan's (which reruns with the NaN-keeping passes), so NaN and Inf come out exactly as the
+    per-unit path's; a clean input after that runs the graph again."""
+    model = randomize_(fm.resnet18(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    bad = x.clone()
+    if where == "input":
+        bad[1, 2, 31, 0] = float("nan")
+    elif where == "overflow":
+        bad[0] *= 3e38
+    with torch.inference_mode():
+        for _ in range(4):
+            model(x)  # (the graph is built on the fourth)
+        ran = graph_body["ran"]
+        if where == "weight":
+            with torch.no_grad():
+                model.layer3[1].conv2.weight[5, 7, 1, 1] = float("nan")
+            for _ in range(4):
+                model(x)  # (the changed weight rebuilt the plan: the graph again on the fourth forward)
+        got = model(bad)
+        with per_unit_path():
+            ref = model(bad)
+        clean = model(x)
+    assert graph_body["built"] == (2 if where == "weight" else 1)
+    assert torch.isnan(ref).any() or torch.isinf(ref).any()  # (else the case tests nothing)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
+    # the bad forward fell back to _run_plan; the clean one ran the graph (with a NaN weight every forward meets it)
+    assert graph_body["ran"] == ran + (0 if where == "weight" else 1)
+
+
+def test_onednn_graph_body_is_never_stale(graph_body, per_unit_path):
+    """A weight changed in place after the graph was built: the next forward is the new weights' (the plan's guard
+    rebuilds the plan, whose keys start over), and the graph built again later holds the new weights."""
+    fr, tv = pair(fm.resnet18, torchvision.models.resnet18)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        for _ in range(5):
+            fr(x)
+    assert graph_body["built"] == 1
+    with torch.no_grad():
+        fr.layer2[0].conv1.weight.mul_(-1)
+    with torch.inference_mode():
+        with per_unit_path():
+            ref = fr(x)
+        assert torch.equal(fr(x), ref)
+        for _ in range(3):
+            out = fr(x)
+    assert graph_body["built"] == 2
+    with torch.no_grad():
+        ref64 = copy.deepcopy(tv).double()(x.double())
+        aten = _aten_worse(tv, x, ref64)
+    assert_within("resnet18 eval, rebuilt oneDNN Graph body", out, ref64, aten)
+
+
+@pytest.mark.parametrize("case", ["bf16-autocast", "cifar-option-A"])
+def test_onednn_graph_body_only_for_what_it_covers(case, graph_body, per_unit_path):
+    """No graph under autocast (fp32 only), and none for a body with a module the graph does not cover (option-A
+    shortcuts): the one-call body stays, bit for bit the per-unit path's."""
+    model = randomize_(fm.cifar_resnet(20, shortcut="A") if case == "cifar-option-A" else
+                       fm.resnet18(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=case == "bf16-autocast"):
+        with per_unit_path():
+            ref = model(x)
+        outs = [model(x) for _ in range(5)]
+    assert graph_body == {"built": 0, "ran": 0}
+    assert all(torch.equal(o, ref) for o in outs)
+
+
+def test_onednn_graph_body_turned_off_by_the_environment():
+    import subprocess
+    code = "import fastres.models._eval_plan as p; print(p.GRAPH_BODY)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "FASTRES_CPU_GRAPH": "0"})
+    assert out.stdout.strip() == "False"
+
+
+def test_onednn_graph_body_dropped_where_inputs_keep_meeting_nan(graph_body, per_unit_path):
+    """Each forward that meets a NaN runs the graph, then _run_plan: after a few in a row the key keeps _run_plan
+    alone, which gives the per-unit path's result bit for bit, NaN or not."""
+    from fastres.models import _eval_plan
+    model = randomize_(fm.resnet18(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    bad = x.clone()
+    bad[0, 1, 2, 3] = float("nan")
+    with torch.inference_mode():
+        for _ in range(4):
+            model(x)
+        assert graph_body == {"built": 1, "ran": 1}
+        outs = [model(bad) for _ in range(_eval_plan._GRAPH_MISSES)]
+        clean = model(x)
+        with per_unit_path():
+            ref_bad, ref = model(bad), model(x)
+    assert graph_body == {"built": 1, "ran": 1}
+    for out in outs:
+        torch.testing.assert_close(out, ref_bad, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(clean, ref)
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.fastres, "_fe_invalid_clear"), reason="needs fastres._C's flag ops")
+def test_invalid_flag_ops_refuse_a_foreign_state():
+    """_fe_invalid_raised reads only a state from _fe_invalid_clear, of the current thread count (another answers
+    true: the caller takes its NaN-keeping path)."""
+    state = torch.ops.fastres._fe_invalid_clear()
+    assert state.dtype == torch.uint8 and not torch.ops.fastres._fe_invalid_raised(state)
+    with pytest.raises(RuntimeError, match="state must come from fastres::_fe_invalid_clear"):
+        torch.ops.fastres._fe_invalid_raised(torch.zeros(3))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert torch.ops.fastres._fe_invalid_raised(state)
+    finally:
+        torch.set_num_threads(threads)

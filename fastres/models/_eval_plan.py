@@ -25,8 +25,12 @@ the stem runs with the stem's ReLU as one pass (fastres.ops.max_pool_relu's kern
 pool also writes argmax indices).
 Once a forward of an input key has run every unit from its packed weight, the body (stem to last block) runs as one
 C++ call, fastres::_run_plan (csrc/cpu_plan.cpp): the same calls without the Python around each (~20 us a unit).
+In fp32, once that call has run GRAPH_AFTER times for an input key, the body becomes a oneDNN Graph (TorchScript's
+fusion of the frozen graph of the same units), which keeps what each oneDNN call otherwise rebuilds (GRAPH_BODY).
 """
 import contextvars
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +59,21 @@ else:
 _MAX_POOL_RELU = torch.ops.fastres._max_pool_relu.default if _compiled.has_op("_max_pool_relu") else None
 # The plan's body as one call (csrc/cpu_plan.cpp), once every unit of a key runs from its packed weight.
 _RUN_PLAN = torch.ops.fastres._run_plan.default if _compiled.has_op("_run_plan") else None
+# FE_INVALID on every thread of ATen's pool, cleared and read (csrc/cpu_plan.cpp), around the graph body below.
+_FE_INVALID = (torch.ops.fastres._fe_invalid_clear.default, torch.ops.fastres._fe_invalid_raised.default) \
+    if _compiled.has_op("_fe_invalid_clear") else None
+# The body as a oneDNN Graph: TorchScript's fusion (torch.jit.enable_onednn_fusion) compiles the frozen graph of the
+# units' convolutions, bias, residual adds and ReLUs into oneDNN Graph partitions and keeps them between calls, where
+# each of _run_plan's oneDNN calls has PyTorch build its primitive descriptor again (at batch 1 on an Intel Xeon:
+# 32 ms a ResNet-50 forward against 40). fp32 only, after GRAPH_AFTER one-call bodies of the same input key (a key
+# called once or twice never pays for the trace, ~1 s). FASTRES_CPU_GRAPH=0 turns it off.
+GRAPH_BODY = (os.environ.get("FASTRES_CPU_GRAPH", "1") != "0" and _FE_INVALID is not None
+              and hasattr(torch.jit, "enable_onednn_fusion") and torch.backends.mkldnn.is_available())
+GRAPH_AFTER = 2
+# The graph executor profiles a graph's first calls before it fuses: made when the graph is built, not in a forward.
+_GRAPH_WARM_CALLS = 3
+# Forwards in a row that meet a NaN (and so run the graph, then _run_plan) before a key drops its graph.
+_GRAPH_MISSES = 3
 # Block forwards that, in eval with plain ReLUs, run exactly _FusedBlock.forward's units (fastres._convert.timm adds
 # its blocks' forward): a block class with any other forward is not planned.
 PLANNABLE_BLOCK_FORWARDS = {_FusedBlock.forward}
@@ -135,8 +154,9 @@ class _Plan:
         # one call before every forward (fastres._C's _tensor_state_changed). The guard holds the tensors and their
         # storages, so that an unchanged pointer means the same memory, never a new allocation at a freed address.
         self.tensor_state = _TENSOR_STATE(self.tensors)
-        # input key -> [per unit: (backend, packed weight, bias, autocast dtype) or None; then the body as
-        # _run_plan's (weights, biases), or None where it cannot run there; then the head's weight and bias in
+        # input key -> [per unit: (backend, packed weight, bias, autocast dtype) or None; then the graph body (how
+        # many one-call bodies ran before it, then the frozen graph, or None where it does not apply); then the body
+        # as _run_plan's (weights, biases), or None where it cannot run there; then the head's weight and bias in
         # autocast's dtype, or None]
         self.packs = {}
         self.program = self._program()  # _run_plan's (units, program), or None where the body has more than it runs
@@ -239,7 +259,7 @@ class _Plan:
         if packs is None:
             if len(self.packs) >= _MAX_DERIVED:
                 self.packs.pop(next(iter(self.packs)), None)  # the oldest: at most as many as FoldCache keeps
-            packs = self.packs[key] = [_UNRESOLVED] * (len(self.units) + 2)
+            packs = self.packs[key] = [_UNRESOLVED] * (len(self.units) + 3)
         return packs
 
     def run_unit(self, i, x, packs, residual=None, residual_owned=False):
@@ -265,6 +285,10 @@ class _Plan:
             x = x.contiguous(memory_format=torch.channels_last)
         body = packs[-2]
         if body is not _UNRESOLVED and body is not None:
+            if GRAPH_BODY and autocast_dtype is None and x.dtype == torch.float32:
+                features = self._run_graph(x, packs)
+                if features is not None:
+                    return self._head(model, features, packs, autocast_dtype)
             try:
                 features = _RUN_PLAN(x, *body, *self.program)
             except RuntimeError:
@@ -299,6 +323,67 @@ class _Plan:
             packs[-2] = self._runnable(packs)
         return self._head(model, x, packs, autocast_dtype)
 
+    def _run_graph(self, x, packs):
+        """The body on x as the key's oneDNN Graph (built on the GRAPH_AFTER + 1-th call), or None: not (yet) built,
+        not applicable, or a NaN met a ReLU (fused as oneDNN's post-op, which maps NaN to 0: the floating-point
+        invalid flag tells, as in _run_plan; the caller then runs _run_plan, which keeps NaN)."""
+        slot = len(self.units)
+        graph = packs[slot]
+        if graph is _UNRESOLVED or type(graph) is int:
+            runs = 0 if graph is _UNRESOLVED else graph
+            if runs < GRAPH_AFTER:
+                packs[slot] = runs + 1
+                return None
+            graph = packs[slot] = self._graph(x)
+        if graph is None:
+            return None
+        clear, raised = _FE_INVALID
+        flags = clear()
+        try:
+            with _onednn_fusion():
+                out = graph.module(x)
+        except RuntimeError:
+            packs[slot] = None  # refused by this torch: the one-call body from now on
+            raised(flags)  # (restores the flags)
+            return None
+        if not raised(flags):
+            graph.misses = 0
+            return out
+        # Inputs that keep meeting NaN would pay for two bodies each time: the one-call body alone from then on.
+        graph.misses += 1
+        if graph.misses >= _GRAPH_MISSES:
+            packs[slot] = None
+        return None
+
+    def _graph(self, x):
+        """The body as a frozen TorchScript graph of plain ops on the units' folds, run once for each of the calls
+        the graph executor profiles before it fuses; None where the body has a module it does not cover (an average
+        pool or option-A shortcut, a pool other than the stem's max pool) or TorchScript fails on it."""
+        blocks = []
+        for branch, projection, residual in self.blocks:
+            if projection is not None and not (projection[0] is None and projection[1] is not None):
+                return None
+            blocks.append((branch, None if projection is None else projection[1], residual))
+        if self.pool_relu is None and self.pool is not None and type(self.pool) is not nn.Identity:
+            return None
+        folds = []
+        for unit in self.units:
+            weight, bias = unit.cache.get_or_fold(unit.name, *_fold_spec(unit.conv, unit.norm, unit.kind))
+            if weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
+                return None
+            folds.append((weight.detach(), None if bias is None else bias.detach()))
+        body = _GraphBody(self, folds, blocks).eval()
+        try:
+            with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), _onednn_fusion():
+                warnings.simplefilter("ignore")  # TorchScript's deprecation
+                example = x.clone()  # (x is an inference tensor under inference mode)
+                graph = torch.jit.freeze(torch.jit.trace(body, example))
+                for _ in range(_GRAPH_WARM_CALLS):
+                    graph(example)
+        except Exception:  # noqa: BLE001 - any TorchScript failure: the one-call body stays
+            return None
+        return _Graph(graph)
+
     def _head(self, model, x, packs, autocast_dtype):
         if not self.has_head:
             return x
@@ -309,6 +394,63 @@ class _Plan:
         if head is _UNRESOLVED:
             head = packs[-1] = tuple(_cast_fp32(t, autocast_dtype) for t in (self.head.weight, self.head.bias))
         return F.linear(x, *head)  # under autocast, as model.fc(x) would compute it
+
+
+class _Graph:
+    """A key's graph body, and how many forwards in a row it handed to _run_plan (a NaN met a ReLU)."""
+
+    __slots__ = ("module", "misses")
+
+    def __init__(self, module):
+        self.module, self.misses = module, 0
+
+
+class _onednn_fusion:
+    """TorchScript's oneDNN Graph fusion on inside the block only: the flag is global, and no other TorchScript code
+    of the process is to see it."""
+
+    def __enter__(self):
+        self.before = torch.jit.onednn_fusion_enabled()
+        torch.jit.enable_onednn_fusion(True)
+
+    def __exit__(self, *exc):
+        torch.jit.enable_onednn_fusion(self.before)
+
+
+class _GraphBody(nn.Module):
+    """What _run_plan computes, in plain ops on the units' folds (their tensors, not copies): traced by
+    _Plan._graph. blocks: (branch units, the projection's unit or None, residual)."""
+
+    def __init__(self, plan, folds, blocks):
+        super().__init__()
+        for i, (weight, bias) in enumerate(folds):
+            self.register_buffer(f"weight{i}", weight)
+            self.register_buffer(f"bias{i}", bias)
+        self.geometry = [unit.geometry for unit in plan.units]
+        self.relu = [unit.relu for unit in plan.units]
+        self.stem, self.pool_relu, self.blocks = plan.stem, plan.pool_relu, blocks
+
+    def unit(self, i, x, residual=None):
+        stride, padding, dilation, groups = self.geometry[i]
+        y = F.conv2d(x, getattr(self, f"weight{i}"), getattr(self, f"bias{i}"), stride, padding, dilation, groups)
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if self.relu[i] else y
+
+    def forward(self, x):
+        for i in self.stem:
+            x = self.unit(i, x)
+        if self.pool_relu is not None:
+            kernel_size, stride, padding, dilation, ceil_mode = self.pool_relu
+            x = torch.relu(F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode))
+        for branch, projection, residual in self.blocks:
+            block_input = x
+            for i in branch[:-1]:
+                x = self.unit(i, x)
+            shortcut = self.unit(projection, block_input) if projection is not None else \
+                (block_input if residual else None)
+            x = self.unit(branch[-1], x, shortcut)
+        return x
 
 
 def _window(pool):
