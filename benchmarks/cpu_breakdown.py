@@ -50,7 +50,8 @@ PROVIDERS = ("fastres", "eager", "compile-freezing", "onnxruntime")
 def parse_onednn_exec(text):
     """{primitive kind: [count, total ms]} of the primitive executions in oneDNN verbose output: lines such as
     `onednn_verbose,v1,primitive,exec,cpu,convolution,brg_conv_fwd:avx512_core,...,1.2832` (with or without the
-    timestamp field, or the older `dnnl_verbose,exec,cpu,...`), whose last field is the time in ms."""
+    timestamp field, or the older `dnnl_verbose,exec,cpu,...`), whose last field is the time in ms. oneDNN Graph's
+    `graph,exec` lines are left out: each partition's primitives print their own lines."""
     kinds = {}
     for line in text.splitlines():
         if not line.startswith(("onednn_verbose,", "dnnl_verbose,")):
@@ -59,8 +60,8 @@ def parse_onednn_exec(text):
         if "exec" not in fields:
             continue
         i = fields.index("exec")
-        if i + 2 >= len(fields):
-            continue
+        if i + 2 >= len(fields) or fields[i - 1] == "graph":
+            continue  # (a oneDNN Graph partition's line: its time is that of the primitives it ran, printed too)
         try:
             ms = float(fields[-1])
         except ValueError:

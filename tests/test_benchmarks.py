@@ -795,6 +795,8 @@ def test_cpu_breakdown_parses_onednn_verbose():
         "forward_inference,src:f32,attr-post-ops:sum,alg:convolution_direct,mb1_ic64oc256,0.5",
         "dnnl_verbose,exec,cpu,reorder,jit:uni,undef,src_f32::blocked:abcd:f0 dst_f32::blocked:Acdb64a:f0,,,"
         "64x3x7x7,0.125",
+        "onednn_verbose,v1,graph,exec,cpu,100074,convolution_post_ops,aten::_convolution,data:NCX filter:OIX ,"
+        "in0_f32:0:strided:variable:1x3x64x64:12288s1s192s3,fpm:strict,convolution_fwd_t,dnnl_backend,2.5",
         "some other output,exec,not a verbose line,9",
         "onednn_verbose,v1,primitive,exec,cpu,convolution,cut short",
     ])
@@ -828,13 +830,16 @@ def test_cpu_breakdown_groups_onnxruntime_nodes_by_run():
                     reason="needs oneDNN and fastres._C's CPU eval plan")
 def test_cpu_breakdown_runs(tmp_path):
     """A tiny run: fastres's forward executes each of ResNet-18's 20 convolutions as one oneDNN primitive (its
-    plan), and the run is written with the documented fields."""
+    plan; after two forwards a oneDNN Graph, whose partitions' own lines are not counted), never a weight reorder,
+    and the run is written with the documented fields."""
     path = tmp_path / "breakdown.jsonl"
     run = cpu_breakdown.main(["--arch", "resnet18", "--input-size", "64", "--iters", "2", "--settle", "0",
                               "--providers", "fastres,eager", "--json", str(path)])
     rows = {r["provider"]: r for r in run["rows"]}
     assert list(rows) == ["fastres", "eager"]
-    assert rows["fastres"]["conv_kernels"] == 20 and rows["fastres"]["other_kernels"] == {}
+    assert rows["fastres"]["conv_kernels"] == 20 and "reorder" not in rows["fastres"]["other_kernels"]
+    # (the graph body's stem pool is a oneDNN pooling primitive, with the ReLU after it)
+    assert set(rows["fastres"]["other_kernels"]) <= {"pooling", "eltwise"}
     for r in rows.values():
         assert r["forward_ms"] > 0 and r["instrumented_ms"] > 0 and r["conv_kernels_ms"] >= 0
     assert 0 < rows["fastres"]["conv_kernels_ms"]
