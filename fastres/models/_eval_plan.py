@@ -19,7 +19,8 @@ per-unit path runs. Under autograd (an eval forward whose input or parameters wa
 carries a node whose backward recomputes the forward through the per-unit path (_PlannedForward); once a model has
 been differentiated so, it takes the per-unit path under autograd directly. A unit the packed path cannot run
 (refused by oneDNN, a dtype without oneDNN kernels) runs through conv_norm_act inside the plan. The results are
-those of the per-unit path: the same calls on the same packed weights. Under autocast the classifier's weight is
+those of the per-unit path: the same calls on the same packed weights (but for the fp32 graph body below, whose
+kernels round their own way, within the tolerance rule). Under autocast the classifier's weight is
 cast once per plan, not on every call, and the input's cast and channels_last copy are one pass. A max pool after
 the stem runs with the stem's ReLU as one pass (fastres.ops.max_pool_relu's kernel: ReLU commutes with max; ATen's
 pool also writes argmax indices).
