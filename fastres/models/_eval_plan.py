@@ -41,8 +41,8 @@ from fastres import ops
 from fastres.ops import _compiled
 from fastres._convert.torchvision import Sequential as FusedSequential
 from fastres.nn._fused import _MAX_DERIVED, _SAMPLED_ELEMENTS, _WHOLE_ELEMENTS, _cacheable, _cast_fp32, \
-    _fold_spec, _traced, conv_geometry, functorch_active, global_hooks_set, has_own_hooks, is_plain_relu, \
-    keep_memory_format, norm_after_conv, norm_kind, packed_unit, run_packed, unit_fusable
+    _fold_spec, _traced, conv_geometry, folded_conv_params, functorch_active, global_hooks_set, has_own_hooks, \
+    is_plain_relu, keep_memory_format, norm_after_conv, norm_kind, packed_unit, run_packed, unit_fusable
 from fastres.nn._lean import conv_norm_act
 from fastres.nn.blocks import _FusedBlock
 
@@ -362,14 +362,15 @@ class _Plan:
         pool or option-A shortcut, a pool other than the stem's max pool) or TorchScript fails on it."""
         blocks = []
         for branch, projection, residual in self.blocks:
-            if projection is not None and not (projection[0] is None and projection[1] is not None):
+            if projection is not None and not (projection[1] is not None and
+                                               (projection[0] is None or type(projection[0]) is nn.Identity)):
                 return None
             blocks.append((branch, None if projection is None else projection[1], residual))
         if self.pool_relu is None and self.pool is not None and type(self.pool) is not nn.Identity:
             return None
         folds = []
         for unit in self.units:
-            weight, bias = unit.cache.get_or_fold(unit.name, *_fold_spec(unit.conv, unit.norm, unit.kind))
+            weight, bias = folded_conv_params(unit.conv, unit.norm, unit.kind, unit.cache, unit.name)
             if weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
                 return None
             folds.append((weight.detach(), None if bias is None else bias.detach()))
