@@ -1145,3 +1145,108 @@ def test_invalid_flag_ops_refuse_a_foreign_state():
         assert torch.ops.fastres._fe_invalid_raised(state)
     finally:
         torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- autocast on a CPU whose reduced dtype is slower
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head", ["resnet", "timm-features"])
+def test_autocast_in_fp32_runs_the_fp32_body_and_casts_its_output(dtype, head, monkeypatch, per_unit_path,
+                                                                  plan_runs):
+    """FASTRES_CPU_AUTOCAST=fp32: under autocast the plan runs the fp32 forward (its key's packed weights, no
+    weight in autocast's dtype) and hands back its output in autocast's dtype: exactly the fp32 output cast, so
+    within the tolerance rule against float64 by far; the caller's autocast stays on."""
+    from fastres.models import _eval_plan
+    monkeypatch.setenv("FASTRES_CPU_AUTOCAST", "fp32")
+    if head == "timm-features":
+        pytest.importorskip("timm")
+        model = fastres.convert(_timm_resnet()).eval()
+        run = model.forward_features
+    else:
+        model = randomize_(fm.resnet50(num_classes=10, width_per_group=16)).eval()
+        run = model
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        fp32 = run(x)
+        with torch.autocast("cpu", dtype):
+            with per_unit_path():
+                per_unit = run(x)  # autocast's dtype throughout
+            outs = [run(x) for _ in range(3)]
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == dtype
+    assert plan_runs["plan"] == 4
+    assert per_unit.dtype == dtype
+    for out in outs:
+        assert out.dtype == dtype and torch.equal(out, fp32.to(dtype))
+    keys = model.fold_cache.plan.packs.keys()
+    assert [key[2] for key in keys] == [None]  # one key, fp32: nothing packed in autocast's dtype
+
+
+def test_autocast_keeps_its_dtype_where_it_is_not_slower(monkeypatch, per_unit_path):
+    """FASTRES_CPU_AUTOCAST=auto (the default): the plan measures once per dtype and thread count how much slower
+    this CPU's convolution is in autocast's dtype, and runs fp32 only above AUTOCAST_FP32_ABOVE; =autocast never."""
+    from fastres.models import _eval_plan
+    probes = []
+    ratio = {"value": 1.0}
+
+    def probe(dtype):
+        probes.append(dtype)
+        return ratio["value"]
+    monkeypatch.setattr(_eval_plan, "reduced_conv_time_ratio", probe)
+    monkeypatch.setattr(_eval_plan, "_AUTOCAST_PROBED", {})
+    monkeypatch.setenv("FASTRES_CPU_AUTOCAST", "auto")
+    model = randomize_(fm.resnet18(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        fp32 = model(x)
+        with torch.autocast("cpu", torch.bfloat16):
+            with per_unit_path():
+                reduced = model(x)
+            same = [model(x) for _ in range(2)]  # ratio 1.0: autocast's dtype
+            assert probes == [torch.bfloat16]
+            ratio["value"] = 2.0  # measured once: still autocast's dtype
+            assert torch.equal(model(x), reduced)
+            monkeypatch.setattr(_eval_plan, "_AUTOCAST_PROBED", {})
+            assert torch.equal(model(x), fp32.to(torch.bfloat16))  # measured again: 2.0, fp32
+            assert probes == [torch.bfloat16] * 2
+            monkeypatch.setenv("FASTRES_CPU_AUTOCAST", "autocast")
+            assert torch.equal(model(x), reduced)
+            assert probes == [torch.bfloat16] * 2  # no measurement where the environment decides
+    assert all(torch.equal(o, reduced) for o in same)
+    assert not torch.equal(reduced.float(), fp32)  # (the two paths do differ here)
+    monkeypatch.setattr(_eval_plan, "_AUTOCAST_PROBED", {})
+    ratio["value"] = _eval_plan.AUTOCAST_FP32_ABOVE  # not above: autocast's dtype
+    monkeypatch.setenv("FASTRES_CPU_AUTOCAST", "auto")
+    assert not _eval_plan.autocast_computes_in_fp32(torch.bfloat16)
+
+
+def test_autocast_mode_from_the_environment_is_checked(monkeypatch):
+    from fastres.models import _eval_plan
+    monkeypatch.setenv("FASTRES_CPU_AUTOCAST", "bf16")
+    model = randomize_(fm.resnet18(num_classes=10)).eval()
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16), \
+            pytest.raises(ValueError, match="FASTRES_CPU_AUTOCAST must be one of auto, fp32, autocast, got 'bf16'"):
+        model(torch.randn(1, 3, 32, 32))
+    monkeypatch.setenv("FASTRES_CPU_AUTOCAST", " FP32 ")
+    assert _eval_plan.autocast_computes_in_fp32(torch.bfloat16)
+
+
+def test_reduced_conv_time_ratio_measures_this_cpu():
+    from fastres.models import _eval_plan
+    with torch.autocast("cpu", torch.bfloat16):
+        ratio = _eval_plan.reduced_conv_time_ratio(torch.bfloat16, channels=16, size=8, rounds=3)
+    assert 0 < ratio < float("inf")
+    with pytest.raises(ValueError, match="rounds must be at least 1, got 0"):
+        _eval_plan.reduced_conv_time_ratio(torch.bfloat16, rounds=0)
+
+
+def test_autocast_in_fp32_runs_the_onednn_graph_body(graph_body, monkeypatch):
+    """Under autocast computed in fp32 the key is the fp32 one, whose body becomes the oneDNN Graph (traced and run
+    with autocast off, so that TorchScript inserts no cast of its own)."""
+    monkeypatch.setenv("FASTRES_CPU_AUTOCAST", "fp32")
+    model = randomize_(fm.resnet18(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        with torch.autocast("cpu", torch.bfloat16):
+            outs = [model(x) for _ in range(5)]
+        fp32 = model(x)
+    assert graph_body == {"built": 1, "ran": 3}
+    assert all(o.dtype == torch.bfloat16 for o in outs) and torch.equal(outs[-1], fp32.to(torch.bfloat16))

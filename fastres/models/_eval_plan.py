@@ -28,9 +28,14 @@ Once a forward of an input key has run every unit from its packed weight, the bo
 C++ call, fastres::_run_plan (csrc/cpu_plan.cpp): the same calls without the Python around each (~20 us a unit).
 In fp32, once that call has run GRAPH_AFTER times for an input key, the body becomes a oneDNN Graph (TorchScript's
 fusion of the frozen graph of the same units), which keeps what each oneDNN call otherwise rebuilds (GRAPH_BODY).
+Under autocast to a reduced dtype (bf16, fp16) with an fp32 input, on a CPU whose convolutions in that dtype are
+slower than in fp32 (AVX512-BF16 without AMX: 1.6-1.9x slower at every ResNet-50 layer on an Intel Xeon), the plan
+runs the fp32 body and hands back its output in autocast's dtype, as autocast's forward would (see
+autocast_computes_in_fp32; FASTRES_CPU_AUTOCAST).
 """
 import contextvars
 import os
+import time
 import warnings
 
 import torch
@@ -75,6 +80,14 @@ GRAPH_AFTER = 2
 _GRAPH_WARM_CALLS = 3
 # Forwards in a row that meet a NaN (and so run the graph, then _run_plan) before a key drops its graph.
 _GRAPH_MISSES = 3
+# Under autocast, whether the plan computes in fp32 (FASTRES_CPU_AUTOCAST): "auto" where this CPU's convolutions in
+# autocast's dtype take more than AUTOCAST_FP32_ABOVE times their fp32 time (measured once per process, dtype and
+# thread count), "fp32" always, "autocast" never (autocast's dtype, as ATen would compute it). The margin keeps the
+# choice, and so the numerics, from flipping with timing noise: CPUs differ by far more (bf16 at 0.55x fp32's time
+# on an AMD EPYC with AVX512-BF16, 1.85x on an Intel Xeon with it and no AMX).
+AUTOCAST_MODES = ("auto", "fp32", "autocast")
+AUTOCAST_FP32_ABOVE = 1.25
+_AUTOCAST_PROBED = {}  # (dtype, threads) -> reduced-over-fp32 time ratio
 # Block forwards that, in eval with plain ReLUs, run exactly _FusedBlock.forward's units (fastres._convert.timm adds
 # its blocks' forward): a block class with any other forward is not planned.
 PLANNABLE_BLOCK_FORWARDS = {_FusedBlock.forward}
@@ -580,6 +593,53 @@ def run(model, x, head=True):
             return None
         cache.plan = plan
     autocast_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    if autocast_dtype is not None and x.dtype == torch.float32 and autocast_computes_in_fp32(autocast_dtype):
+        # The fp32 body (and its key's packed weights and graph), its output in autocast's dtype.
+        with torch.autocast("cpu", enabled=False):
+            key = (x.shape, x.dtype, None, torch.is_inference_mode_enabled(), grad_enabled, backend,
+                   torch.backends.mkldnn.enabled)
+            return plan.run(model, x, plan.packs_for(key), None).to(autocast_dtype)
     key = (x.shape, x.dtype, autocast_dtype, torch.is_inference_mode_enabled(), grad_enabled, backend,
            torch.backends.mkldnn.enabled)
     return plan.run(model, x, plan.packs_for(key), autocast_dtype)
+
+
+def autocast_computes_in_fp32(dtype):
+    """Whether the plan, under autocast to `dtype` with an fp32 input, runs its fp32 body (then casts the output to
+    `dtype`): FASTRES_CPU_AUTOCAST=fp32, or auto (the default) where reduced_conv_time_ratio(dtype) exceeds
+    AUTOCAST_FP32_ABOVE. fp32 computes at least as accurately, so the tolerance rule holds either way."""
+    mode = os.environ.get("FASTRES_CPU_AUTOCAST", "auto").strip().lower() or "auto"
+    if mode not in AUTOCAST_MODES:
+        raise ValueError(f"FASTRES_CPU_AUTOCAST must be one of {', '.join(AUTOCAST_MODES)}, got {mode!r}")
+    if mode != "auto":
+        return mode == "fp32"
+    key = (dtype, torch.get_num_threads())
+    ratio = _AUTOCAST_PROBED.get(key)
+    if ratio is None:
+        ratio = _AUTOCAST_PROBED[key] = reduced_conv_time_ratio(dtype)
+    return ratio > AUTOCAST_FP32_ABOVE
+
+
+def reduced_conv_time_ratio(dtype, channels=128, size=28, rounds=5):
+    """This CPU's time for a 3x3 channels_last convolution (batch 1, `channels` in and out, size x size, ATen's
+    kernel at the current thread count) in `dtype` over its time in fp32: medians of `rounds` interleaved calls
+    after two warm-up calls each (about 50 ms at 2 threads)."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    generator = torch.Generator().manual_seed(0)
+    with torch.autocast("cpu", enabled=False), torch.no_grad():
+        x = torch.randn(1, channels, size, size, generator=generator)
+        weight = torch.randn(channels, channels, 3, 3, generator=generator) / (3 * channels ** 0.5)
+        args = {d: (x.to(d).contiguous(memory_format=torch.channels_last),
+                    weight.to(d).contiguous(memory_format=torch.channels_last)) for d in (torch.float32, dtype)}
+        times = {d: [] for d in args}
+        for d, (xd, wd) in args.items():
+            F.conv2d(xd, wd, None, 1, 1)
+            F.conv2d(xd, wd, None, 1, 1)
+        for _ in range(rounds):
+            for d, (xd, wd) in args.items():
+                start = time.perf_counter()
+                F.conv2d(xd, wd, None, 1, 1)
+                times[d].append(time.perf_counter() - start)
+    median = {d: sorted(t)[len(t) // 2] for d, t in times.items()}
+    return median[dtype] / median[torch.float32]
