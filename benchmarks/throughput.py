@@ -371,8 +371,27 @@ def build_providers(s, inputs, skipped):
             forward = autocast_bf16(model, s.device) if name in AUTOCAST else None
             step, body, zero_grad = make_step(model, s.mode, forward)
             providers.append(Provider(name, model, step, body, zero_grad,
-                                      inputs=nchw_inputs if name == "eager-nchw" else None))
+                                      inputs=nchw_inputs if name == "eager-nchw" else None,
+                                      notes=(autocast_compute_notes(s) if name == "fastres-autocast" else None) or []))
     return providers, ref
+
+
+def autocast_compute_notes(s):
+    """What fastres's CPU eval plan computes in under bf16 autocast on this machine (fastres.models._eval_plan:
+    fp32 where this CPU's bf16 convolutions are measurably slower), as a note; none where the plan does not run."""
+    if s.device.type != "cpu" or s.mode != "infer":
+        return []
+    from fastres.models import _eval_plan
+    mode = os.environ.get("FASTRES_CPU_AUTOCAST", "auto").strip().lower() or "auto"
+    if mode == "auto":
+        _eval_plan.autocast_computes_in_fp32(torch.bfloat16)  # measured here, once, as the first forward would
+        ratio = _eval_plan._AUTOCAST_PROBED[(torch.bfloat16, torch.get_num_threads())]
+        why = (f"this CPU's bf16 3x3 convolution took {ratio:.2f}x its fp32 time "
+               f"(fp32 above {_eval_plan.AUTOCAST_FP32_ABOVE}x)")
+    else:
+        why = f"FASTRES_CPU_AUTOCAST={mode}"
+    where = "fp32, output cast to bf16" if _eval_plan.autocast_computes_in_fp32(torch.bfloat16) else "bf16"
+    return [f"fastres's eval plan computes in {where}: {why}"]
 
 
 def make_inputs(s):

@@ -29,7 +29,7 @@ C++ call, fastres::_run_plan (csrc/cpu_plan.cpp): the same calls without the Pyt
 In fp32, once that call has run GRAPH_AFTER times for an input key, the body becomes a oneDNN Graph (TorchScript's
 fusion of the frozen graph of the same units), which keeps what each oneDNN call otherwise rebuilds (GRAPH_BODY).
 Under autocast to a reduced dtype (bf16, fp16) with an fp32 input, on a CPU whose convolutions in that dtype are
-slower than in fp32 (AVX512-BF16 without AMX: 1.6-1.9x slower at every ResNet-50 layer on an Intel Xeon), the plan
+slower than in fp32 (AVX512-BF16 without AMX: 1.3-1.9x slower per ResNet-50 layer, 1.7x in all, on an Intel Xeon), the plan
 runs the fp32 body and hands back its output in autocast's dtype, as autocast's forward would (see
 autocast_computes_in_fp32; FASTRES_CPU_AUTOCAST).
 """
