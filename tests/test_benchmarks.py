@@ -550,9 +550,33 @@ def test_throughput_cpu_peers(tmp_path):
         assert (result["peak_memory_bytes"] is None) == (name in ("onnxruntime", "openvino", "openvino-bf16"))
     assert run["results"]["onnxruntime"]["notes"][0].startswith("torch.onnx.export(")
     assert "INFERENCE_PRECISION_HINT f32" in run["results"]["openvino"]["notes"][0]
+    # (the suite pins the plan's autocast compute: tests/conftest.py)
+    assert run["results"]["fastres-autocast"]["notes"] == [
+        "fastres's eval plan computes in bf16: FASTRES_CPU_AUTOCAST=autocast"]
     assert run["versions"]["onnxruntime"] and run["versions"]["openvino"] and run["versions"]["onnx"]
     assert run["cpu"] and isinstance(run["cpu_flags"], list) and set(run["cpu_flags"]) <= set(C.CPU_FLAGS)
     assert [row["provider"] for row in read_csv(tmp_path / "t.csv")] == ran
+
+
+def test_throughput_notes_what_fastres_computes_in_under_autocast(monkeypatch):
+    from fastres.models import _eval_plan
+    _, s = throughput.parse_args(["--arch", "resnet50", "--device", "cpu"])
+    monkeypatch.setattr(_eval_plan, "_AUTOCAST_PROBED", {})
+    monkeypatch.setattr(_eval_plan, "reduced_conv_time_ratio", lambda dtype: 1.7)
+    monkeypatch.setenv("FASTRES_CPU_AUTOCAST", "auto")
+    assert throughput.autocast_compute_notes(s) == [
+        "fastres's eval plan computes in fp32, output cast to bf16: this CPU's bf16 3x3 convolution took 1.70x its "
+        "fp32 time (fp32 above 1.25x)"]
+    monkeypatch.setattr(_eval_plan, "_AUTOCAST_PROBED", {})
+    monkeypatch.setattr(_eval_plan, "reduced_conv_time_ratio", lambda dtype: 0.55)
+    assert throughput.autocast_compute_notes(s) == [
+        "fastres's eval plan computes in bf16: this CPU's bf16 3x3 convolution took 0.55x its fp32 time "
+        "(fp32 above 1.25x)"]
+    monkeypatch.setenv("FASTRES_CPU_AUTOCAST", "fp32")
+    assert throughput.autocast_compute_notes(s) == [
+        "fastres's eval plan computes in fp32, output cast to bf16: FASTRES_CPU_AUTOCAST=fp32"]
+    _, s = throughput.parse_args(["--arch", "resnet50", "--device", "cpu", "--mode", "train"])
+    assert throughput.autocast_compute_notes(s) == []  # no eval plan in training
 
 
 needs_onednn_fusion = pytest.mark.skipif(_peers.unavailable("torchscript-onednn") is not None,
