@@ -51,6 +51,9 @@ The CPU peer table (ResNet-50 v1.5, 224x224, 2 threads, batch 1 and 8):
     for b in 1 8; do OMP_NUM_THREADS=2 python benchmarks/throughput.py --arch resnet50 --providers peers \
         --batch-size $b --save; done
 Its two autocast rows alone: --providers eager,eager-autocast,fastres,fastres-autocast (channels_last, the default).
+fastres's first CPU eval forward raises glibc's malloc thresholds for the whole process
+(fastres.models._malloc; FASTRES_CPU_MALLOC=0 leaves them), before any timed batch, so every torch provider
+of the run has it: the run prints and records ("malloc") what was done.
 A compile provider (or an engine) whose compilation fails or outlasts --compile-timeout is dropped, and the reason
 printed.
 --cuda-graphs (CUDA only): fastres and eager are captured whole into a CUDA graph (the training step with its
@@ -827,6 +830,13 @@ def parse_args(argv=None):
                           args.progress, args.memory_mode, settle)
 
 
+def malloc_state():
+    """What fastres's CPU eval plan did to glibc's malloc in this process (fastres.models._malloc, at the plan's
+    first forward, before any timed batch), or None where no plan ran."""
+    from fastres.models import _malloc
+    return _malloc.state()
+
+
 def main(argv=None):
     args, s = parse_args(argv)
     interrupts = C.Interrupts().install()
@@ -860,7 +870,10 @@ def main(argv=None):
     wall_s = time.perf_counter() - _PROCESS_START
     report(s, env, results, counted, ceiling, agreement, float64_checks, skipped, timed_rounds, wall_s,
            interrupts.stop)
-    run = {"benchmark": "throughput", **env, "settings": s.to_dict(),
+    malloc = malloc_state()
+    if malloc is not None:
+        print(f"malloc: {malloc} (process-wide: every torch provider here ran with it)")
+    run = {"benchmark": "throughput", **env, "settings": s.to_dict(), "malloc": malloc,
            "macs_per_image": {"paper": s.arch.paper_macs, "counted": counted,
                               "counted_work": "forward + backward" if s.mode == "train" else "forward"},
            "ceiling": ceiling, "memory_measure": C.memory_label(s.device), "agreement": agreement,

@@ -6,6 +6,7 @@ No timing is asserted (performance is what the scripts report, not what tests ch
 import csv
 import json
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -550,6 +551,10 @@ def test_throughput_cpu_peers(tmp_path):
         assert (result["peak_memory_bytes"] is None) == (name in ("onnxruntime", "openvino", "openvino-bf16"))
     assert run["results"]["onnxruntime"]["notes"][0].startswith("torch.onnx.export(")
     assert "INFERENCE_PRECISION_HINT f32" in run["results"]["openvino"]["notes"][0]
+    # fastres's first forward tuned glibc's malloc for the whole process, before any timed batch
+    if platform.libc_ver()[0] == "glibc" and "glibc.malloc." not in os.environ.get("GLIBC_TUNABLES", ""):
+        assert run["malloc"] == "glibc malloc tuned by fastres: mmap_threshold 32 MiB, trim_threshold 256 MiB"
+        assert f"malloc: {run['malloc']} (process-wide: every torch provider here ran with it)" in r.stdout
     # (the suite pins the plan's autocast compute: tests/conftest.py)
     assert run["results"]["fastres-autocast"]["notes"] == [
         "fastres's eval plan computes in bf16: FASTRES_CPU_AUTOCAST=autocast"]

@@ -1250,3 +1250,52 @@ def test_autocast_in_fp32_runs_the_onednn_graph_body(graph_body, monkeypatch):
         fp32 = model(x)
     assert graph_body == {"built": 1, "ran": 3}
     assert all(o.dtype == torch.bfloat16 for o in outs) and torch.equal(outs[-1], fp32.to(torch.bfloat16))
+
+
+# ---------------------------------------------------------------- glibc's malloc (fastres.models._malloc)
+_MALLOC_PROBE = r"""
+import resource, sys, torch, fastres, fastres.models as fm
+from fastres.models import _malloc
+assert _malloc.state() is None  # importing fastres changes nothing
+model = fm.resnet18(num_classes=10).eval()
+try:
+    with torch.inference_mode():
+        model(torch.randn(1, 3, 32, 32))
+except ValueError as e:
+    print("error:", e)
+    sys.exit(0)
+print(_malloc.state())
+print(_malloc.tune() == _malloc.state())  # once per process
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = torch.empty(6 << 20).fill_(1)  # 24 MiB each: under the mmap threshold once tuned
+    b = torch.empty(6 << 20).fill_(1)
+    del a, b
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults()
+print(max(faults() for _ in range(4)))
+"""
+
+
+def _malloc_probe(**env):
+    import os
+    import subprocess
+    environ = {k: v for k, v in os.environ.items() if k not in ("FASTRES_CPU_MALLOC", "GLIBC_TUNABLES")}
+    out = subprocess.run([sys.executable, "-c", _MALLOC_PROBE], capture_output=True, text=True, check=True,
+                         env={**environ, **env})
+    return out.stdout.split("\n")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "glibc" not in (platform.libc_ver()[0] or ""),
+                    reason="glibc's malloc")
+def test_plan_keeps_activations_in_glibcs_heap():
+    """The first CPU eval plan of a process raises glibc's mmap and trim thresholds once: repeated 24 MiB
+    activations then come from the heap without a page fault. FASTRES_CPU_MALLOC=0, or a GLIBC_TUNABLES that sets
+    glibc's malloc, leaves it as it was; another value is refused by name."""
+    state, once, steady, _ = _malloc_probe()
+    assert state == "glibc malloc tuned by fastres: mmap_threshold 32 MiB, trim_threshold 256 MiB"
+    assert once == "True" and int(steady) < 64  # (a few pages of other allocations at most)
+    assert _malloc_probe(FASTRES_CPU_MALLOC="0")[0] == "glibc malloc as it was (FASTRES_CPU_MALLOC=0)"
+    assert _malloc_probe(GLIBC_TUNABLES="glibc.malloc.arena_max=2")[0] == \
+        "glibc malloc as it was (GLIBC_TUNABLES sets glibc's malloc)"
+    assert _malloc_probe(FASTRES_CPU_MALLOC="yes")[0] == "error: FASTRES_CPU_MALLOC must be 0 or 1, got 'yes'"

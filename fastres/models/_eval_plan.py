@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastres import ops
+from fastres.models import _malloc
 from fastres.ops import _compiled
 from fastres._convert.torchvision import Sequential as FusedSequential
 from fastres.nn._fused import _MAX_DERIVED, _SAMPLED_ELEMENTS, _WHOLE_ELEMENTS, _cacheable, _cast_fp32, \
@@ -592,6 +593,8 @@ def run(model, x, head=True):
         except _NotPlannable:
             return None
         cache.plan = plan
+        if _malloc.state() is None:
+            _malloc.tune()  # activations kept in the heap between forwards (fastres.models._malloc)
     autocast_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
     if autocast_dtype is not None and x.dtype == torch.float32 and autocast_computes_in_fp32(autocast_dtype):
         # The fp32 body (and its key's packed weights and graph), its output in autocast's dtype.
