@@ -1299,3 +1299,17 @@ def test_plan_keeps_activations_in_glibcs_heap():
     assert _malloc_probe(GLIBC_TUNABLES="glibc.malloc.arena_max=2")[0] == \
         "glibc malloc as it was (GLIBC_TUNABLES sets glibc's malloc)"
     assert _malloc_probe(FASTRES_CPU_MALLOC="yes")[0] == "error: FASTRES_CPU_MALLOC must be 0 or 1, got 'yes'"
+
+
+def test_autocast_in_fp32_only_for_an_fp32_model(monkeypatch, per_unit_path):
+    """A model with bf16 weights (an fp32 input, which autocast casts) keeps autocast's computation under
+    FASTRES_CPU_AUTOCAST=fp32: the per-unit path's result, not a dtype error."""
+    monkeypatch.setenv("FASTRES_CPU_AUTOCAST", "fp32")
+    model = randomize_(fm.resnet18(num_classes=10)).eval().to(torch.bfloat16)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        with per_unit_path():
+            ref = model(x)
+        outs = [model(x) for _ in range(3)]
+    assert model.fold_cache.plan is not None and not model.fold_cache.plan.fp32
+    assert all(o.dtype == torch.bfloat16 and torch.equal(o, ref) for o in outs)

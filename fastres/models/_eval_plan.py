@@ -28,10 +28,10 @@ Once a forward of an input key has run every unit from its packed weight, the bo
 C++ call, fastres::_run_plan (csrc/cpu_plan.cpp): the same calls without the Python around each (~20 us a unit).
 In fp32, once that call has run GRAPH_AFTER times for an input key, the body becomes a oneDNN Graph (TorchScript's
 fusion of the frozen graph of the same units), which keeps what each oneDNN call otherwise rebuilds (GRAPH_BODY).
-Under autocast to a reduced dtype (bf16, fp16) with an fp32 input, on a CPU whose convolutions in that dtype are
-slower than in fp32 (AVX512-BF16 without AMX: 1.3-1.9x slower per ResNet-50 layer, 1.7x in all, on an Intel Xeon), the plan
-runs the fp32 body and hands back its output in autocast's dtype, as autocast's forward would (see
-autocast_computes_in_fp32; FASTRES_CPU_AUTOCAST).
+Under autocast to a reduced dtype (bf16, fp16) with fp32 weights and input, on a CPU whose convolutions in that
+dtype are slower than in fp32 (AVX512-BF16 without AMX: 1.3-1.9x slower per ResNet-50 layer, 1.7x in all, on an
+Intel Xeon), the plan runs the fp32 body and hands back its output in autocast's dtype, as autocast's forward
+would (see autocast_computes_in_fp32; FASTRES_CPU_AUTOCAST).
 """
 import contextvars
 import os
@@ -163,6 +163,9 @@ class _Plan:
         if self.head is not None:
             sources += [self.head.weight, self.head.bias]
         self.tensors = [t for t in sources if t is not None]
+        # Whether an autocast forward may run the fp32 body instead (autocast_computes_in_fp32): every tensor the
+        # units and the head read is fp32 (the guard sees a change of dtype).
+        self.fp32 = all(t.dtype == torch.float32 for t in self.tensors)
         if not _cacheable(self.tensors):
             raise _NotPlannable  # folds that FoldCache would not keep either
         # Their state, as FoldCache checks it (version, pointer, dtype, sizes, strides, sampled bytes), checked in
@@ -596,7 +599,8 @@ def run(model, x, head=True):
         if _malloc.state() is None:
             _malloc.tune()  # activations kept in the heap between forwards (fastres.models._malloc)
     autocast_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-    if autocast_dtype is not None and x.dtype == torch.float32 and autocast_computes_in_fp32(autocast_dtype):
+    if autocast_dtype is not None and x.dtype == torch.float32 and plan.fp32 and \
+            autocast_computes_in_fp32(autocast_dtype):
         # The fp32 body (and its key's packed weights and graph), its output in autocast's dtype.
         with torch.autocast("cpu", enabled=False):
             key = (x.shape, x.dtype, None, torch.is_inference_mode_enabled(), grad_enabled, backend,
@@ -626,7 +630,7 @@ def autocast_computes_in_fp32(dtype):
 def reduced_conv_time_ratio(dtype, channels=128, size=28, rounds=5):
     """This CPU's time for a 3x3 channels_last convolution (batch 1, `channels` in and out, size x size, ATen's
     kernel at the current thread count) in `dtype` over its time in fp32: medians of `rounds` interleaved calls
-    after two warm-up calls each (about 50 ms at 2 threads)."""
+    after two warm-up calls each (about 20 ms at 2 threads); inf where this torch has no such convolution in `dtype`."""
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
     generator = torch.Generator().manual_seed(0)
@@ -636,9 +640,12 @@ def reduced_conv_time_ratio(dtype, channels=128, size=28, rounds=5):
         args = {d: (x.to(d).contiguous(memory_format=torch.channels_last),
                     weight.to(d).contiguous(memory_format=torch.channels_last)) for d in (torch.float32, dtype)}
         times = {d: [] for d in args}
-        for d, (xd, wd) in args.items():
-            F.conv2d(xd, wd, None, 1, 1)
-            F.conv2d(xd, wd, None, 1, 1)
+        try:
+            for d, (xd, wd) in args.items():
+                F.conv2d(xd, wd, None, 1, 1)
+                F.conv2d(xd, wd, None, 1, 1)
+        except (RuntimeError, NotImplementedError):
+            return float("inf")  # no CPU convolution in that dtype here: fp32 it is
         for _ in range(rounds):
             for d, (xd, wd) in args.items():
                 start = time.perf_counter()
