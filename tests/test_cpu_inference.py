@@ -1233,7 +1233,16 @@ def test_reduced_conv_time_ratio_measures_this_cpu():
     from fastres.models import _eval_plan
     with torch.autocast("cpu", torch.bfloat16):
         ratio = _eval_plan.reduced_conv_time_ratio(torch.bfloat16, channels=16, size=8, rounds=3)
-    assert 0 < ratio < float("inf")
+    assert 0 < ratio < float("inf")  # (inf only where this torch has no bf16 CPU convolution, which it has)
+    real_conv2d = torch.nn.functional.conv2d
+
+    def no_fp16_conv(x, *args):
+        if x.dtype == torch.float16:
+            raise RuntimeError('"slow_conv2d_cpu" not implemented for \'Half\'')
+        return real_conv2d(x, *args)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_eval_plan.F, "conv2d", no_fp16_conv)
+        assert _eval_plan.reduced_conv_time_ratio(torch.float16, channels=16, size=8) == float("inf")
     with pytest.raises(ValueError, match="rounds must be at least 1, got 0"):
         _eval_plan.reduced_conv_time_ratio(torch.bfloat16, rounds=0)
 
