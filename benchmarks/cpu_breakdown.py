@@ -25,13 +25,17 @@ each execution alone, so its printing (instrumented - forward) is not in the ker
 lengthens the node times themselves (its instrumented forward is slower by about as much), so its outside comes out
 too small, even negative: read it as "about zero".
 Per provider it also counts the convolution primitives (nodes) a forward executes, which tells which layers ran as
-convolutions (a fused stem, for instance, runs as one).
+convolutions (a fused stem, for instance, runs as one), and the minor page faults of a plain forward (median): fresh
+pages its allocations take from the system, which the kernel zeroes (their time is in `outside` and in the kernels
+that first touch them). fastres's first forward raises glibc's malloc thresholds for the whole process
+(fastres.models._malloc), so providers measured after it have them too; the run says what was done ("malloc").
 """
 import argparse
 import contextlib
 import ctypes
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -262,40 +266,52 @@ def measure(args):
             # other providers' forwards, each is slower, at batch 8 by ~10%: compare with throughput.py's ratios).
             for _ in range(3):  # first calls and warm-up
                 forward(forward_x[name])
-            times = []
+            times, faults = [], []
             for _ in range(args.iters):
                 time.sleep(args.settle)
+                before = _minor_faults()
                 start = time.perf_counter()
                 forward(forward_x[name])
                 times.append(1e3 * (time.perf_counter() - start))
-            rows.append({"provider": name, **summarize(times, kernels(forward, args.iters))})
+                faults.append(_minor_faults() - before)
+            rows.append({"provider": name, **summarize(times, kernels(forward, args.iters)),
+                         "page_faults": statistics.median(faults)})
     return rows, skipped, size
 
 
-def report(args, rows, skipped, size, env):
+def _minor_faults():
+    """The process's minor page faults so far (fresh pages the kernel maps in and zeroes: memory an allocator handed
+    back to the system and takes again)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def report(args, rows, skipped, size, env, malloc):
     print(f"{args.arch_spec.label}, batch {args.batch_size}, {size}x{size}, fp32, eval; {env['device']}; "
           f"flags {', '.join(env['cpu_flags'] or [])}; torch {env['versions']['torch']}; settle {args.settle} s; "
           f"medians of {args.iters} forwards")
     print(f"{'provider':<18}{'forward ms':>11}{'instrumented ms':>17}{'conv kernels ms':>17}{'(count)':>8}"
-          f"{'other kernels ms':>18}{'outside ms':>12}{'outside %':>11}")
+          f"{'other kernels ms':>18}{'outside ms':>12}{'outside %':>11}{'page faults':>13}")
     for r in rows:
         print(f"{r['provider']:<18}{r['forward_ms']:>11.2f}{r['instrumented_ms']:>17.2f}{r['conv_kernels_ms']:>17.2f}"
               f"{r['conv_kernels']:>8}{r['other_kernels_ms']:>18.2f}{r['outside_ms']:>12.2f}"
-              f"{100 * r['outside_ms'] / r['forward_ms']:>10.1f}%")
+              f"{100 * r['outside_ms'] / r['forward_ms']:>10.1f}%{r['page_faults']:>13.0f}")
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
+    if malloc is not None:
+        print(f"malloc: {malloc} (process-wide: the providers after fastres ran with it)")
 
 
 CSV_FIELDS = C.ENV_CSV_FIELDS + ["arch", "batch_size", "input_size", "provider", "forward_ms", "instrumented_ms",
-                                 "conv_kernels_ms", "conv_kernels", "other_kernels_ms", "outside_ms"]
+                                 "conv_kernels_ms", "conv_kernels", "other_kernels_ms", "outside_ms", "page_faults"]
 
 
 def main(argv=None):
     args = parse_args(argv)
     env = C.environment("cpu")
     rows, skipped, size = measure(args)
-    report(args, rows, skipped, size, env)
-    run = {"benchmark": "cpu_breakdown", **env, "arch": args.arch_spec.label, "batch_size": args.batch_size,
+    from fastres.models import _malloc
+    report(args, rows, skipped, size, env, _malloc.state())
+    run = {"benchmark": "cpu_breakdown", **env, "malloc": _malloc.state(), "arch": args.arch_spec.label, "batch_size": args.batch_size,
            "input_size": size, "iters": args.iters, "settle_s": args.settle, "threads": torch.get_num_threads(),
            "engines": _peers.versions([r["provider"] for r in rows]), "rows": rows, "skipped": skipped}
     csv_rows = [{**C.env_csv_columns(env), "arch": args.arch_spec.label, "batch_size": args.batch_size,

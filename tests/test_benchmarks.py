@@ -871,7 +871,9 @@ def test_cpu_breakdown_runs(tmp_path):
     assert set(rows["fastres"]["other_kernels"]) <= {"pooling", "eltwise"}
     for r in rows.values():
         assert r["forward_ms"] > 0 and r["instrumented_ms"] > 0 and r["conv_kernels_ms"] >= 0
+        assert r["page_faults"] >= 0
     assert 0 < rows["fastres"]["conv_kernels_ms"]
+    assert run["malloc"] is not None  # fastres's plan decided it (what it did: test_plan_keeps_activations_...)
     written = read_json_lines(path)
     assert len(written) == 1 and ENV_FIELDS <= set(written[0]) and written[0]["benchmark"] == "cpu_breakdown"
     assert written[0]["rows"][0]["conv_kernels"] == 20
