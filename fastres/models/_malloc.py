@@ -1,12 +1,13 @@
 """glibc's malloc thresholds for CPU inference, set once per process by the CPU eval plan (fastres.models._eval_plan).
 
 With its defaults glibc hands each freed block above its (dynamic) mmap threshold back to the OS and trims the free
-top of its heap, so every forward of a batch-8 ResNet-50 faults in fresh, zeroed pages for its activations: 12.5k
-minor faults a forward in fastres (~10 ms of 220 at 2 threads), 50k in eager PyTorch (~45 ms of 325), measured on
-an Intel Xeon. onnxruntime and OpenVINO keep their own arenas and pay none. Raising the mmap threshold to glibc's
-maximum and the trim threshold to TRIM_THRESHOLD keeps freed activations in the heap for the next forward: no
-fault in a steady-state forward, at the price of up to TRIM_THRESHOLD of freed memory the process keeps instead of
-returning it. It is global: every allocation of the process (eager PyTorch's included) is served so from then on.
+top of its heap, so that, in some processes and not others, every forward of a batch-8 ResNet-50 faults in fresh,
+zeroed pages for its activations: 12.5k minor faults a forward in fastres (~20 ms of system time over 2 threads),
+50k in eager PyTorch, measured on an Intel Xeon (benchmarks/cpu_breakdown.py's page-fault column). onnxruntime and
+OpenVINO keep their own arenas and pay none. Raising the mmap threshold to glibc's maximum and the trim threshold to
+TRIM_THRESHOLD keeps freed activations in the heap for the next forward: no fault in a steady-state forward, at the
+price of up to TRIM_THRESHOLD of freed memory the process keeps instead of returning it. It is global: every
+allocation of the process (eager PyTorch's included) is served so from then on.
 
 FASTRES_CPU_MALLOC=0 leaves glibc as it is, and so does a GLIBC_TUNABLES that sets any glibc.malloc tunable (the
 user's own choice), or a C library other than glibc. Blocks above MMAP_THRESHOLD (a batch-16 ResNet-50 stem's
