@@ -312,7 +312,8 @@ def main(argv=None):
     from fastres.models import _malloc
     report(args, rows, skipped, size, env, _malloc.state())
     run = {"benchmark": "cpu_breakdown", **env, "malloc": _malloc.state(), "arch": args.arch_spec.label,
-           "batch_size": args.batch_size, "input_size": size, "iters": args.iters, "settle_s": args.settle, "threads": torch.get_num_threads(),
+           "batch_size": args.batch_size, "input_size": size, "iters": args.iters, "settle_s": args.settle,
+           "threads": torch.get_num_threads(),
            "engines": _peers.versions([r["provider"] for r in rows]), "rows": rows, "skipped": skipped}
     csv_rows = [{**C.env_csv_columns(env), "arch": args.arch_spec.label, "batch_size": args.batch_size,
                  "input_size": size, **{k: r[k] for k in CSV_FIELDS if k in r}} for r in rows]
