@@ -291,6 +291,13 @@ def environment(device):
             "cpu": cpu_name(), "cpu_flags": cpu_flags()}
 
 
+def fastres_malloc_state():
+    """What fastres's CPU eval plan did to glibc's malloc in this process (fastres.models._malloc: at the plan's first
+    forward, so before any timed batch of a run that has fastres), or None where no plan ran: for every CPU run."""
+    from fastres.models import _malloc
+    return _malloc.state()
+
+
 def _load_average():
     """The host's 1, 5 and 15 minute load averages when the run started: CPU timings on a shared machine need it."""
     try:

@@ -309,9 +309,9 @@ def main(argv=None):
     args = parse_args(argv)
     env = C.environment("cpu")
     rows, skipped, size = measure(args)
-    from fastres.models import _malloc
-    report(args, rows, skipped, size, env, _malloc.state())
-    run = {"benchmark": "cpu_breakdown", **env, "malloc": _malloc.state(), "arch": args.arch_spec.label,
+    malloc = C.fastres_malloc_state()
+    report(args, rows, skipped, size, env, malloc)
+    run = {"benchmark": "cpu_breakdown", **env, "malloc": malloc, "arch": args.arch_spec.label,
            "batch_size": args.batch_size, "input_size": size, "iters": args.iters, "settle_s": args.settle,
            "threads": torch.get_num_threads(),
            "engines": _peers.versions([r["provider"] for r in rows]), "rows": rows, "skipped": skipped}

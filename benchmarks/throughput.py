@@ -375,7 +375,7 @@ def build_providers(s, inputs, skipped):
             step, body, zero_grad = make_step(model, s.mode, forward)
             providers.append(Provider(name, model, step, body, zero_grad,
                                       inputs=nchw_inputs if name == "eager-nchw" else None,
-                                      notes=(autocast_compute_notes(s) if name == "fastres-autocast" else None) or []))
+                                      notes=autocast_compute_notes(s) if name == "fastres-autocast" else []))
     return providers, ref
 
 
@@ -385,16 +385,7 @@ def autocast_compute_notes(s):
     if s.device.type != "cpu" or s.mode != "infer":
         return []
     from fastres.models import _eval_plan
-    mode = os.environ.get("FASTRES_CPU_AUTOCAST", "auto").strip().lower() or "auto"
-    if mode == "auto":
-        _eval_plan.autocast_computes_in_fp32(torch.bfloat16)  # measured here, once, as the first forward would
-        ratio = _eval_plan._AUTOCAST_PROBED[(torch.bfloat16, torch.get_num_threads())]
-        why = (f"this CPU's bf16 3x3 convolution took {ratio:.2f}x its fp32 time "
-               f"(fp32 above {_eval_plan.AUTOCAST_FP32_ABOVE}x)")
-    else:
-        why = f"FASTRES_CPU_AUTOCAST={mode}"
-    where = "fp32, output cast to bf16" if _eval_plan.autocast_computes_in_fp32(torch.bfloat16) else "bf16"
-    return [f"fastres's eval plan computes in {where}: {why}"]
+    return [f"fastres's eval plan {_eval_plan.autocast_compute_reason(torch.bfloat16)}"]
 
 
 def make_inputs(s):
@@ -830,13 +821,6 @@ def parse_args(argv=None):
                           args.progress, args.memory_mode, settle)
 
 
-def malloc_state():
-    """What fastres's CPU eval plan did to glibc's malloc in this process (fastres.models._malloc, at the plan's
-    first forward, before any timed batch), or None where no plan ran."""
-    from fastres.models import _malloc
-    return _malloc.state()
-
-
 def main(argv=None):
     args, s = parse_args(argv)
     interrupts = C.Interrupts().install()
@@ -870,7 +854,7 @@ def main(argv=None):
     wall_s = time.perf_counter() - _PROCESS_START
     report(s, env, results, counted, ceiling, agreement, float64_checks, skipped, timed_rounds, wall_s,
            interrupts.stop)
-    malloc = malloc_state()
+    malloc = C.fastres_malloc_state()
     if malloc is not None:
         print(f"malloc: {malloc} (process-wide: every torch provider here ran with it)")
     run = {"benchmark": "throughput", **env, "settings": s.to_dict(), "malloc": malloc,

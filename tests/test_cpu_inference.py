@@ -1227,6 +1227,10 @@ def test_autocast_mode_from_the_environment_is_checked(monkeypatch):
         model(torch.randn(1, 3, 32, 32))
     monkeypatch.setenv("FASTRES_CPU_AUTOCAST", " FP32 ")
     assert _eval_plan.autocast_computes_in_fp32(torch.bfloat16)
+    assert _eval_plan.autocast_compute_reason(torch.float16) == \
+        "computes in fp32, output cast to fp16: FASTRES_CPU_AUTOCAST=fp32"
+    monkeypatch.setenv("FASTRES_CPU_AUTOCAST", "autocast")
+    assert _eval_plan.autocast_compute_reason(torch.float16) == "computes in fp16: FASTRES_CPU_AUTOCAST=autocast"
 
 
 def test_reduced_conv_time_ratio_measures_this_cpu():

@@ -596,35 +596,52 @@ def run(model, x, head=True):
         except _NotPlannable:
             return None
         cache.plan = plan
-        if _malloc.state() is None:
-            _malloc.tune()  # activations kept in the heap between forwards (fastres.models._malloc)
+        _malloc.tune()  # once per process: activations kept in the heap between forwards (fastres.models._malloc)
     autocast_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-    if autocast_dtype is not None and x.dtype == torch.float32 and plan.fp32 and \
-            autocast_computes_in_fp32(autocast_dtype):
-        # The fp32 body (and its key's packed weights and graph), its output in autocast's dtype.
-        with torch.autocast("cpu", enabled=False):
-            key = (x.shape, x.dtype, None, torch.is_inference_mode_enabled(), grad_enabled, backend,
-                   torch.backends.mkldnn.enabled)
-            return plan.run(model, x, plan.packs_for(key), None).to(autocast_dtype)
-    key = (x.shape, x.dtype, autocast_dtype, torch.is_inference_mode_enabled(), grad_enabled, backend,
-           torch.backends.mkldnn.enabled)
-    return plan.run(model, x, plan.packs_for(key), autocast_dtype)
+    in_fp32 = autocast_dtype is not None and x.dtype == torch.float32 and plan.fp32 and \
+        autocast_computes_in_fp32(autocast_dtype)
+    # Under autocast computed in fp32: the fp32 key (its packed weights and graph), the output in autocast's dtype.
+    key = (x.shape, x.dtype, None if in_fp32 else autocast_dtype, torch.is_inference_mode_enabled(), grad_enabled,
+           backend, torch.backends.mkldnn.enabled)
+    if not in_fp32:
+        return plan.run(model, x, plan.packs_for(key), autocast_dtype)
+    with torch.autocast("cpu", enabled=False):
+        return plan.run(model, x, plan.packs_for(key), None).to(autocast_dtype)
+
+
+def _autocast_mode():
+    mode = os.environ.get("FASTRES_CPU_AUTOCAST", "auto").strip().lower() or "auto"
+    if mode not in AUTOCAST_MODES:
+        raise ValueError(f"FASTRES_CPU_AUTOCAST must be one of {', '.join(AUTOCAST_MODES)}, got {mode!r}")
+    return mode
+
+
+def _probed_ratio(dtype):
+    """reduced_conv_time_ratio(dtype), measured once per process, dtype and thread count."""
+    key = (dtype, torch.get_num_threads())
+    ratio = _AUTOCAST_PROBED.get(key)
+    if ratio is None:
+        ratio = _AUTOCAST_PROBED[key] = reduced_conv_time_ratio(dtype)
+    return ratio
 
 
 def autocast_computes_in_fp32(dtype):
     """Whether the plan, under autocast to `dtype` with an fp32 input, runs its fp32 body (then casts the output to
     `dtype`): FASTRES_CPU_AUTOCAST=fp32, or auto (the default) where reduced_conv_time_ratio(dtype) exceeds
     AUTOCAST_FP32_ABOVE. fp32 computes at least as accurately, so the tolerance rule holds either way."""
-    mode = os.environ.get("FASTRES_CPU_AUTOCAST", "auto").strip().lower() or "auto"
-    if mode not in AUTOCAST_MODES:
-        raise ValueError(f"FASTRES_CPU_AUTOCAST must be one of {', '.join(AUTOCAST_MODES)}, got {mode!r}")
+    mode = _autocast_mode()
+    return mode == "fp32" if mode != "auto" else _probed_ratio(dtype) > AUTOCAST_FP32_ABOVE
+
+
+def autocast_compute_reason(dtype):
+    """What autocast_computes_in_fp32(dtype) decides and why, as a line for reports (it measures where it has not)."""
+    mode = _autocast_mode()
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+    where = "fp32, output cast to " + name if autocast_computes_in_fp32(dtype) else name
     if mode != "auto":
-        return mode == "fp32"
-    key = (dtype, torch.get_num_threads())
-    ratio = _AUTOCAST_PROBED.get(key)
-    if ratio is None:
-        ratio = _AUTOCAST_PROBED[key] = reduced_conv_time_ratio(dtype)
-    return ratio > AUTOCAST_FP32_ABOVE
+        return f"computes in {where}: FASTRES_CPU_AUTOCAST={mode}"
+    return (f"computes in {where}: this CPU's {name} 3x3 convolution took {_probed_ratio(dtype):.2f}x its fp32 time "
+            f"(fp32 above {AUTOCAST_FP32_ABOVE}x)")
 
 
 def reduced_conv_time_ratio(dtype, channels=128, size=28, rounds=5):
