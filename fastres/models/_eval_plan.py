@@ -84,8 +84,8 @@ _GRAPH_MISSES = 3
 # Under autocast, whether the plan computes in fp32 (FASTRES_CPU_AUTOCAST): "auto" where this CPU's convolutions in
 # autocast's dtype take more than AUTOCAST_FP32_ABOVE times their fp32 time (measured once per process, dtype and
 # thread count), "fp32" always, "autocast" never (autocast's dtype, as ATen would compute it). The margin keeps the
-# choice, and so the numerics, from flipping with timing noise: CPUs differ by far more (bf16 at 0.55x fp32's time
-# on an AMD EPYC with AVX512-BF16, 1.85x on an Intel Xeon with it and no AMX).
+# choice, and so the numerics, from flipping with timing noise: CPUs differ by far more (bf16 at 0.57x fp32's time
+# on an AMD EPYC with AVX512-BF16, 1.6-1.8x on an Intel Xeon with it and no AMX).
 AUTOCAST_MODES = ("auto", "fp32", "autocast")
 AUTOCAST_FP32_ABOVE = 1.25
 _AUTOCAST_PROBED = {}  # (dtype, threads) -> reduced-over-fp32 time ratio
