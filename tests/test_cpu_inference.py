@@ -402,19 +402,23 @@ def graph_body(monkeypatch):
         pytest.skip("needs TorchScript's oneDNN Graph fusion and fastres._C's invalid-flag ops")
     monkeypatch.setattr(_eval_plan, "GRAPH_BODY", True)
     counts = {"built": 0, "ran": 0}
-    build, run = _eval_plan._Plan._graph, _eval_plan._Plan._run_graph
-
-    def counting_build(self, x):
-        graph = build(self, x)
-        counts["built"] += graph is not None
-        return graph
+    run = _eval_plan._Plan._run_graph
 
     def counting_run(self, x, packs):
         out = run(self, x, packs)
         counts["ran"] += out is not None
         return out
 
-    monkeypatch.setattr(_eval_plan._Plan, "_graph", counting_build)
+    def counting(build):
+        def counting_build(self, x):
+            graph = build(self, x)
+            counts["built"] += graph is not None
+            return graph
+        return counting_build
+
+    # (_SequentialPlan, VGG's, builds its own graph and runs it as _Plan does)
+    for plan in (_eval_plan._Plan, _eval_plan._SequentialPlan):
+        monkeypatch.setattr(plan, "_graph", counting(plan._graph))
     monkeypatch.setattr(_eval_plan._Plan, "_run_graph", counting_run)
     return counts
 @pytest.fixture
@@ -1129,6 +1133,107 @@ def test_onednn_graph_body_dropped_where_inputs_keep_meeting_nan(graph_body, per
     for out in outs:
         torch.testing.assert_close(out, ref_bad, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(clean, ref)
+
+
+def _small_vgg(cfg=(16, "M", 32, 32, "M"), batch_norm=False):
+    """fastres.models.VGG with small features (BN where asked) and a small classifier, random weights and BN
+    statistics, in eval; and its plain modules (features, avgpool, flatten, classifier) as one Sequential."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        vgg = VGG(nn.Sequential(), num_classes=10, init_weights=False)
+    vgg.features = make_layers(cfg, batch_norm=batch_norm)
+    width = [v for v in cfg if v != "M"][-1]
+    vgg.classifier = nn.Sequential(nn.Linear(width * 49, 24), nn.ReLU(True), nn.Dropout(), nn.Linear(24, 10))
+    vgg = randomize_(vgg).eval()
+    return vgg, nn.Sequential(vgg.features, vgg.avgpool, nn.Flatten(), vgg.classifier)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True], ids=["vgg", "vgg-bn"])
+def test_vgg_eval_runs_its_features_as_a_onednn_graph(batch_norm, graph_body, per_unit_path):
+    """fastres.models.VGG in eval: the per-unit path's output for the first GRAPH_AFTER forwards of an input shape,
+    then its features as one oneDNN Graph (built once), its classifier the model's own: within the tolerance rule."""
+    vgg, plain = _small_vgg(batch_norm=batch_norm)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        with per_unit_path():
+            ref = vgg(x)
+        outs = [vgg(x) for _ in range(5)]
+    assert graph_body == {"built": 1, "ran": 3}
+    assert torch.equal(outs[0], ref) and torch.equal(outs[1], ref)
+    with torch.no_grad():
+        ref64 = copy.deepcopy(plain).double()(x.double())
+        aten = _aten_worse(plain, x, ref64)
+    for out in outs[2:]:
+        assert_within(f"{'vgg-bn' if batch_norm else 'vgg'} eval, oneDNN Graph features", out, ref64, aten)
+
+
+@pytest.mark.parametrize("edit", ["in-place", "through-data", "pool-stride"])
+def test_vgg_onednn_graph_is_never_stale(edit, graph_body, per_unit_path):
+    """A feature weight changed after the graph was built, in place or through .data (which bypasses the version
+    counter), or a max pool's stride: the next forward is the per-unit path's (the plan's guard rebuilds the plan),
+    and the graph built again computes the model as it is now."""
+    vgg, plain = _small_vgg()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        for _ in range(4):
+            vgg(x)
+    assert graph_body["built"] == 1
+    with torch.no_grad():
+        if edit == "pool-stride":
+            vgg.features[2].stride = 1
+        else:
+            (vgg.features[3].weight.data if edit == "through-data" else vgg.features[3].weight).mul_(-1)
+    with torch.inference_mode():
+        with per_unit_path():
+            ref = vgg(x)
+        assert torch.equal(vgg(x), ref)
+        for _ in range(3):
+            out = vgg(x)
+    assert graph_body["built"] == 2
+    with torch.no_grad():
+        ref64 = copy.deepcopy(plain).double()(x.double())
+        aten = _aten_worse(plain, x, ref64)
+    assert_within("vgg eval, rebuilt oneDNN Graph", out, ref64, aten)
+
+
+def test_vgg_onednn_graph_keeps_nan(graph_body, per_unit_path):
+    """A NaN that meets a ReLU (the graph's post-op maps it to 0): that forward is the per-unit path's, NaN kept."""
+    vgg, _ = _small_vgg()
+    x = torch.randn(2, 3, 16, 16)
+    bad = x.clone()
+    bad[1, 2, 7, 0] = float("nan")
+    with torch.inference_mode():
+        for _ in range(4):
+            vgg(x)
+        ran = graph_body["ran"]
+        got = vgg(bad)
+        with per_unit_path():
+            ref = vgg(bad)
+        clean = vgg(x)
+    assert torch.isnan(ref).any()  # (else the case tests nothing)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
+    assert graph_body["ran"] == ran + 1  # the clean forward only
+    assert torch.isfinite(clean).all()
+
+
+@pytest.mark.parametrize("case", ["bf16-autocast", "pool-before-relu", "hook", "training"])
+def test_vgg_onednn_graph_only_for_what_it_covers(case, graph_body, per_unit_path):
+    """No graph under autocast, for a max pool whose input is not a ReLU's (oneDNN's pooling need not keep a NaN
+    there), for a model with a hook, or in training: the per-unit path's output, bit for bit."""
+    vgg, _ = _small_vgg()
+    if case == "pool-before-relu":
+        vgg.features = nn.Sequential(nn.MaxPool2d(2), *vgg.features[:2], *vgg.features[3:])
+    elif case == "hook":
+        vgg.features[1].register_forward_hook(lambda *args: None)
+    vgg.train(case == "training")
+    x = torch.randn(2, 3, 32 if case == "pool-before-relu" else 16, 16)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=case == "bf16-autocast"):
+        with per_unit_path():
+            ref = vgg(x)
+        outs = [vgg(x) for _ in range(4)]
+    assert graph_body == {"built": 0, "ran": 0}
+    if case != "training":  # (training batches move BN statistics: none here, but dropout draws)
+        assert all(torch.equal(o, ref) for o in outs)
 
 
 @pytest.mark.skipif(not hasattr(torch.ops.fastres, "_fe_invalid_clear"), reason="needs fastres._C's flag ops")

@@ -32,6 +32,10 @@ Under autocast to a reduced dtype (bf16, fp16) with fp32 weights and input, on a
 dtype are slower than in fp32 (AVX512-BF16 without AMX: 1.3-1.9x slower per ResNet-50 layer, 1.7x in all, on an
 Intel Xeon), the plan runs the fp32 body and hands back its output in autocast's dtype, as autocast's forward
 would (see autocast_computes_in_fp32; FASTRES_CPU_AUTOCAST).
+fastres.models.VGG's eval forward has a plan of its own (_SequentialPlan, the same guard): its features alone, as one
+oneDNN Graph once a key has run GRAPH_AFTER forwards, its classifier the model's modules; everything else (the first
+forwards, autocast, a NaN that met a ReLU) is its per-unit forward (5% faster at batch 1 and 2% at batch 8 for
+VGG-19 on an Intel Xeon, ad-hoc A/B in one process).
 """
 import contextvars
 import os
@@ -49,7 +53,7 @@ from fastres._convert.torchvision import Sequential as FusedSequential
 from fastres.nn._fused import _MAX_DERIVED, _SAMPLED_ELEMENTS, _WHOLE_ELEMENTS, _cacheable, _cast_fp32, \
     _fold_spec, _traced, conv_geometry, folded_conv_params, functorch_active, global_hooks_set, has_own_hooks, \
     is_plain_relu, keep_memory_format, norm_after_conv, norm_kind, packed_unit, run_packed, unit_fusable
-from fastres.nn._lean import conv_norm_act
+from fastres.nn._lean import conv_norm_act, sequence_units
 from fastres.nn.blocks import _FusedBlock
 
 _UNRESOLVED = object()
@@ -124,18 +128,11 @@ class _Plan:
     fastres.models.ResNet does (model.avgpool, flatten, model.fc); without, it returns the last layer's output
     (timm's forward_features)."""
 
+    autocast_in_fp32 = True  # (see autocast_computes_in_fp32)
+
     def __init__(self, model, head):
         """Raises _NotPlannable where the plan does not cover the model as it is now."""
-        # Every module's class, training flag, hooks, children, parameters and buffers (by identity), as one
-        # signature (fastres._C._module_signature); the root not held: the plan lives in the root's fold cache, and
-        # a reference back would keep a deleted model alive until the garbage collector runs.
-        modules = list(model.modules())
-        if any(m.training or has_own_hooks(m) for m in modules):
-            raise _NotPlannable
-        self.modules = tuple(modules[1:])
-        self.module_signature = _MODULE_SIGNATURE(model, self.modules)
-        self.attributes = []  # (function, module, its value)
-        self.units = []
+        self._guard_modules(model)
         spec = model._plan_spec()
         if spec is None or not spec[0]:
             raise _NotPlannable
@@ -159,9 +156,29 @@ class _Plan:
         self.has_head = head
         # The classifier, whose weight autocast would cast on every call: cast once per plan and autocast dtype.
         self.head = model.fc if head and type(model.fc) is nn.Linear else None
-        sources = [t for unit in self.units for t in _fold_spec(unit.conv, unit.norm, unit.kind)[0]]
-        if self.head is not None:
-            sources += [self.head.weight, self.head.bias]
+        self._guard_tensors([] if self.head is None else [self.head.weight, self.head.bias])
+        # input key -> [per unit: (backend, packed weight, bias, autocast dtype) or None; then the graph body (how
+        # many one-call bodies ran before it, then the frozen graph, or None where it does not apply); then the body
+        # as _run_plan's (weights, biases), or None where it cannot run there; then the head's weight and bias in
+        # autocast's dtype, or None]
+        self.packs = {}
+        self.program = self._program()  # _run_plan's (units, program), or None where the body has more than it runs
+
+    def _guard_modules(self, model):
+        """The guard's first half: every module's class, training flag, hooks, children, parameters and buffers (by
+        identity), as one signature (fastres._C._module_signature); the root not held: the plan lives in the root's
+        fold cache, and a reference back would keep a deleted model alive until the garbage collector runs."""
+        modules = list(model.modules())
+        if any(m.training or has_own_hooks(m) for m in modules):
+            raise _NotPlannable
+        self.modules = tuple(modules[1:])
+        self.module_signature = _MODULE_SIGNATURE(model, self.modules)
+        self.attributes = []  # (function, module, its value)
+        self.units = []
+
+    def _guard_tensors(self, more):
+        """The guard's second half, once the units are known: the tensors their folds read, and `more`."""
+        sources = [t for unit in self.units for t in _fold_spec(unit.conv, unit.norm, unit.kind)[0]] + more
         self.tensors = [t for t in sources if t is not None]
         # Whether an autocast forward may run the fp32 body instead (autocast_computes_in_fp32): every tensor the
         # units and the head read is fp32 (the guard sees a change of dtype).
@@ -172,12 +189,6 @@ class _Plan:
         # one call before every forward (fastres._C's _tensor_state_changed). The guard holds the tensors and their
         # storages, so that an unchanged pointer means the same memory, never a new allocation at a freed address.
         self.tensor_state = _TENSOR_STATE(self.tensors)
-        # input key -> [per unit: (backend, packed weight, bias, autocast dtype) or None; then the graph body (how
-        # many one-call bodies ran before it, then the frozen graph, or None where it does not apply); then the body
-        # as _run_plan's (weights, biases), or None where it cannot run there; then the head's weight and bias in
-        # autocast's dtype, or None]
-        self.packs = {}
-        self.program = self._program()  # _run_plan's (units, program), or None where the body has more than it runs
 
     def _unit(self, conv, norm, cache, name, relu):
         if not unit_fusable(conv, norm):
@@ -385,23 +396,18 @@ class _Plan:
             blocks.append((branch, None if projection is None else projection[1], residual))
         if self.pool_relu is None and self.pool is not None and type(self.pool) is not nn.Identity:
             return None
+        folds = self._fp32_folds()
+        return None if folds is None else _compile_graph(_GraphBody(self, folds, blocks), x)
+
+    def _fp32_folds(self):
+        """Each unit's folded (weight, bias), detached, or None where one is not fp32."""
         folds = []
         for unit in self.units:
             weight, bias = folded_conv_params(unit.conv, unit.norm, unit.kind, unit.cache, unit.name)
             if weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
                 return None
             folds.append((weight.detach(), None if bias is None else bias.detach()))
-        body = _GraphBody(self, folds, blocks).eval()
-        try:
-            with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), _onednn_fusion():
-                warnings.simplefilter("ignore")  # TorchScript's deprecation
-                example = x.clone()  # (x is an inference tensor under inference mode)
-                graph = torch.jit.freeze(torch.jit.trace(body, example))
-                for _ in range(_GRAPH_WARM_CALLS):
-                    graph(example)
-        except Exception:  # noqa: BLE001 - any TorchScript failure: the one-call body stays
-            return None
-        return _Graph(graph)
+        return folds
 
     def _head(self, model, x, packs, autocast_dtype):
         if not self.has_head:
@@ -413,6 +419,78 @@ class _Plan:
         if head is _UNRESOLVED:
             head = packs[-1] = tuple(_cast_fp32(t, autocast_dtype) for t in (self.head.weight, self.head.bias))
         return F.linear(x, *head)  # under autocast, as model.fc(x) would compute it
+
+
+class _SequentialPlan(_Plan):
+    """The eval forward of a network that is a sequence (fastres.models.VGG: features, then avgpool, flatten and the
+    classifier): its features as a oneDNN Graph of the same units, its head the model's own modules (avgpool and
+    classifier, called as its forward calls them). The model describes its features as `_sequential_plan_spec()`
+    -> [(name, module)], or None. The guard is _Plan's. Only the graph is planned: until a key's graph is built
+    (GRAPH_AFTER forwards), under autocast, in another dtype, and where a NaN met a ReLU (the invalid flag, as in
+    _Plan._run_graph), run returns None and the model's per-unit forward runs. A feature the graph would not
+    compute as the per-unit path does is not planned: a module other than a unit, a plain ReLU, a max pool or an
+    identity; a max pool whose input does not come from a ReLU (oneDNN's pooling need not keep a NaN, and a NaN
+    reaches a pool after a ReLU only where the ReLU's post-op raised the flag)."""
+
+    autocast_in_fp32 = False  # (run computes nothing under autocast: the per-unit path does)
+
+    def __init__(self, model, head):
+        if not head:
+            raise _NotPlannable
+        self._guard_modules(model)
+        features = model._sequential_plan_spec()
+        if features is None:
+            raise _NotPlannable
+        units = {i: (j, conv, norm, relu) for i, j, conv, norm, relu in sequence_units(features)}
+        self.steps = []  # ("unit", unit index) | ("relu", None) | ("pool", _max_pool_arguments)
+        after_relu, i = False, 0
+        while i < len(features):
+            name, module = features[i]
+            if i in units:
+                i, conv, norm, relu = units[i]
+                self.steps.append(("unit", self._unit(conv, norm, model.fold_cache, name, relu)))
+                after_relu = relu
+                continue
+            if is_plain_relu(module):
+                self.steps.append(("relu", None))
+                after_relu = True
+            elif type(module) is nn.MaxPool2d and not module.return_indices and after_relu:
+                arguments = _max_pool_arguments(module)
+                self.attributes.append((_max_pool_arguments, module, arguments))
+                self.steps.append(("pool", arguments))
+            elif type(module) is not nn.Identity:
+                raise _NotPlannable
+            i += 1
+        self.has_head, self.head = True, None
+        self._guard_tensors([])  # (the head runs the model's modules: their tensors are read live)
+        self.packs = {}  # input key -> [_UNRESOLVED per unit (unused); the graph slot, as _Plan's; two unused]
+
+    def run(self, model, x, packs, autocast_dtype):
+        if not (GRAPH_BODY and autocast_dtype is None and x.dtype == torch.float32 and self.fp32):
+            return None
+        features = self._run_graph(x.contiguous(memory_format=torch.channels_last), packs)
+        if features is None:
+            return None
+        return model.classifier(torch.flatten(model.avgpool(features), 1))
+
+    def _graph(self, x):
+        folds = self._fp32_folds()
+        return None if folds is None else _compile_graph(_SequentialGraphBody(self, folds), x)
+
+
+def _compile_graph(body, x):
+    """A _Graph of `body` frozen for x (TorchScript's oneDNN Graph fusion), run once for each of the calls the graph
+    executor profiles before it fuses; None where TorchScript fails on it."""
+    try:
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), _onednn_fusion():
+            warnings.simplefilter("ignore")  # TorchScript's deprecation
+            example = x.clone()  # (x is an inference tensor under inference mode)
+            graph = torch.jit.freeze(torch.jit.trace(body.eval(), example))
+            for _ in range(_GRAPH_WARM_CALLS):
+                graph(example)
+    except Exception:  # noqa: BLE001 - any TorchScript failure: the caller's other path stays
+        return None
+    return _Graph(graph)
 
 
 class _Graph:
@@ -440,14 +518,16 @@ class _GraphBody(nn.Module):
     """What _run_plan computes, in plain ops on the units' folds (their tensors, not copies): traced by
     _Plan._graph. blocks: (branch units, the projection's unit or None, residual)."""
 
-    def __init__(self, plan, folds, blocks):
+    def __init__(self, plan, folds, blocks=()):
         super().__init__()
         for i, (weight, bias) in enumerate(folds):
             self.register_buffer(f"weight{i}", weight)
             self.register_buffer(f"bias{i}", bias)
         self.geometry = [unit.geometry for unit in plan.units]
         self.relu = [unit.relu for unit in plan.units]
-        self.stem, self.pool_relu, self.blocks = plan.stem, plan.pool_relu, blocks
+        self.blocks = blocks
+        if not isinstance(plan, _SequentialPlan):
+            self.stem, self.pool_relu = plan.stem, plan.pool_relu
 
     def unit(self, i, x, residual=None):
         stride, padding, dilation, groups = self.geometry[i]
@@ -472,6 +552,24 @@ class _GraphBody(nn.Module):
         return x
 
 
+class _SequentialGraphBody(_GraphBody):
+    """_SequentialPlan's features in plain ops on the units' folds: traced by _SequentialPlan._graph."""
+
+    def __init__(self, plan, folds):
+        super().__init__(plan, folds)
+        self.steps = plan.steps
+
+    def forward(self, x):
+        for kind, argument in self.steps:
+            if kind == "unit":
+                x = self.unit(argument, x)
+            elif kind == "relu":
+                x = torch.relu(x)
+            else:
+                x = F.max_pool2d(x, *argument)
+        return x
+
+
 def _window(pool):
     """A pooling module's (kernel_size, stride, padding) as pairs (stride None: the kernel's)."""
     pair = torch.nn.modules.utils._pair
@@ -482,6 +580,12 @@ def _pool_relu_geometry(pool):
     """The arguments of fastres._C's _max_pool_relu for `pool`, where it computes relu(pool(x)) exactly; else None."""
     if _MAX_POOL_RELU is None or type(pool) is not nn.MaxPool2d or pool.return_indices:
         return None
+    return _max_pool_arguments(pool)
+
+
+def _max_pool_arguments(pool):
+    """An nn.MaxPool2d's arguments of F.max_pool2d after the input: kernel_size, stride, padding, dilation,
+    ceil_mode."""
     return (*_window(pool), torch.nn.modules.utils._pair(pool.dilation), bool(pool.ceil_mode))
 
 
@@ -592,13 +696,13 @@ def run(model, x, head=True):
     if plan is None or plan.has_head != head or not plan.valid(model, grad_enabled):
         cache.plan = None
         try:
-            plan = _Plan(model, head)
+            plan = (_SequentialPlan if hasattr(model, "_sequential_plan_spec") else _Plan)(model, head)
         except _NotPlannable:
             return None
         cache.plan = plan
         _malloc.tune()  # once per process: activations kept in the heap between forwards (fastres.models._malloc)
     autocast_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-    in_fp32 = autocast_dtype is not None and x.dtype == torch.float32 and plan.fp32 and \
+    in_fp32 = autocast_dtype is not None and x.dtype == torch.float32 and plan.fp32 and plan.autocast_in_fp32 and \
         autocast_computes_in_fp32(autocast_dtype)
     # Under autocast computed in fp32: the fp32 key (its packed weights and graph), the output in autocast's dtype.
     key = (x.shape, x.dtype, None if in_fp32 else autocast_dtype, torch.is_inference_mode_enabled(), grad_enabled,

@@ -1,10 +1,12 @@
 """VGG-19 (the paper's comparison baseline) with torchvision's structure and state_dict keys.
 
-features' Conv2d (+ BatchNorm2d) + ReLU triples run as one fastres op each; the classifier is torchvision's.
+features' Conv2d (+ BatchNorm2d) + ReLU triples run as one fastres op each; the classifier is torchvision's. In eval
+on CPU, after a few forwards of an input shape, the features run as one oneDNN Graph (fastres.models._eval_plan).
 """
 import torch
 from torch import nn
 
+from fastres.models import _eval_plan
 from fastres.nn._fused import FusedModuleMixin, has_hooks, keep_memory_format
 from fastres.nn._lean import run_sequence, sequence_units
 
@@ -69,7 +71,18 @@ class VGG(FusedModuleMixin, nn.Module):
             return features(x)
         return run_sequence([(str(i), m) for i, m in enumerate(features)], x, self.fold_cache)
 
+    def _sequential_plan_spec(self):
+        """What the eval plan runs as one oneDNN Graph (fastres.models._eval_plan._SequentialPlan): the features,
+        named as _features runs them (their folds are shared); avgpool, flatten and the classifier stay modules."""
+        if type(self.features) is not nn.Sequential:
+            return None
+        return [(str(i), m) for i, m in enumerate(self.features)]
+
     def forward(self, x):
+        if not self.training:
+            out = _eval_plan.run(self, x)  # CPU eval: the features as one oneDNN Graph once it is built
+            if out is not None:
+                return out
         x = keep_memory_format(self._features(x), x)
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
