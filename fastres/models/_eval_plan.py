@@ -461,7 +461,7 @@ class _SequentialPlan(_Plan):
             elif type(module) is not nn.Identity:
                 raise _NotPlannable
             i += 1
-        self.has_head, self.head = True, None
+        self.has_head = True
         self._guard_tensors([])  # (the head runs the model's modules: their tensors are read live)
         self.packs = {}  # input key -> [_UNRESOLVED per unit (unused); the graph slot, as _Plan's; two unused]
 
@@ -514,20 +514,17 @@ class _onednn_fusion:
         torch.jit.enable_onednn_fusion(self.before)
 
 
-class _GraphBody(nn.Module):
-    """What _run_plan computes, in plain ops on the units' folds (their tensors, not copies): traced by
-    _Plan._graph. blocks: (branch units, the projection's unit or None, residual)."""
+class _UnitsBody(nn.Module):
+    """A plan's units on their folds (their tensors, not copies) as plain ops, for TorchScript to trace: unit(i, x)
+    is unit i's conv, bias, residual add and ReLU. Subclasses give the forward."""
 
-    def __init__(self, plan, folds, blocks=()):
+    def __init__(self, units, folds):
         super().__init__()
         for i, (weight, bias) in enumerate(folds):
             self.register_buffer(f"weight{i}", weight)
             self.register_buffer(f"bias{i}", bias)
-        self.geometry = [unit.geometry for unit in plan.units]
-        self.relu = [unit.relu for unit in plan.units]
-        self.blocks = blocks
-        if not isinstance(plan, _SequentialPlan):
-            self.stem, self.pool_relu = plan.stem, plan.pool_relu
+        self.geometry = [unit.geometry for unit in units]
+        self.relu = [unit.relu for unit in units]
 
     def unit(self, i, x, residual=None):
         stride, padding, dilation, groups = self.geometry[i]
@@ -535,6 +532,15 @@ class _GraphBody(nn.Module):
         if residual is not None:
             y = y + residual
         return torch.relu(y) if self.relu[i] else y
+
+
+class _GraphBody(_UnitsBody):
+    """What _run_plan computes: traced by _Plan._graph. blocks: (branch units, the projection's unit or None,
+    residual)."""
+
+    def __init__(self, plan, folds, blocks):
+        super().__init__(plan.units, folds)
+        self.stem, self.pool_relu, self.blocks = plan.stem, plan.pool_relu, blocks
 
     def forward(self, x):
         for i in self.stem:
@@ -552,11 +558,11 @@ class _GraphBody(nn.Module):
         return x
 
 
-class _SequentialGraphBody(_GraphBody):
-    """_SequentialPlan's features in plain ops on the units' folds: traced by _SequentialPlan._graph."""
+class _SequentialGraphBody(_UnitsBody):
+    """_SequentialPlan's features: traced by _SequentialPlan._graph."""
 
     def __init__(self, plan, folds):
-        super().__init__(plan, folds)
+        super().__init__(plan.units, folds)
         self.steps = plan.steps
 
     def forward(self, x):
