@@ -2,7 +2,11 @@
 the same outputs and training step (tests/tolerance.py's rule against the unconverted model in fp32 and float64),
 and the convs running through fastres (fastres.convert_report)."""
 import copy
+import importlib.util
 import io
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -285,3 +289,32 @@ def test_convert_transformers_hooks_fire():
         assert_within("hooked", model(x).logits, copy.deepcopy(baseline).double().eval()(x.double()).logits,
                       baseline.eval()(x).logits)
     assert seen == ["conv layer", "shortcut"]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _kernels_package_folder(cwd):
+    """The folder `import kernels` would load in a Python started in cwd (whose sys.path begins with cwd)."""
+    code = "import importlib.util, os; s = importlib.util.find_spec('kernels'); " \
+           "print(os.path.dirname(os.path.realpath(s.origin)) if s and s.origin else '')"
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, check=True,
+                          timeout=120).stdout.strip()
+
+
+def test_python_m_pytest_from_the_root_imports_hugging_faces_kernels():
+    """`python -m pytest` from the repository root: its kernels/ folder (fastres.kernels) would shadow the `kernels`
+    package transformers imports; tests/conftest.py puts the root behind the installed packages."""
+    if os.environ.get("FASTRES_SHADOW_PROBE") == "1":  # the run below, started as `python -m pytest` in the root
+        spec = importlib.util.find_spec("kernels")
+        assert spec is not None and os.path.dirname(os.path.realpath(spec.origin)) != os.path.join(ROOT, "kernels")
+        return
+    installed = _kernels_package_folder(os.sep)
+    if not installed:
+        pytest.skip("Hugging Face's kernels package is not installed: nothing to shadow")
+    assert _kernels_package_folder(ROOT) == os.path.join(ROOT, "kernels")  # the trap, without conftest.py
+    node = "tests/test_convert_ecosystems.py::test_python_m_pytest_from_the_root_imports_hugging_faces_kernels"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", node],
+                         cwd=ROOT, env={**os.environ, "FASTRES_SHADOW_PROBE": "1"}, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
