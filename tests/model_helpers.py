@@ -1,7 +1,8 @@
-"""Helpers the model-level tests share: random BN state, and a count of the blocks that trained through the lean
-chain."""
+"""Helpers the model-level tests share: random BN state, a count of the blocks that trained through the lean
+chain, and a plain (ATen) forward of the CIFAR nets."""
 import torch
 from torch import nn
+from torchvision.models import resnet as tvr
 from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBN
 
 from fastres.nn import FrozenBatchNorm2d, _lean
@@ -40,3 +41,17 @@ def count_lean_blocks(monkeypatch):
 
     monkeypatch.setattr(_lean, "block_forward", counting)
     return calls
+
+
+def torchvision_style_cifar_forward(model, x):
+    """A fastres CIFAR net run with torchvision's BasicBlock.forward on its blocks (the attribute names match): its
+    own modules, ATen's ops. Bind it to a copy: copy.forward = types.MethodType(torchvision_style_cifar_forward,
+    copy)."""
+    x = model.relu(model.bn1(model.conv1(x)))
+    for stage in (model.layer1, model.layer2, model.layer3):
+        for b in stage:
+            if b.residual:
+                x = tvr.BasicBlock.forward(b, x)
+            else:
+                x = b.relu(b.bn2(b.conv2(b.relu(b.bn1(b.conv1(x))))))
+    return model.fc(torch.flatten(model.avgpool(x), 1))

@@ -8,6 +8,7 @@ import ctypes.util
 import gc
 import platform
 import sys
+import types
 import weakref
 
 import pytest
@@ -21,7 +22,7 @@ import fastres.models as fm
 import fastres.nn as fnn
 from fastres.models.vgg import VGG, make_layers
 from fastres.ops import _backend
-from model_helpers import randomize_
+from model_helpers import randomize_, torchvision_style_cifar_forward
 from tolerance import assert_within
 
 pytestmark = pytest.mark.skipif(
@@ -1097,12 +1098,13 @@ def _check_graph_rebuilt_after(edit, model, plain, x, graph_body, per_unit_path,
     assert_within(name, out, ref64, aten)
 
 
-@pytest.mark.parametrize("case", ["bf16-autocast", "cifar-option-A"])
+@pytest.mark.parametrize("case", ["bf16-autocast", "average-pool-after-the-stem"])
 def test_onednn_graph_body_only_for_what_it_covers(case, graph_body, per_unit_path):
-    """No graph under autocast (fp32 only), and none for a body with a module the graph does not cover (option-A
-    shortcuts): the one-call body stays, bit for bit the per-unit path's."""
-    model = randomize_(fm.cifar_resnet(20, shortcut="A") if case == "cifar-option-A" else
-                       fm.resnet18(num_classes=10)).eval()
+    """No graph under autocast (fp32 only), and none for a body with a module the graph does not cover (a pool after
+    the stem other than a max pool): the one-call body or the Python loop stays, bit for bit the per-unit path's."""
+    model = randomize_(fm.resnet18(num_classes=10)).eval()
+    if case == "average-pool-after-the-stem":
+        model.maxpool = nn.AvgPool2d(3, 2, 1)
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
     with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=case == "bf16-autocast"):
         with per_unit_path():
@@ -1110,6 +1112,41 @@ def test_onednn_graph_body_only_for_what_it_covers(case, graph_body, per_unit_pa
         outs = [model(x) for _ in range(5)]
     assert graph_body == {"built": 0, "ran": 0}
     assert all(torch.equal(o, ref) for o in outs)
+
+
+@pytest.mark.parametrize("case", ["cifar-option-A", "timm-average-pool-shortcut"])
+def test_onednn_graph_body_covers_option_a_and_average_pool_shortcuts(case, graph_body, per_unit_path):
+    """The paper's CIFAR nets with option-A shortcuts (the subsampled identity with zero channels appended) and
+    timm's ResNet-D after fastres.convert (average-pool shortcuts, deep stem) run their body as a oneDNN Graph too:
+    within the tolerance rule against float64, the same on every call, and NaN kept as the per-unit path keeps it."""
+    from fastres.models import _eval_plan
+    if case == "cifar-option-A":
+        model = randomize_(fm.cifar_resnet(20, shortcut="A")).eval()
+        plain = copy.deepcopy(model)
+        plain.forward = types.MethodType(torchvision_style_cifar_forward, plain)
+    else:
+        pytest.importorskip("timm")
+        plain = _timm_resnet(stem_type="deep", stem_width=16, avg_down=True)
+        model = fastres.convert(copy.deepcopy(plain))
+    # channels_last, the layout the plan runs in: CifarResNet's per-unit forward runs in the input's
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
+    bad = x.clone()
+    bad[1, 2, 31, 0] = float("nan")
+    with torch.no_grad():
+        ref64 = copy.deepcopy(plain).double()(x.double())
+        aten = _aten_worse(plain, x, ref64)
+    with torch.inference_mode():
+        for _ in range(1 + _eval_plan.GRAPH_AFTER):
+            model(x)  # the Python loop, then the one-call bodies
+        graphed = [model(x), model(x)]
+        got = model(bad)  # a NaN meets a ReLU: this forward is _run_plan's
+        with per_unit_path():
+            ref_bad = model(bad)
+    assert graph_body == {"built": 1, "ran": 2}
+    assert_within(case, graphed[0], ref64, aten)
+    assert torch.equal(graphed[0], graphed[1])
+    assert torch.isnan(ref_bad).any()
+    torch.testing.assert_close(got, ref_bad, rtol=0, atol=0, equal_nan=True)
 
 
 def test_onednn_graph_body_turned_off_by_the_environment():

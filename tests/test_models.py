@@ -14,7 +14,7 @@ import fastres.nn as fnn
 from fastres import ops
 from fastres.ops import _compiled
 from fastres.models.cifar import PadShortcut
-from model_helpers import randomize_
+from model_helpers import randomize_, torchvision_style_cifar_forward
 from tolerance import assert_model_grads_within, assert_within, max_error
 
 DEPTHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
@@ -345,25 +345,13 @@ def _reference_forward(model, x):
     return model.fc(torch.flatten(model.avgpool(x), 1))
 
 
-def _reference_cifar_forward(model, x):
-    """The CIFAR net run with torchvision's BasicBlock.forward on fastres's blocks (the attribute names match)."""
-    x = model.relu(model.bn1(model.conv1(x)))
-    for stage in (model.layer1, model.layer2, model.layer3):
-        for b in stage:
-            if b.residual:
-                x = tvr.BasicBlock.forward(b, x)
-            else:
-                x = b.relu(b.bn2(b.conv2(b.relu(b.bn1(b.conv1(x))))))
-    return model.fc(torch.flatten(model.avgpool(x), 1))
-
-
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shortcut", ["A", "B", "C", "plain"])
 def test_cifar_matches_a_torchvision_style_forward(shortcut, training):
     plain = shortcut == "plain"
     model = randomize_(fm.cifar_resnet(8, shortcut="A" if plain else shortcut, plain=plain)).train(training)
     tv = copy.deepcopy(model)
-    tv.forward = types.MethodType(_reference_cifar_forward, tv)
+    tv.forward = types.MethodType(torchvision_style_cifar_forward, tv)
     ref = copy.deepcopy(tv).double()  # deepcopy rebinds the forward to the copy
     check_three(model, tv, ref, torch.randn(2, 3, 32, 32), f"cifar {shortcut}")
 

@@ -386,14 +386,23 @@ class _Plan:
 
     def _graph(self, x):
         """The body as a frozen TorchScript graph of plain ops on the units' folds, run once for each of the calls
-        the graph executor profiles before it fuses; None where the body has a module it does not cover (an average
-        pool or option-A shortcut, a pool other than the stem's max pool) or TorchScript fails on it."""
+        the graph executor profiles before it fuses; None where the body has a module it does not cover (a pool
+        other than the stem's max pool) or TorchScript fails on it."""
         blocks = []
         for branch, projection, residual in self.blocks:
-            if projection is not None and not (projection[1] is not None and
-                                               (projection[0] is None or type(projection[0]) is nn.Identity)):
-                return None
-            blocks.append((branch, None if projection is None else projection[1], residual))
+            if projection is None:
+                shortcut = None
+            else:
+                pre, unit = projection
+                if pre is None or type(pre) is nn.Identity:
+                    shortcut = ("unit", unit)
+                elif type(pre) is nn.AvgPool2d:
+                    shortcut = ("avg_pool", _avg_pool_arguments(pre), unit)
+                elif type(pre) is _pad_shortcut():
+                    shortcut = ("pad", *_pad_arguments(pre))
+                else:
+                    return None
+            blocks.append((branch, shortcut, residual))
         if self.pool_relu is None and self.pool is not None and type(self.pool) is not nn.Identity:
             return None
         folds = self._fp32_folds()
@@ -535,8 +544,9 @@ class _UnitsBody(nn.Module):
 
 
 class _GraphBody(_UnitsBody):
-    """What _run_plan computes: traced by _Plan._graph. blocks: (branch units, the projection's unit or None,
-    residual)."""
+    """What _run_plan computes: traced by _Plan._graph. blocks: (branch units, shortcut, residual), the shortcut
+    None (the identity, or none without residual), ("unit", i), ("avg_pool", _avg_pool_arguments, i) or ("pad",
+    stride, zero channels appended): option A, as PadShortcut computes it."""
 
     def __init__(self, plan, folds, blocks):
         super().__init__(plan.units, folds)
@@ -548,14 +558,27 @@ class _GraphBody(_UnitsBody):
         if self.pool_relu is not None:
             kernel_size, stride, padding, dilation, ceil_mode = self.pool_relu
             x = torch.relu(F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode))
-        for branch, projection, residual in self.blocks:
+        for branch, shortcut, residual in self.blocks:
             block_input = x
             for i in branch[:-1]:
                 x = self.unit(i, x)
-            shortcut = self.unit(projection, block_input) if projection is not None else \
-                (block_input if residual else None)
-            x = self.unit(branch[-1], x, shortcut)
+            x = self.unit(branch[-1], x, self.shortcut(shortcut, block_input) if residual else None)
         return x
+
+    def shortcut(self, shortcut, x):
+        if shortcut is None:
+            return x
+        if shortcut[0] == "unit":
+            return self.unit(shortcut[1], x)
+        if shortcut[0] == "avg_pool":
+            kh, kw, sh, sw, ph, pw, ceil_mode, count_include_pad, divisor_override = shortcut[1]
+            x = F.avg_pool2d(x, (kh, kw), (sh, sw), (ph, pw), bool(ceil_mode), bool(count_include_pad),
+                             divisor_override or None)
+            return self.unit(shortcut[2], x)
+        _, stride, zero_channels = shortcut
+        if stride != 1:
+            x = x[:, :, ::stride, ::stride]
+        return F.pad(x, (0, 0, 0, 0, 0, zero_channels))
 
 
 class _SequentialGraphBody(_UnitsBody):
