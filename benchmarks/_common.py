@@ -298,6 +298,13 @@ def fastres_malloc_state():
     return _malloc.state()
 
 
+def fastres_threads_state():
+    """What fastres's CPU eval plan did to ATen's intra-op threads in this process (fastres.models._threads: pinned
+    each worker to a CPU of its own, or why not; at the plan's first forward), or None where no plan ran."""
+    from fastres.models import _threads
+    return _threads.state()
+
+
 def _load_average():
     """The host's 1, 5 and 15 minute load averages when the run started: CPU timings on a shared machine need it."""
     try:

@@ -28,7 +28,8 @@ Per provider it also counts the convolution primitives (nodes) a forward execute
 convolutions (a fused stem, for instance, runs as one), and the minor page faults of a plain forward (median): fresh
 pages its allocations take from the system, which the kernel zeroes (their time is in `outside` and in the kernels
 that first touch them). fastres's first forward raises glibc's malloc thresholds for the whole process
-(fastres.models._malloc), so providers measured after it have them too; the run says what was done ("malloc").
+(fastres.models._malloc) and pins ATen's intra-op workers (fastres.models._threads), so providers measured after it
+have them too; the run says what was done ("malloc", "pinned_threads").
 """
 import argparse
 import contextlib
@@ -299,6 +300,9 @@ def report(args, rows, skipped, size, env, malloc):
         print(f"skipped {name}: {why}")
     if malloc is not None:
         print(f"malloc: {malloc} (process-wide: the providers after fastres ran with it)")
+    threads = C.fastres_threads_state()
+    if threads is not None:
+        print(f"threads: {threads} (process-wide: the providers after fastres ran with it)")
 
 
 CSV_FIELDS = C.ENV_CSV_FIELDS + ["arch", "batch_size", "input_size", "provider", "forward_ms", "instrumented_ms",
@@ -311,7 +315,8 @@ def main(argv=None):
     rows, skipped, size = measure(args)
     malloc = C.fastres_malloc_state()
     report(args, rows, skipped, size, env, malloc)
-    run = {"benchmark": "cpu_breakdown", **env, "malloc": malloc, "arch": args.arch_spec.label,
+    run = {"benchmark": "cpu_breakdown", **env, "malloc": malloc, "pinned_threads": C.fastres_threads_state(),
+           "arch": args.arch_spec.label,
            "batch_size": args.batch_size, "input_size": size, "iters": args.iters, "settle_s": args.settle,
            "threads": torch.get_num_threads(),
            "engines": _peers.versions([r["provider"] for r in rows]), "rows": rows, "skipped": skipped}

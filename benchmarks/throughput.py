@@ -52,8 +52,9 @@ The CPU peer table (ResNet-50 v1.5, 224x224, 2 threads, batch 1 and 8):
         --batch-size $b --save; done
 Its two autocast rows alone: --providers eager,eager-autocast,fastres,fastres-autocast (channels_last, the default).
 fastres's first CPU eval forward raises glibc's malloc thresholds for the whole process
-(fastres.models._malloc; FASTRES_CPU_MALLOC=0 leaves them), before any timed batch, so every torch provider
-of the run has it: the run prints and records ("malloc") what was done.
+(fastres.models._malloc; FASTRES_CPU_MALLOC=0 leaves them) and pins ATen's intra-op worker threads each to a CPU
+of its own (fastres.models._threads; FASTRES_CPU_PIN=0 leaves them), before any timed batch, so every torch
+provider of the run has both: the run prints and records ("malloc", "threads") what was done.
 A compile provider (or an engine) whose compilation fails or outlasts --compile-timeout is dropped, and the reason
 printed.
 --cuda-graphs (CUDA only): fastres and eager are captured whole into a CUDA graph (the training step with its
@@ -854,10 +855,11 @@ def main(argv=None):
     wall_s = time.perf_counter() - _PROCESS_START
     report(s, env, results, counted, ceiling, agreement, float64_checks, skipped, timed_rounds, wall_s,
            interrupts.stop)
-    malloc = C.fastres_malloc_state()
-    if malloc is not None:
-        print(f"malloc: {malloc} (process-wide: every torch provider here ran with it)")
-    run = {"benchmark": "throughput", **env, "settings": s.to_dict(), "malloc": malloc,
+    malloc, threads = C.fastres_malloc_state(), C.fastres_threads_state()
+    for what, state in (("malloc", malloc), ("threads", threads)):
+        if state is not None:
+            print(f"{what}: {state} (process-wide: every torch provider here ran with it)")
+    run = {"benchmark": "throughput", **env, "settings": s.to_dict(), "malloc": malloc, "threads": threads,
            "macs_per_image": {"paper": s.arch.paper_macs, "counted": counted,
                               "counted_work": "forward + backward" if s.mode == "train" else "forward"},
            "ceiling": ceiling, "memory_measure": C.memory_label(s.device), "agreement": agreement,

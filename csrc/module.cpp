@@ -46,6 +46,8 @@ namespace fastres {
 PyObject* module_signature(PyObject* self, PyObject* args);
 PyObject* tensor_state_guard(PyObject* self, PyObject* args);
 PyObject* tensor_state_changed(PyObject* self, PyObject* args);
+// csrc/cpu_threads.cpp
+PyObject* pin_intraop_workers(PyObject* self, PyObject* args);
 }  // namespace fastres
 
 namespace {
@@ -71,6 +73,9 @@ PyMethodDef module_methods[] = {
     {"_tensor_state_changed", fastres::tensor_state_changed, METH_VARARGS,
      "_tensor_state_changed(guard, grad_enabled) -> bool: whether any of the guard's tensors changed since "
      "_tensor_state_guard, or (grad_enabled) requires a gradient."},
+    {"_pin_intraop_workers", fastres::pin_intraop_workers, METH_VARARGS,
+     "_pin_intraop_workers(cpus: tuple) -> int: pins ATen's intra-op worker thread t (t >= 1; never the caller's) "
+     "to cpus[t], one CPU per thread; returns how many it pinned (0 without OpenMP or off Linux)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "fastres._C",

@@ -555,6 +555,9 @@ def test_throughput_cpu_peers(tmp_path):
     if platform.libc_ver()[0] == "glibc" and "glibc.malloc." not in os.environ.get("GLIBC_TUNABLES", ""):
         assert run["malloc"] == "glibc malloc tuned by fastres: mmap_threshold 32 MiB, trim_threshold 256 MiB"
         assert f"malloc: {run['malloc']} (process-wide: every torch provider here ran with it)" in r.stdout
+    # and decided on its intra-op threads (what it did: test_plan_pins_each_intra_op_worker_to_a_cpu_of_its_own)
+    assert run["threads"].startswith(("intra-op worker threads pinned by fastres", "intra-op threads as they were"))
+    assert f"threads: {run['threads']} (process-wide: every torch provider here ran with it)" in r.stdout
     # (the suite pins the plan's autocast compute: tests/conftest.py)
     assert run["results"]["fastres-autocast"]["notes"] == [
         "fastres's eval plan computes in bf16: FASTRES_CPU_AUTOCAST=autocast"]
@@ -874,6 +877,7 @@ def test_cpu_breakdown_runs(tmp_path):
         assert r["page_faults"] >= 0
     assert 0 < rows["fastres"]["conv_kernels_ms"]
     assert run["malloc"] is not None  # fastres's plan decided it (what it did: test_plan_keeps_activations_...)
+    assert run["pinned_threads"] is not None  # (what it did: test_plan_pins_each_intra_op_worker_to_a_cpu_of_its_own)
     written = read_json_lines(path)
     assert len(written) == 1 and ENV_FIELDS <= set(written[0]) and written[0]["benchmark"] == "cpu_breakdown"
     assert written[0]["rows"][0]["conv_kernels"] == 20

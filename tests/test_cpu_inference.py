@@ -1453,6 +1453,83 @@ def test_plan_keeps_activations_in_glibcs_heap():
     assert _malloc_probe(FASTRES_CPU_MALLOC="yes")[0] == "error: FASTRES_CPU_MALLOC must be 0 or 1, got 'yes'"
 
 
+# ---------------------------------------------------------------- intra-op threads (fastres.models._threads)
+_THREADS_PROBE = r"""
+import os, sys, torch, fastres, fastres.models as fm
+from fastres.models import _threads
+assert _threads.state() is None  # importing fastres changes nothing
+torch.set_num_threads(int(sys.argv[1]))
+model = fm.resnet18(num_classes=10).eval()
+try:
+    with torch.inference_mode():
+        model(torch.randn(1, 3, 32, 32))
+except ValueError as e:
+    print("error:", e)
+    sys.exit(0)
+print(_threads.state())
+print(_threads.pin() == _threads.state())  # once per process
+def allowed(tid):
+    with open(f"/proc/self/task/{tid}/status") as f:
+        line = next(l for l in f if l.startswith("Cpus_allowed_list"))
+    return line.split(":")[1].strip()
+print(allowed(os.getpid()))  # the caller's thread (the main thread)
+print(" ".join(sorted(allowed(t) for t in os.listdir("/proc/self/task") if int(t) != os.getpid())))
+"""
+
+
+def _threads_probe(threads, **env):
+    import os
+    import subprocess
+    unset = ("FASTRES_CPU_PIN",) + _threads_module().AFFINITY_VARIABLES
+    environ = {k: v for k, v in os.environ.items() if k not in unset}
+    out = subprocess.run([sys.executable, "-c", _THREADS_PROBE, str(threads)], capture_output=True, text=True,
+                         check=True, env={**environ, **env})
+    return out.stdout.split("\n")
+
+
+def _threads_module():
+    from fastres.models import _threads
+    return _threads
+
+
+def _cpu_list(cpus):
+    """CPU numbers as Linux's Cpus_allowed_list writes them (ranges of consecutive ones)."""
+    ranges, start = [], None
+    for i, c in enumerate(cpus):
+        if start is None:
+            start = c
+        if i + 1 == len(cpus) or cpus[i + 1] != c + 1:
+            ranges.append(str(start) if start == c else f"{start}-{c}")
+            start = None
+    return ",".join(ranges)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or len(__import__("os").sched_getaffinity(0)) < 2,
+                    reason="thread affinity on Linux, with 2 CPUs or more")
+def test_plan_pins_each_intra_op_worker_to_a_cpu_of_its_own():
+    """The first CPU eval plan of a process, with as many intra-op threads as CPUs, pins each worker thread to a CPU
+    of its own, once, never the caller's thread; it leaves them as they were with FASTRES_CPU_PIN=0, with an OpenMP
+    affinity setting of the user's, with one thread, or with another thread count than CPUs; another value of
+    FASTRES_CPU_PIN is refused by name."""
+    import os
+    cpus = sorted(os.sched_getaffinity(0))
+    state, once, caller, others, _ = _threads_probe(len(cpus))
+    assert state == f"intra-op worker threads pinned by fastres, one to each of CPUs {','.join(map(str, cpus[1:]))}"
+    assert once == "True" and caller == _cpu_list(cpus)
+    pinned = [a for a in others.split() if a != _cpu_list(cpus)]
+    assert sorted(pinned, key=int) == [str(c) for c in cpus[1:]]  # each worker on its own CPU, none on the first
+    for env, why in ((dict(FASTRES_CPU_PIN="0"), "FASTRES_CPU_PIN=0"), (dict(OMP_PROC_BIND="false"),
+                                                                         "OMP_PROC_BIND is set")):
+        state, _, caller, others, _ = _threads_probe(len(cpus), **env)
+        assert state == f"intra-op threads as they were ({why})"
+        assert caller == _cpu_list(cpus) and set(others.split()) == {_cpu_list(cpus)}
+    assert _threads_probe(1)[0] == "intra-op threads as they were (one intra-op thread)"
+    assert _threads_probe(len(cpus) + 1)[0] == \
+        f"intra-op threads as they were ({len(cpus) + 1} intra-op threads on {len(cpus)} CPUs)"
+    assert _threads_probe(len(cpus), FASTRES_CPU_PIN="yes")[0] == \
+        "error: FASTRES_CPU_PIN must be 0 or 1, got 'yes'"
+
+
 def test_autocast_in_fp32_only_for_an_fp32_model(monkeypatch, per_unit_path):
     """A model with bf16 weights (an fp32 input, which autocast casts) keeps autocast's computation under
     FASTRES_CPU_AUTOCAST=fp32: the per-unit path's result, not a dtype error."""

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastres import ops
-from fastres.models import _malloc
+from fastres.models import _malloc, _threads
 from fastres.ops import _compiled
 from fastres._convert.torchvision import Sequential as FusedSequential
 from fastres.nn._fused import _MAX_DERIVED, _SAMPLED_ELEMENTS, _WHOLE_ELEMENTS, _cacheable, _cast_fp32, \
@@ -730,6 +730,7 @@ def run(model, x, head=True):
             return None
         cache.plan = plan
         _malloc.tune()  # once per process: activations kept in the heap between forwards (fastres.models._malloc)
+        _threads.pin()  # once per process: no worker woken onto the caller's CPU after idle (fastres.models._threads)
     autocast_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
     in_fp32 = autocast_dtype is not None and x.dtype == torch.float32 and plan.fp32 and plan.autocast_in_fp32 and \
         autocast_computes_in_fp32(autocast_dtype)
