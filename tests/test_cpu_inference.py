@@ -1402,10 +1402,14 @@ def test_autocast_in_fp32_runs_the_onednn_graph_body(graph_body, monkeypatch):
 
 
 # ---------------------------------------------------------------- glibc's malloc (fastres.models._malloc)
-_MALLOC_PROBE = r"""
-import resource, sys, torch, fastres, fastres.models as fm
-from fastres.models import _malloc
-assert _malloc.state() is None  # importing fastres changes nothing
+# A process's first CPU eval plan, then what the once-per-process module of fastres.models did (its state, printed
+# twice: the second call decides nothing again); the thread count from the command line, if given.
+_FIRST_PLAN_PROBE = r"""
+import os, resource, sys, torch, fastres, fastres.models as fm
+from fastres.models import {module}
+assert {module}.state() is None  # importing fastres changes nothing
+if len(sys.argv) > 1:
+    torch.set_num_threads(int(sys.argv[1]))
 model = fm.resnet18(num_classes=10).eval()
 try:
     with torch.inference_mode():
@@ -1413,8 +1417,10 @@ try:
 except ValueError as e:
     print("error:", e)
     sys.exit(0)
-print(_malloc.state())
-print(_malloc.tune() == _malloc.state())  # once per process
+print({module}.state())
+print({module}.{decide}() == {module}.state())  # once per process
+"""
+_MALLOC_PROBE = _FIRST_PLAN_PROBE.format(module="_malloc", decide="tune") + r"""
 def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     a = torch.empty(6 << 20).fill_(1)  # 24 MiB each: under the mmap threshold once tuned
@@ -1454,20 +1460,7 @@ def test_plan_keeps_activations_in_glibcs_heap():
 
 
 # ---------------------------------------------------------------- intra-op threads (fastres.models._threads)
-_THREADS_PROBE = r"""
-import os, sys, torch, fastres, fastres.models as fm
-from fastres.models import _threads
-assert _threads.state() is None  # importing fastres changes nothing
-torch.set_num_threads(int(sys.argv[1]))
-model = fm.resnet18(num_classes=10).eval()
-try:
-    with torch.inference_mode():
-        model(torch.randn(1, 3, 32, 32))
-except ValueError as e:
-    print("error:", e)
-    sys.exit(0)
-print(_threads.state())
-print(_threads.pin() == _threads.state())  # once per process
+_THREADS_PROBE = _FIRST_PLAN_PROBE.format(module="_threads", decide="pin") + r"""
 def allowed(tid):
     with open(f"/proc/self/task/{tid}/status") as f:
         line = next(l for l in f if l.startswith("Cpus_allowed_list"))
