@@ -286,7 +286,7 @@ def _minor_faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def report(args, rows, skipped, size, env, malloc):
+def report(args, rows, skipped, size, env, malloc, threads):
     print(f"{args.arch_spec.label}, batch {args.batch_size}, {size}x{size}, fp32, eval; {env['device']}; "
           f"flags {', '.join(env['cpu_flags'] or [])}; torch {env['versions']['torch']}; settle {args.settle} s; "
           f"medians of {args.iters} forwards")
@@ -300,7 +300,6 @@ def report(args, rows, skipped, size, env, malloc):
         print(f"skipped {name}: {why}")
     if malloc is not None:
         print(f"malloc: {malloc} (process-wide: the providers after fastres ran with it)")
-    threads = C.fastres_threads_state()
     if threads is not None:
         print(f"threads: {threads} (process-wide: the providers after fastres ran with it)")
 
@@ -313,9 +312,9 @@ def main(argv=None):
     args = parse_args(argv)
     env = C.environment("cpu")
     rows, skipped, size = measure(args)
-    malloc = C.fastres_malloc_state()
-    report(args, rows, skipped, size, env, malloc)
-    run = {"benchmark": "cpu_breakdown", **env, "malloc": malloc, "pinned_threads": C.fastres_threads_state(),
+    malloc, pinned_threads = C.fastres_malloc_state(), C.fastres_threads_state()
+    report(args, rows, skipped, size, env, malloc, pinned_threads)
+    run = {"benchmark": "cpu_breakdown", **env, "malloc": malloc, "pinned_threads": pinned_threads,
            "arch": args.arch_spec.label,
            "batch_size": args.batch_size, "input_size": size, "iters": args.iters, "settle_s": args.settle,
            "threads": torch.get_num_threads(),

@@ -10,12 +10,7 @@ import torch
 # from either (its editable install points here), and a root that is not installed stays importable last.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _root_entries = [p for p in sys.path if os.path.abspath(p or os.curdir) == _ROOT]
-if _root_entries:
-    sys.path[:] = [p for p in sys.path if p not in _root_entries] + _root_entries
-    _shadowing = sys.modules.get("kernels")
-    if _shadowing is not None and os.path.dirname(os.path.abspath(getattr(_shadowing, "__file__", None) or "")) == \
-            os.path.join(_ROOT, "kernels"):
-        del sys.modules["kernels"]  # imported before this file ran: the next import finds the installed package
+sys.path[:] = [p for p in sys.path if p not in _root_entries] + _root_entries
 
 # Without a GPU the Triton kernels run on CPU tensors under the interpreter; set before triton is imported.
 if not torch.cuda.is_available():

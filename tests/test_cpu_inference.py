@@ -20,6 +20,7 @@ from torch.profiler import profile
 import fastres
 import fastres.models as fm
 import fastres.nn as fnn
+from fastres.models import _threads
 from fastres.models.vgg import VGG, make_layers
 from fastres.ops import _backend
 from model_helpers import randomize_, torchvision_style_cifar_forward
@@ -1435,21 +1436,27 @@ print(max(faults() for _ in range(4)))
 """
 
 
-def _malloc_probe(**env):
+def _run_probe(script, unset, *args, **env):
+    """script's printed lines, run in a fresh process without the variables in `unset`, with `env` and `args`."""
     import os
     import subprocess
-    environ = {k: v for k, v in os.environ.items() if k not in ("FASTRES_CPU_MALLOC", "GLIBC_TUNABLES")}
-    out = subprocess.run([sys.executable, "-c", _MALLOC_PROBE], capture_output=True, text=True, check=True,
+    environ = {k: v for k, v in os.environ.items() if k not in unset}
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True,
                          env={**environ, **env})
     return out.stdout.split("\n")
+
+
+def _malloc_probe(**env):
+    return _run_probe(_MALLOC_PROBE, ("FASTRES_CPU_MALLOC", "GLIBC_TUNABLES"), **env)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or "glibc" not in (platform.libc_ver()[0] or ""),
                     reason="glibc's malloc")
 def test_plan_keeps_activations_in_glibcs_heap():
     """The first CPU eval plan of a process raises glibc's mmap and trim thresholds once: repeated 24 MiB
-    activations then come from the heap without a page fault, once it holds them (untuned: 12k faults every round). FASTRES_CPU_MALLOC=0, or a GLIBC_TUNABLES that sets
-    glibc's malloc, leaves it as it was; another value is refused by name."""
+    activations then come from the heap without a page fault, once it holds them (untuned: 12k faults every round).
+    FASTRES_CPU_MALLOC=0, or a GLIBC_TUNABLES that sets glibc's malloc, leaves it as it was; another value is refused
+    by name."""
     state, once, steady, _ = _malloc_probe()
     assert state == "glibc malloc tuned by fastres: mmap_threshold 32 MiB, trim_threshold 256 MiB"
     assert once == "True" and int(steady) < 64  # (a few pages of other allocations at most)
@@ -1461,40 +1468,14 @@ def test_plan_keeps_activations_in_glibcs_heap():
 
 # ---------------------------------------------------------------- intra-op threads (fastres.models._threads)
 _THREADS_PROBE = _FIRST_PLAN_PROBE.format(module="_threads", decide="pin") + r"""
-def allowed(tid):
-    with open(f"/proc/self/task/{tid}/status") as f:
-        line = next(l for l in f if l.startswith("Cpus_allowed_list"))
-    return line.split(":")[1].strip()
-print(allowed(os.getpid()))  # the caller's thread (the main thread)
-print(" ".join(sorted(allowed(t) for t in os.listdir("/proc/self/task") if int(t) != os.getpid())))
+print(sorted(os.sched_getaffinity(0)))  # the caller's thread (the main thread)
+print(sorted(sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task") if int(t) != os.getpid()))
 """
 
 
 def _threads_probe(threads, **env):
-    import os
-    import subprocess
-    unset = ("FASTRES_CPU_PIN",) + _threads_module().AFFINITY_VARIABLES
-    environ = {k: v for k, v in os.environ.items() if k not in unset}
-    out = subprocess.run([sys.executable, "-c", _THREADS_PROBE, str(threads)], capture_output=True, text=True,
-                         check=True, env={**environ, **env})
-    return out.stdout.split("\n")
-
-
-def _threads_module():
-    from fastres.models import _threads
-    return _threads
-
-
-def _cpu_list(cpus):
-    """CPU numbers as Linux's Cpus_allowed_list writes them (ranges of consecutive ones)."""
-    ranges, start = [], None
-    for i, c in enumerate(cpus):
-        if start is None:
-            start = c
-        if i + 1 == len(cpus) or cpus[i + 1] != c + 1:
-            ranges.append(str(start) if start == c else f"{start}-{c}")
-            start = None
-    return ",".join(ranges)
+    """The probe's lines: the state, whether pin() decided nothing again, the caller's CPUs, the other threads'."""
+    return _run_probe(_THREADS_PROBE, ("FASTRES_CPU_PIN",) + _threads.AFFINITY_VARIABLES, str(threads), **env)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or len(__import__("os").sched_getaffinity(0)) < 2,
@@ -1504,18 +1485,19 @@ def test_plan_pins_each_intra_op_worker_to_a_cpu_of_its_own():
     of its own, once, never the caller's thread; it leaves them as they were with FASTRES_CPU_PIN=0, with an OpenMP
     affinity setting of the user's, with one thread, or with another thread count than CPUs; another value of
     FASTRES_CPU_PIN is refused by name."""
+    import ast
     import os
     cpus = sorted(os.sched_getaffinity(0))
     state, once, caller, others, _ = _threads_probe(len(cpus))
     assert state == f"intra-op worker threads pinned by fastres, one to each of CPUs {','.join(map(str, cpus[1:]))}"
-    assert once == "True" and caller == _cpu_list(cpus)
-    pinned = [a for a in others.split() if a != _cpu_list(cpus)]
-    assert sorted(pinned, key=int) == [str(c) for c in cpus[1:]]  # each worker on its own CPU, none on the first
+    assert once == "True" and ast.literal_eval(caller) == cpus
+    pinned = [a for a in ast.literal_eval(others) if a != cpus]
+    assert sorted(pinned) == [[c] for c in cpus[1:]]  # each worker on its own CPU, none on the first
     for env, why in ((dict(FASTRES_CPU_PIN="0"), "FASTRES_CPU_PIN=0"), (dict(OMP_PROC_BIND="false"),
                                                                          "OMP_PROC_BIND is set")):
         state, _, caller, others, _ = _threads_probe(len(cpus), **env)
         assert state == f"intra-op threads as they were ({why})"
-        assert caller == _cpu_list(cpus) and set(others.split()) == {_cpu_list(cpus)}
+        assert ast.literal_eval(caller) == cpus and all(a == cpus for a in ast.literal_eval(others))
     assert _threads_probe(1)[0] == "intra-op threads as they were (one intra-op thread)"
     assert _threads_probe(len(cpus) + 1)[0] == \
         f"intra-op threads as they were ({len(cpus) + 1} intra-op threads on {len(cpus)} CPUs)"

@@ -256,15 +256,11 @@ class _Plan:
             if projection is None:
                 program.append(1 if residual else 0)
                 continue
-            pre, unit = projection
-            if pre is None or type(pre) is nn.Identity:
-                program += [2, unit]
-            elif type(pre) is nn.AvgPool2d:
-                program += [3, *_avg_pool_arguments(pre), unit]
-            elif type(pre) is _pad_shortcut():
-                program += [4, *_pad_arguments(pre)]
-            else:
+            shortcut = _shortcut(projection)
+            if shortcut is None:
                 return None
+            kind, *arguments = shortcut
+            program += [_RUN_PLAN_SHORTCUT_CODES[kind], *arguments]
         return units, program
 
     def _runnable(self, packs):
@@ -390,18 +386,9 @@ class _Plan:
         other than the stem's max pool) or TorchScript fails on it."""
         blocks = []
         for branch, projection, residual in self.blocks:
-            if projection is None:
-                shortcut = None
-            else:
-                pre, unit = projection
-                if pre is None or type(pre) is nn.Identity:
-                    shortcut = ("unit", unit)
-                elif type(pre) is nn.AvgPool2d:
-                    shortcut = ("avg_pool", _avg_pool_arguments(pre), unit)
-                elif type(pre) is _pad_shortcut():
-                    shortcut = ("pad", *_pad_arguments(pre))
-                else:
-                    return None
+            shortcut = None if projection is None else _shortcut(projection)
+            if projection is not None and shortcut is None:
+                return None
             blocks.append((branch, shortcut, residual))
         if self.pool_relu is None and self.pool is not None and type(self.pool) is not nn.Identity:
             return None
@@ -545,8 +532,7 @@ class _UnitsBody(nn.Module):
 
 class _GraphBody(_UnitsBody):
     """What _run_plan computes: traced by _Plan._graph. blocks: (branch units, shortcut, residual), the shortcut
-    None (the identity, or none without residual), ("unit", i), ("avg_pool", _avg_pool_arguments, i) or ("pad",
-    stride, zero channels appended): option A, as PadShortcut computes it."""
+    None (the identity, or none without residual) or _shortcut's."""
 
     def __init__(self, plan, folds, blocks):
         super().__init__(plan.units, folds)
@@ -568,14 +554,15 @@ class _GraphBody(_UnitsBody):
     def shortcut(self, shortcut, x):
         if shortcut is None:
             return x
-        if shortcut[0] == "unit":
-            return self.unit(shortcut[1], x)
-        if shortcut[0] == "avg_pool":
-            kh, kw, sh, sw, ph, pw, ceil_mode, count_include_pad, divisor_override = shortcut[1]
+        kind, *arguments = shortcut
+        if kind == "unit":
+            return self.unit(arguments[0], x)
+        if kind == "avg_pool":
+            kh, kw, sh, sw, ph, pw, ceil_mode, count_include_pad, divisor_override, unit = arguments
             x = F.avg_pool2d(x, (kh, kw), (sh, sw), (ph, pw), bool(ceil_mode), bool(count_include_pad),
                              divisor_override or None)
-            return self.unit(shortcut[2], x)
-        _, stride, zero_channels = shortcut
+            return self.unit(unit, x)
+        stride, zero_channels = arguments  # option A, as PadShortcut computes it
         if stride != 1:
             x = x[:, :, ::stride, ::stride]
         return F.pad(x, (0, 0, 0, 0, 0, zero_channels))
@@ -628,6 +615,23 @@ def _avg_pool_arguments(pool):
 def _pad_arguments(pad):
     """A PadShortcut's as _run_plan reads them: stride, the zero channels appended."""
     return pad.stride, pad.out_channels - pad.in_channels
+
+
+# _run_plan's code of each kind of _shortcut (csrc/cpu_plan.cpp; 0 and 1: no shortcut, the identity)
+_RUN_PLAN_SHORTCUT_CODES = {"unit": 2, "avg_pool": 3, "pad": 4}
+
+
+def _shortcut(projection):
+    """A block's projection (pre, unit) (see _Plan._block) as _run_plan and the graph body compute it, or None where
+    they do not: ("unit", unit), ("avg_pool", *_avg_pool_arguments, unit) or ("pad", *_pad_arguments) (option A)."""
+    pre, unit = projection
+    if pre is None or type(pre) is nn.Identity:
+        return "unit", unit
+    if type(pre) is nn.AvgPool2d:
+        return "avg_pool", *_avg_pool_arguments(pre), unit
+    if type(pre) is _pad_shortcut():
+        return "pad", *_pad_arguments(pre)
+    return None
 
 
 def _pad_shortcut():
