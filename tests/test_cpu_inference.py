@@ -1031,6 +1031,8 @@ def test_eval_plan_body_becomes_a_onednn_graph(graph_body, per_unit_path):
     assert graph_body == {"built": 1, "ran": 2}
     names = [e.name for e in prof.events()]
     assert "fastres::_run_plan" not in names and "mkldnn::_convolution_pointwise" not in names
+    # the classifier inside the graph: its linear one of the graph's partitions, not ATen's
+    assert fr.fold_cache.plan.head_in_graph and not {"aten::linear", "aten::addmm"} & set(names)
     assert "oneDNNFusionGroup" in fused and not torch.jit.onednn_fusion_enabled()
     assert_within("resnet50 eval, oneDNN Graph body", graphed, ref64, aten)
     assert torch.equal(again, graphed)
@@ -1148,6 +1150,33 @@ def test_onednn_graph_body_covers_option_a_and_average_pool_shortcuts(case, grap
     assert torch.equal(graphed[0], graphed[1])
     assert torch.isnan(ref_bad).any()
     torch.testing.assert_close(got, ref_bad, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("case", ["adaptive-max-pool", "output-size-edited"])
+def test_onednn_graph_body_ends_with_the_classifier_only_where_it_is_one(case, graph_body, per_unit_path):
+    """The graph computes the logits (the mean over the last feature map, then the linear) only where the model's
+    avgpool is a global average pool and its fc an fp32 Linear. Otherwise (another pool, or the pool's output size
+    edited after the graph was built, which the guard sees) the graph ends with the features and the model's own
+    modules compute the head from them: within the tolerance rule, as the same model's plain modules compute it."""
+    fr, tv = pair()
+    x = torch.randn(2, 3, 32, 32)
+    if case == "adaptive-max-pool":
+        fr.avgpool, tv.avgpool = nn.AdaptiveMaxPool2d(1).eval(), nn.AdaptiveMaxPool2d(1).eval()
+    with torch.inference_mode():
+        for _ in range(5):
+            fr(x)
+        if case == "output-size-edited":
+            assert fr.fold_cache.plan.head_in_graph
+            fr.avgpool.output_size = tv.avgpool.output_size = (1, None)  # (the same pooling on a 1x1 map)
+            for _ in range(5):
+                fr(x)
+        out = fr(x)
+    assert not fr.fold_cache.plan.head_in_graph
+    assert graph_body["built"] == (2 if case == "output-size-edited" else 1) and graph_body["ran"] >= 2
+    with torch.no_grad():
+        ref64 = copy.deepcopy(tv).double()(x.double())
+        aten = _aten_worse(tv, x, ref64)
+    assert_within(case, out, ref64, aten)
 
 
 def test_onednn_graph_body_turned_off_by_the_environment():
