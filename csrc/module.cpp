@@ -44,6 +44,7 @@ TORCH_LIBRARY_IMPL(fastres, CPU, m) {
 namespace fastres {
 // csrc/plan_guard.cpp
 PyObject* module_signature(PyObject* self, PyObject* args);
+PyObject* attributes_changed(PyObject* self, PyObject* args);
 PyObject* tensor_state_guard(PyObject* self, PyObject* args);
 PyObject* tensor_state_changed(PyObject* self, PyObject* args);
 // csrc/cpu_threads.cpp
@@ -66,6 +67,9 @@ PyMethodDef module_methods[] = {
     {"_module_signature", fastres::module_signature, METH_VARARGS,
      "_module_signature(root, modules: tuple) -> bytes: each module's class, training flag, whether it has "
      "hooks, and the identity of its children, parameters and buffers (the CPU eval plan's guard)."},
+    {"_attributes_changed", fastres::attributes_changed, METH_VARARGS,
+     "_attributes_changed(entries: tuple) -> bool: whether any (obj, name, recorded) of entries has getattr(obj, "
+     "name) neither recorded itself nor equal to it in the same type (the CPU eval plan's guard)."},
     {"_tensor_state_guard", fastres::tensor_state_guard, METH_VARARGS,
      "_tensor_state_guard(tensors, whole_elements, sampled_elements) -> guard: the tensors' version counters, "
      "pointers, dtypes, shapes, strides and (sampled) bytes now, held with the tensors (the CPU eval plan's "

@@ -8,6 +8,8 @@
 //    takes, whose sizes the caller passes: it catches edits through `.data` that bypass the version counter).
 //  * module_signature (fastres._C._module_signature): per module, its class, training flag, whether it has hooks,
 //    and the identity of every child, parameter and buffer, as one bytes object that compares with memcmp.
+//  * attributes_changed (fastres._C._attributes_changed): the attributes the plan's units were built from (conv
+//    geometry, eps, pool arguments...), each against the value recorded then.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -266,6 +268,45 @@ PyObject* module_signature(PyObject* /*self*/, PyObject* args) {
     }
   }
   return PyBytes_FromStringAndSize(out.data(), static_cast<Py_ssize_t>(out.size()));
+}
+
+// _attributes_changed(entries: tuple) -> bool: whether, for any (obj, name, recorded) of entries, getattr(obj, name)
+// now is neither `recorded` itself nor a value of the same type equal to it (or is gone). The caller records
+// immutable values as they are and a copy of any other, so that identity alone proves an unchanged value.
+PyObject* attributes_changed(PyObject* /*self*/, PyObject* args) {
+  PyObject* entries = nullptr;
+  if (!PyArg_ParseTuple(args, "O!:_attributes_changed", &PyTuple_Type, &entries)) {
+    return nullptr;
+  }
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(entries); ++i) {
+    PyObject* entry = PyTuple_GET_ITEM(entries, i);
+    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 3 || !PyUnicode_Check(PyTuple_GET_ITEM(entry, 1))) {
+      PyErr_Format(PyExc_TypeError, "fastres._C._attributes_changed: entries[%zd] must be (obj, name: str, value)",
+                   i);
+      return nullptr;
+    }
+    PyObject* recorded = PyTuple_GET_ITEM(entry, 2);
+    PyObject* now = PyObject_GetAttr(PyTuple_GET_ITEM(entry, 0), PyTuple_GET_ITEM(entry, 1));
+    if (now == nullptr) {
+      if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        return nullptr;
+      }
+      PyErr_Clear();  // an attribute deleted: changed
+      Py_RETURN_TRUE;
+    }
+    int same = now == recorded;
+    if (!same && Py_TYPE(now) == Py_TYPE(recorded)) {
+      same = PyObject_RichCompareBool(now, recorded, Py_EQ);
+    }
+    Py_DECREF(now);
+    if (same < 0) {
+      return nullptr;
+    }
+    if (!same) {
+      Py_RETURN_TRUE;
+    }
+  }
+  Py_RETURN_FALSE;
 }
 
 // _tensor_state_guard(tensors: list or tuple, whole_elements: int, sampled_elements: int) -> capsule: the state of

@@ -741,6 +741,12 @@ def test_eval_plan_never_replays_a_stale_decision(per_unit_path, plan_runs):
     check("a parameter replaced")
     fr.layer4[1].bn2.eps = 0.5
     check("a norm's eps")
+    fr.layer3[1].conv2.padding, fr.layer3[1].conv2.dilation = (2, 2), (2, 2)
+    check("a conv's padding and dilation")
+    fr.layer1[1].residual = False
+    check("a block's residual flag")
+    fr.layer1[1].residual = True
+    check("the residual back")
     conv = copy.deepcopy(fr.layer2[1].conv1)
     with torch.no_grad():
         conv.weight.mul_(-2)
@@ -897,6 +903,37 @@ def test_plan_guard_module_signature_sees_every_change():
             assert sign() == before, what
     with pytest.raises(TypeError):
         _eval_plan._MODULE_SIGNATURE(root, [root[0]])  # a tuple, not a list
+
+
+def test_plan_guard_attributes_see_every_change():
+    """fastres._C._attributes_changed (the plan's guard over the attributes its units were built from): another
+    value, an equal value of another type, a list edited in place, a deleted attribute; an equal value in a new
+    object is no change."""
+    from fastres.models import _eval_plan
+    if _eval_plan._ATTRIBUTES_CHANGED is None:
+        pytest.skip("fastres._C without the plan guard")
+    conv = nn.Conv2d(3, 4, 3)
+    conv.extra = [1, 2]
+    names = _eval_plan._CONV_ATTRIBUTES + ("extra",)
+    entries = tuple((conv, name, _eval_plan._recorded(getattr(conv, name))) for name in names)
+    changed = lambda: _eval_plan._ATTRIBUTES_CHANGED(entries)  # noqa: E731
+    assert changed() is False
+    conv.stride = (1, 1)  # equal, another object
+    assert changed() is False
+    edits = [
+        ("another value", lambda: setattr(conv, "stride", (2, 1)), lambda: setattr(conv, "stride", (1, 1))),
+        ("an equal value of another type", lambda: setattr(conv, "groups", 1.0), lambda: setattr(conv, "groups", 1)),
+        ("a list edited in place", lambda: conv.extra.__setitem__(0, 5), lambda: conv.extra.__setitem__(0, 1)),
+        ("a string", lambda: setattr(conv, "padding_mode", "reflect"), lambda: setattr(conv, "padding_mode", "zeros")),
+        ("deleted", lambda: delattr(conv, "extra"), lambda: setattr(conv, "extra", [1, 2])),
+    ]
+    for what, edit, undo in edits:
+        edit()
+        assert changed() is True, what
+        undo()
+        assert changed() is False, what
+    with pytest.raises(TypeError, match="entries"):
+        _eval_plan._ATTRIBUTES_CHANGED(((conv, "stride"),))
 
 
 def test_a_model_built_in_inference_mode_is_planned_and_never_stale(per_unit_path, plan_runs):

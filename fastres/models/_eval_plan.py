@@ -39,6 +39,7 @@ forwards, autocast, a NaN that met a ReLU) is its per-unit forward (5% faster at
 VGG-19 on an Intel Xeon, ad-hoc A/B in one process).
 """
 import contextvars
+import copy
 import os
 import time
 import warnings
@@ -59,15 +60,17 @@ from fastres.nn.blocks import _FusedBlock
 
 _UNRESOLVED = object()
 # The plan's guard (csrc/plan_guard.cpp); None with a fastres._C built without it, where no plan runs.
-if all(hasattr(_compiled._C, f) for f in ("_tensor_state_guard", "_tensor_state_changed", "_module_signature")):
+if all(hasattr(_compiled._C, f) for f in ("_tensor_state_guard", "_tensor_state_changed", "_module_signature",
+                                          "_attributes_changed")):
     # sampling the tensors' bytes as FoldCache's fingerprints do
     def _TENSOR_STATE(tensors):
         return _compiled._C._tensor_state_guard(tensors, _WHOLE_ELEMENTS, _SAMPLED_ELEMENTS)
 
     _TENSOR_STATE_CHANGED = _compiled._C._tensor_state_changed
     _MODULE_SIGNATURE = _compiled._C._module_signature
+    _ATTRIBUTES_CHANGED = _compiled._C._attributes_changed
 else:
-    _TENSOR_STATE = _TENSOR_STATE_CHANGED = _MODULE_SIGNATURE = None
+    _TENSOR_STATE = _TENSOR_STATE_CHANGED = _MODULE_SIGNATURE = _ATTRIBUTES_CHANGED = None
 _MAX_POOL_RELU = torch.ops.fastres._max_pool_relu.default if _compiled.has_op("_max_pool_relu") else None
 # The plan's body as one call (csrc/cpu_plan.cpp), once every unit of a key runs from its packed weight.
 _RUN_PLAN = torch.ops.fastres._run_plan.default if _compiled.has_op("_run_plan") else None
@@ -113,16 +116,22 @@ class _Unit:
         self.geometry = conv_geometry(conv)
 
 
-def _conv_attributes(conv):
-    return conv_geometry(conv), conv.padding_mode
+# The attributes each kind of module's part in the plan is built from, in the guard.
+_CONV_ATTRIBUTES = ("stride", "padding", "dilation", "groups", "padding_mode")
+_MAX_POOL_ATTRIBUTES = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_AVG_POOL_ATTRIBUTES = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+_PAD_ATTRIBUTES = ("stride", "in_channels", "out_channels")
 
 
-def _norm_attributes(norm):
-    return getattr(norm, "eps", None)
+def _immutable(value):
+    return type(value) in (int, float, bool, str, type(None)) or \
+        (type(value) is tuple and all(_immutable(v) for v in value))
 
 
-def _block_attributes(block):
-    return block.residual
+def _recorded(value):
+    """An attribute's value as the guard keeps it: itself where immutable (so that identity alone proves it
+    unchanged), else a copy (an edit in place of a list would not change its identity)."""
+    return value if _immutable(value) else copy.deepcopy(value)
 
 
 class _Plan:
@@ -146,7 +155,7 @@ class _Plan:
         # without ATen's argmax indices: (kernel_size, stride, padding, dilation, ceil_mode), or None.
         self.pool_relu = _pool_relu_geometry(self.pool) if stem[-1][2] else None
         if self.pool_relu is not None:
-            self.attributes.append((_pool_relu_geometry, self.pool, self.pool_relu))
+            self._guard_attributes(self.pool, _MAX_POOL_ATTRIBUTES)
         self.stem = [self._unit(conv, norm, model.fold_cache, name, relu and (k < len(stem) - 1 or
                                                                              self.pool_relu is None))
                      for k, (conv, norm, relu, name) in enumerate(stem)]
@@ -161,14 +170,14 @@ class _Plan:
         self.has_head = head
         # The classifier, whose weight autocast would cast on every call: cast once per plan and autocast dtype.
         self.head = model.fc if head and type(model.fc) is nn.Linear else None
-        self._guard_tensors([] if self.head is None else [self.head.weight, self.head.bias])
         # The classifier inside the graph body (GRAPH_HEAD), where it is a global average pool then an fp32 linear:
         # the graph then ends with the logits.
         self.head_in_graph = GRAPH_HEAD and self.head is not None and type(model.avgpool) is nn.AdaptiveAvgPool2d \
             and all(t is None or t.dtype == torch.float32 for t in (self.head.weight, self.head.bias)) \
             and _output_size(model.avgpool) == (1, 1)
         if self.head_in_graph:
-            self.attributes.append((_output_size, model.avgpool, (1, 1)))
+            self._guard_attributes(model.avgpool, ("output_size",))
+        self._guard_tensors([] if self.head is None else [self.head.weight, self.head.bias])
         # input key -> [per unit: (backend, packed weight, bias, autocast dtype) or None; then the graph body (how
         # many one-call bodies ran before it, then the frozen graph, or None where it does not apply); then the body
         # as _run_plan's (weights, biases), or None where it cannot run there; then the head's weight and bias in
@@ -185,11 +194,16 @@ class _Plan:
             raise _NotPlannable
         self.modules = tuple(modules[1:])
         self.module_signature = _MODULE_SIGNATURE(model, self.modules)
-        self.attributes = []  # (function, module, its value)
+        self.attributes = []  # (module, attribute name, its value (_recorded)), checked by _attributes_changed
         self.units = []
 
+    def _guard_attributes(self, module, names):
+        self.attributes += [(module, name, _recorded(getattr(module, name))) for name in names]
+
     def _guard_tensors(self, more):
-        """The guard's second half, once the units are known: the tensors their folds read, and `more`."""
+        """The guard's second half, once the units and attributes are known: the tensors their folds read, and
+        `more`."""
+        self.attributes = tuple(self.attributes)
         sources = [t for unit in self.units for t in _fold_spec(unit.conv, unit.norm, unit.kind)[0]] + more
         self.tensors = [t for t in sources if t is not None]
         # Whether an autocast forward may run the fp32 body instead (autocast_computes_in_fp32): every tensor the
@@ -208,9 +222,9 @@ class _Plan:
         kind = norm_kind(norm)
         if kind is None or norm_after_conv(norm, kind):  # (in eval, only a BN whose affine trains)
             raise _NotPlannable
-        self.attributes.append((_conv_attributes, conv, _conv_attributes(conv)))
-        if norm is not None:
-            self.attributes.append((_norm_attributes, norm, _norm_attributes(norm)))
+        self._guard_attributes(conv, _CONV_ATTRIBUTES)
+        if hasattr(norm, "eps"):
+            self._guard_attributes(norm, ("eps",))
         self.units.append(_Unit(conv, norm, kind, cache, name, relu))
         return len(self.units) - 1
 
@@ -220,7 +234,7 @@ class _Plan:
                 and cls._forward is _FusedBlock._forward and cls._shortcut is _FusedBlock._shortcut
                 and is_plain_relu(block.relu)):
             raise _NotPlannable
-        self.attributes.append((_block_attributes, block, _block_attributes(block)))
+        self._guard_attributes(block, ("residual",))
         units = block._units()
         branch = [self._unit(conv, norm, block.fold_cache, str(i), True) for i, (conv, norm) in enumerate(units)]
         projection = None  # (a module called before its unit or None, the unit)
@@ -232,10 +246,10 @@ class _Plan:
                 # timm's average-pool shortcut (pool, conv, norm), as FusedSequential.forward runs it
                 projection = ds[0], self._unit(ds[1], ds[2], ds.fold_cache, "1", False)
                 if type(ds[0]) is nn.AvgPool2d:  # (_run_plan takes its arguments, not the module)
-                    self.attributes.append((_avg_pool_arguments, ds[0], _avg_pool_arguments(ds[0])))
+                    self._guard_attributes(ds[0], _AVG_POOL_ATTRIBUTES)
             elif type(ds) is _pad_shortcut():  # the CIFAR nets' option A: parameter-free, no unit
                 projection = ds, None
-                self.attributes.append((_pad_arguments, ds, _pad_arguments(ds)))
+                self._guard_attributes(ds, _PAD_ATTRIBUTES)
             else:
                 raise _NotPlannable
         return branch, projection, block.residual
@@ -284,12 +298,8 @@ class _Plan:
 
     def valid(self, model, grad_enabled):
         """Whether the model and every tensor the units' folds read are as when the plan was made."""
-        if _MODULE_SIGNATURE(model, self.modules) != self.module_signature:
-            return False
-        for attributes, m, value in self.attributes:
-            if attributes(m) != value:
-                return False
-        return not _TENSOR_STATE_CHANGED(self.tensor_state, grad_enabled)
+        return _MODULE_SIGNATURE(model, self.modules) == self.module_signature \
+            and not _ATTRIBUTES_CHANGED(self.attributes) and not _TENSOR_STATE_CHANGED(self.tensor_state, grad_enabled)
 
     def packs_for(self, key):
         packs = self.packs.get(key)
@@ -466,9 +476,8 @@ class _SequentialPlan(_Plan):
                 self.steps.append(("relu", None))
                 after_relu = True
             elif type(module) is nn.MaxPool2d and not module.return_indices and after_relu:
-                arguments = _max_pool_arguments(module)
-                self.attributes.append((_max_pool_arguments, module, arguments))
-                self.steps.append(("pool", arguments))
+                self._guard_attributes(module, _MAX_POOL_ATTRIBUTES)
+                self.steps.append(("pool", _max_pool_arguments(module)))
             elif type(module) is not nn.Identity:
                 raise _NotPlannable
             i += 1
