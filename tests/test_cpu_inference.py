@@ -905,6 +905,31 @@ def test_plan_guard_module_signature_sees_every_change():
         _eval_plan._MODULE_SIGNATURE(root, [root[0]])  # a tuple, not a list
 
 
+def test_plan_guard_module_signature_reads_attributes_as_getattr_does():
+    """The signature reads a module's attributes from its __dict__ only where getattr would: a module class with its
+    own __getattribute__, or with a property shadowing an entry of the instance's __dict__, is read through getattr."""
+    from fastres.models import _eval_plan
+    if _eval_plan._MODULE_SIGNATURE is None:
+        pytest.skip("fastres._C without the plan guard")
+
+    class OwnGetattribute(nn.ReLU):
+        def __getattribute__(self, name):
+            if name == "training":
+                return object.__getattribute__(self, "reported")
+            return super().__getattribute__(name)
+
+    class TrainingProperty(nn.ReLU):
+        training = property(lambda self: self.__dict__["reported"], lambda self, value: None)
+
+    for cls in (OwnGetattribute, TrainingProperty):
+        module = cls()
+        module.__dict__.update(reported=False, training=False)
+        sign = lambda: _eval_plan._MODULE_SIGNATURE(module, ())  # noqa: E731
+        before = sign()
+        module.__dict__["reported"] = True  # what getattr reads; the __dict__ entry "training" unchanged
+        assert sign() != before, cls.__name__
+
+
 def test_plan_guard_attributes_see_every_change():
     """fastres._C._attributes_changed (the plan's guard over the attributes its units were built from): another
     value, an equal value of another type, a list edited in place, a deleted attribute; an equal value in a new
