@@ -905,9 +905,10 @@ def test_plan_guard_module_signature_sees_every_change():
         _eval_plan._MODULE_SIGNATURE(root, [root[0]])  # a tuple, not a list
 
 
-def test_plan_guard_module_signature_reads_attributes_as_getattr_does():
-    """The signature reads a module's attributes from its __dict__ only where getattr would: a module class with its
-    own __getattribute__, or with a property shadowing an entry of the instance's __dict__, is read through getattr."""
+def test_plan_guard_reads_attributes_as_getattr_does():
+    """The signature and the attribute checks read a module's attributes from its __dict__ only where getattr would: a
+    module class with its own __getattribute__, or with a property shadowing an entry of the instance's __dict__, is
+    read through getattr."""
     from fastres.models import _eval_plan
     if _eval_plan._MODULE_SIGNATURE is None:
         pytest.skip("fastres._C without the plan guard")
@@ -926,8 +927,11 @@ def test_plan_guard_module_signature_reads_attributes_as_getattr_does():
         module.__dict__.update(reported=False, training=False)
         sign = lambda: _eval_plan._MODULE_SIGNATURE(module, ())  # noqa: E731
         before = sign()
+        entries = ((module, "training", False),)
+        assert _eval_plan._ATTRIBUTES_CHANGED(entries) is False
         module.__dict__["reported"] = True  # what getattr reads; the __dict__ entry "training" unchanged
         assert sign() != before, cls.__name__
+        assert _eval_plan._ATTRIBUTES_CHANGED(entries) is True, cls.__name__
 
 
 def test_plan_guard_attributes_see_every_change():
