@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import glob
 import json
+import math
 import os
 import platform
 import re
@@ -507,6 +508,21 @@ def quantiles(samples, qs=(0.2, 0.5, 0.8)):
         hi = min(lo + 1, len(s) - 1)
         out.append(s[lo] + (s[hi] - s[lo]) * (pos - lo))
     return out
+
+
+def median_ci(samples, confidence=0.95):
+    """A distribution-free confidence interval of the median: the order statistics (k-th smallest, k-th largest)
+    with the largest k whose coverage, P(X_(k) < median < X_(n+1-k)) = P(k <= Binomial(n, 1/2) <= n - k), is at
+    least `confidence`; None where even (min, max) covers less (fewer than 6 samples at 95%)."""
+    s = sorted(samples)
+    n = len(s)
+    best = None
+    for k in range(1, n // 2 + 1):
+        coverage = sum(math.comb(n, j) for j in range(k, n - k + 1)) / 2 ** n
+        if coverage < confidence:
+            break
+        best = (s[k - 1], s[n - k])
+    return best
 
 
 class Timer:

@@ -630,11 +630,22 @@ def summarize(p, s, macs_per_image, ceiling):
 
 
 def add_ratios(results):
-    """Each provider's median images/s over every other provider's (and over eager's, kept as its own field)."""
+    """Each provider's median images/s over every other provider's (and over eager's, kept as its own field), and
+    the same per round ("paired_ratios"): in each timed round every provider ran one batch, so the ratio of two
+    providers' times in one round is free of the drift between rounds (a noisy neighbour, frequency), and the
+    median of those ratios comes with a distribution-free 95% confidence interval (None under 6 rounds): where it
+    excludes 1.0, the difference is more than this run's noise."""
     for name, r in results.items():
         mine = r["images_per_s"]["median"]
         r["ratios"] = {other: mine / o["images_per_s"]["median"] for other, o in results.items() if other != name}
         r["ratio_vs_eager"] = 1.0 if name == "eager" else r["ratios"].get("eager")
+        r["paired_ratios"] = {}
+        for other, o in results.items():
+            if other != name:
+                per_round = [theirs / t for t, theirs in zip(r["times_s"], o["times_s"])]
+                ci = C.median_ci(per_round)
+                r["paired_ratios"][other] = {"median": C.quantiles(per_round)[1], "ci95": ci and list(ci),
+                                             "rounds": len(per_round)}
 
 
 def count_macs(providers, s):
@@ -692,6 +703,12 @@ def report(s, env, results, counted, ceiling, agreement, float64_checks, skipped
     print("** the first batch: compilation and autotuning (fastres, eager: with the agreement check's forward; "
           "onnxruntime, openvino: with the export or conversion)")
     print("vs X: this provider's median images/s over X's")
+    for name, r in results.items():
+        if name.startswith("fastres"):
+            print(f"{name} over each, per round (median of the rounds' ratios [its 95% confidence interval]): "
+                  + ", ".join(f"{other} {p['median']:.3f}x" + (f" [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]"
+                                                                if p["ci95"] else " [under 6 rounds: none]")
+                              for other, p in r["paired_ratios"].items()))
     if agreement is not None:
         print(f"outputs agree? max |fastres - eager| = {agreement['max_abs_diff']:.3g} "
               f"(max |eager| = {agreement['max_abs_eager']:.3g}, relative {agreement['relative']:.2g})")

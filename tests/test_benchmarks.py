@@ -5,6 +5,7 @@ benchmarks/gpu_suite.sh, in its CPU smoke mode, once for this module (each comma
 No timing is asserted (performance is what the scripts report, not what tests check)."""
 import csv
 import json
+import math
 import os
 import platform
 import re
@@ -170,6 +171,9 @@ def test_suite_throughput_results(suite):
             other = "eager" if name == "fastres" else "fastres"
             assert result["ratios"][other] == pytest.approx(
                 ips["median"] / run["results"][other]["images_per_s"]["median"])
+            per_round = [b / a for a, b in zip(result["times_s"], run["results"][other]["times_s"])]
+            assert result["paired_ratios"][other] == {"median": pytest.approx(sum(per_round) / 2), "ci95": None,
+                                                      "rounds": 2}  # 2 rounds: too few for an interval
         assert run["results"]["eager"]["ratio_vs_eager"] == 1.0
         counted = run["macs_per_image"]["counted"]
         assert counted["fastres"] == counted["eager"] > 0
@@ -764,6 +768,19 @@ def test_write_results_save(tmp_path):
 def test_quantiles():
     assert C.quantiles([3.0, 1.0, 2.0, 4.0, 5.0]) == [1.8, 3.0, 4.2]
     assert C.quantiles([7.0]) == [7.0, 7.0, 7.0]
+
+
+def test_median_ci():
+    # n = 10: (2nd, 9th) covers P(2 <= B(10, 1/2) <= 8) = 1002/1024 = 97.9%; (3rd, 8th) only 912/1024 = 89.1%
+    assert C.median_ci([10.0, 3.0, 7.0, 1.0, 9.0, 5.0, 2.0, 8.0, 4.0, 6.0]) == (2.0, 9.0)
+    assert C.median_ci(range(6)) == (0, 5)  # (min, max): 62/64 = 96.9%
+    assert C.median_ci(range(5)) is None  # (min, max) covers 30/32 = 93.8% < 95%
+    assert C.median_ci(range(10), confidence=0.85) == (2, 7)
+    # its coverage, over draws from a skewed distribution of known median (exponential: ln 2)
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.empty(4000, 20).exponential_(generator=generator).tolist()
+    covered = sum(lo < math.log(2) < hi for lo, hi in map(C.median_ci, draws)) / len(draws)
+    assert 0.94 < covered < 0.98  # exactly P(6 <= B(20, 1/2) <= 14) = 95.9%
 
 
 @pytest.mark.parametrize("name,variant", [("resnet50", "v1"), ("plain34", "v1.5"), ("cifar_resnet32", "v1.5")])
