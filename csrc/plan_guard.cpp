@@ -13,9 +13,11 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/util/irange.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -112,26 +114,33 @@ class TensorStateGuard {
     }
   }
 
-  // Whether any tensor differs from what was recorded, or (with grad_enabled) requires a gradient.
+  // Whether any tensor differs from what was recorded, or (with grad_enabled) requires a gradient. The tensors are
+  // split over ATen's intra-op threads: the check is bound by its cache misses (after a forward, the sampled
+  // elements are in DRAM), and each core brings its own misses in flight. Measured against one thread, with 0.1 s
+  // of idle before each forward (ad hoc, Intel Xeon, 2 threads): a CIFAR ResNet-56 forward at batch 1 1.026x
+  // faster [95% CI 1.008, 1.049], ResNet-50's 1.004x [0.993, 1.012].
   bool changed(bool grad_enabled) const {
-    prefetch();
-    for (const auto i : c10::irange(tensors_.size())) {
-      if (changed(tensors_[i], records_[i], grad_enabled)) {
-        return true;
+    std::atomic<bool> any{false};
+    at::parallel_for(0, static_cast<int64_t>(tensors_.size()), 1, [&](int64_t begin, int64_t end) {
+      prefetch(begin, end);
+      for (int64_t i = begin; i < end && !any.load(std::memory_order_relaxed); ++i) {
+        if (changed(tensors_[i], records_[i], grad_enabled)) {
+          any.store(true, std::memory_order_relaxed);
+        }
       }
-    }
-    return false;
+    });
+    return any.load();
   }
 
  private:
   // The tensors and the bytes compared are cold after a forward (the forward reads the packed weights, not
   // these): their first cache lines, and every sampled element, are requested at once from the recorded pointers
   // (a stale pointer is harmless: a prefetch never faults), so that the misses overlap instead of queueing.
-  void prefetch() const {
-    for (const auto& t : tensors_) {
-      __builtin_prefetch(t.unsafeGetTensorImpl());
+  void prefetch(int64_t begin, int64_t end) const {
+    for (int64_t i = begin; i < end; ++i) {
+      __builtin_prefetch(tensors_[i].unsafeGetTensorImpl());
     }
-    for (const auto i : c10::irange(tensors_.size())) {
+    for (int64_t i = begin; i < end; ++i) {
       const Record& r = records_[i];
       const auto* base = static_cast<const uint8_t*>(r.data);
       if (r.step == 0) {

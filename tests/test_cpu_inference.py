@@ -857,6 +857,22 @@ def test_plan_guard_tensor_state_sees_every_change():
             assert not changed(), (dtype, k)
         big.data[1] = 1  # not sampled
         assert not changed(), dtype
+    # The tensors are split over the intra-op threads: an edit is seen in whichever thread's share it falls.
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2, 3):
+            torch.set_num_threads(n_threads)
+            many = [torch.randn(5000 if i % 3 else 40) for i in range(31)]
+            state = _eval_plan._TENSOR_STATE(many)
+            assert not changed(), n_threads
+            for i, t in enumerate(many):
+                value = t[0].item()
+                t.data[0] = value + 1
+                assert changed(), (n_threads, i)
+                t.data[0] = value
+                assert not changed(), (n_threads, i)
+    finally:
+        torch.set_num_threads(threads)
     with pytest.raises(TypeError, match=r"tensors\[1\] must be a strided CPU tensor"):
         _eval_plan._TENSOR_STATE([small, torch.ones(2, device="meta")])
     with pytest.raises(TypeError, match=r"tensors\[0\] must be a strided CPU tensor"):
