@@ -47,6 +47,7 @@ PyObject* module_signature(PyObject* self, PyObject* args);
 PyObject* attributes_changed(PyObject* self, PyObject* args);
 PyObject* tensor_state_guard(PyObject* self, PyObject* args);
 PyObject* tensor_state_changed(PyObject* self, PyObject* args);
+PyObject* plan_changed(PyObject* self, PyObject* args);
 // csrc/cpu_threads.cpp
 PyObject* pin_intraop_workers(PyObject* self, PyObject* args);
 }  // namespace fastres
@@ -77,6 +78,11 @@ PyMethodDef module_methods[] = {
     {"_tensor_state_changed", fastres::tensor_state_changed, METH_VARARGS,
      "_tensor_state_changed(guard, grad_enabled) -> bool: whether any of the guard's tensors changed since "
      "_tensor_state_guard, or (grad_enabled) requires a gradient."},
+    {"_plan_changed", fastres::plan_changed, METH_VARARGS,
+     "_plan_changed(root, modules, signature, entries, guard, grad_enabled) -> bool: _module_signature(root, "
+     "modules) != signature or _attributes_changed(entries) or _tensor_state_changed(guard, grad_enabled), the "
+     "modules checked by the caller's thread while the other intra-op threads check the tensors (the CPU eval "
+     "plan's guard)."},
     {"_pin_intraop_workers", fastres::pin_intraop_workers, METH_VARARGS,
      "_pin_intraop_workers(cpus: tuple) -> int: pins ATen's intra-op worker thread t (t >= 1; never the caller's) "
      "to cpus[t], one CPU per thread; returns how many it pinned (0 without OpenMP or off Linux)."},

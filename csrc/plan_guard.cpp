@@ -17,12 +17,14 @@
 #include <c10/util/irange.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <exception>
 #include <numeric>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace fastres {
@@ -120,19 +122,33 @@ class TensorStateGuard {
   // of idle before each forward (ad hoc, Intel Xeon, 2 threads): a CIFAR ResNet-56 forward at batch 1 1.026x
   // faster [95% CI 1.008, 1.049], ResNet-50's 1.004x [0.993, 1.012].
   bool changed(bool grad_enabled) const {
-    std::atomic<bool> any{false};
-    at::parallel_for(0, static_cast<int64_t>(tensors_.size()), 1, [&](int64_t begin, int64_t end) {
+    std::atomic<int64_t> next{0};
+    std::atomic<bool> seen{false};
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { check(next, seen, grad_enabled); });
+    return seen.load();
+  }
+
+  // One thread's part of a check shared by several: it takes kChunk tensors at a time from `next` until there are
+  // none left or `seen` is set (a change, by any thread); it sets `seen` on a change of its own.
+  void check(std::atomic<int64_t>& next, std::atomic<bool>& seen, bool grad_enabled) const {
+    const auto n = static_cast<int64_t>(tensors_.size());
+    for (int64_t begin = next.fetch_add(kChunk); begin < n && !seen.load(std::memory_order_relaxed);
+         begin = next.fetch_add(kChunk)) {
+      const int64_t end = std::min(begin + kChunk, n);
       prefetch(begin, end);
-      for (int64_t i = begin; i < end && !any.load(std::memory_order_relaxed); ++i) {
+      for (int64_t i = begin; i < end; ++i) {
         if (changed(tensors_[i], records_[i], grad_enabled)) {
-          any.store(true, std::memory_order_relaxed);
+          seen.store(true, std::memory_order_relaxed);
+          return;
         }
       }
-    });
-    return any.load();
+    }
   }
 
  private:
+  // Tensors a thread takes at once: their sampled elements (up to 256 each) requested together.
+  static constexpr int64_t kChunk = 8;
+
   // The tensors and the bytes compared are cold after a forward (the forward reads the packed weights, not
   // these): their first cache lines, and every sampled element, are requested at once from the recorded pointers
   // (a stale pointer is harmless: a prefetch never faults), so that the misses overlap instead of queueing.
@@ -304,6 +320,69 @@ bool append_module(PyObject* m, std::string& out) {
   return true;
 }
 
+// The signature of root then of each module of `modules` (a tuple), in order, appended to out; false with a Python
+// error set.
+bool signature(PyObject* root, PyObject* modules, std::string& out) {
+  if (!append_module(root, out)) {
+    return false;
+  }
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(modules); ++i) {
+    if (!append_module(PyTuple_GET_ITEM(modules, i), out)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// Whether, for any (obj, name, recorded) of `entries` (a tuple), getattr(obj, name) now is neither `recorded`
+// itself nor a value of the same type equal to it (or is gone): 1, else 0; -1 with a Python error set.
+int attributes_differ(PyObject* entries, const char* caller) {
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(entries); ++i) {
+    PyObject* entry = PyTuple_GET_ITEM(entries, i);
+    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 3 || !PyUnicode_Check(PyTuple_GET_ITEM(entry, 1))) {
+      PyErr_Format(PyExc_TypeError, "fastres._C.%s: entries[%zd] must be (obj, name: str, value)", caller, i);
+      return -1;
+    }
+    PyObject* recorded = PyTuple_GET_ITEM(entry, 2);
+    PyObject* obj = PyTuple_GET_ITEM(entry, 0);
+    const OwnedRef dict{plain_instance_dict(obj)};
+    PyObject* now = module_attribute(obj, dict.object, PyTuple_GET_ITEM(entry, 1));
+    if (now == nullptr) {
+      if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        return -1;
+      }
+      PyErr_Clear();  // an attribute deleted: changed
+      return 1;
+    }
+    int same = now == recorded;
+    if (!same && Py_TYPE(now) == Py_TYPE(recorded)) {
+      same = PyObject_RichCompareBool(now, recorded, Py_EQ);
+    }
+    Py_DECREF(now);
+    if (same < 0) {
+      return -1;
+    }
+    if (!same) {
+      return 1;
+    }
+  }
+  return 0;
+}
+
+// The modules' signature against `recorded` (bytes), then the attributes: 1 where either changed, else 0; -1 with
+// a Python error set.
+int modules_differ(PyObject* root, PyObject* modules, PyObject* recorded, PyObject* entries) {
+  std::string now;
+  if (!signature(root, modules, now)) {
+    return -1;
+  }
+  if (static_cast<size_t>(PyBytes_GET_SIZE(recorded)) != now.size() ||
+      std::memcmp(PyBytes_AS_STRING(recorded), now.data(), now.size()) != 0) {
+    return 1;
+  }
+  return attributes_differ(entries, "_plan_changed");
+}
+
 }  // namespace
 
 // _module_signature(root, modules: tuple) -> bytes: the signature of root then of each module, in order.
@@ -314,13 +393,8 @@ PyObject* module_signature(PyObject* /*self*/, PyObject* args) {
     return nullptr;
   }
   std::string out;
-  if (!append_module(root, out)) {
+  if (!signature(root, modules, out)) {
     return nullptr;
-  }
-  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(modules); ++i) {
-    if (!append_module(PyTuple_GET_ITEM(modules, i), out)) {
-      return nullptr;
-    }
   }
   return PyBytes_FromStringAndSize(out.data(), static_cast<Py_ssize_t>(out.size()));
 }
@@ -333,37 +407,8 @@ PyObject* attributes_changed(PyObject* /*self*/, PyObject* args) {
   if (!PyArg_ParseTuple(args, "O!:_attributes_changed", &PyTuple_Type, &entries)) {
     return nullptr;
   }
-  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(entries); ++i) {
-    PyObject* entry = PyTuple_GET_ITEM(entries, i);
-    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 3 || !PyUnicode_Check(PyTuple_GET_ITEM(entry, 1))) {
-      PyErr_Format(PyExc_TypeError, "fastres._C._attributes_changed: entries[%zd] must be (obj, name: str, value)",
-                   i);
-      return nullptr;
-    }
-    PyObject* recorded = PyTuple_GET_ITEM(entry, 2);
-    PyObject* obj = PyTuple_GET_ITEM(entry, 0);
-    const OwnedRef dict{plain_instance_dict(obj)};
-    PyObject* now = module_attribute(obj, dict.object, PyTuple_GET_ITEM(entry, 1));
-    if (now == nullptr) {
-      if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
-        return nullptr;
-      }
-      PyErr_Clear();  // an attribute deleted: changed
-      Py_RETURN_TRUE;
-    }
-    int same = now == recorded;
-    if (!same && Py_TYPE(now) == Py_TYPE(recorded)) {
-      same = PyObject_RichCompareBool(now, recorded, Py_EQ);
-    }
-    Py_DECREF(now);
-    if (same < 0) {
-      return nullptr;
-    }
-    if (!same) {
-      Py_RETURN_TRUE;
-    }
-  }
-  Py_RETURN_FALSE;
+  const int differ = attributes_differ(entries, "_attributes_changed");
+  return differ < 0 ? nullptr : PyBool_FromLong(differ);
 }
 
 // _tensor_state_guard(tensors: list or tuple, whole_elements: int, sampled_elements: int) -> capsule: the state of
@@ -432,6 +477,61 @@ PyObject* tensor_state_changed(PyObject* /*self*/, PyObject* args) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
     return nullptr;
   }
+}
+
+// _plan_changed(root, modules: tuple, signature: bytes, entries: tuple, guard, grad_enabled: bool) -> bool: whether
+// _module_signature(root, modules) differs from `signature`, or _attributes_changed(entries), or
+// _tensor_state_changed(guard, grad_enabled): the whole guard of the plan, before every forward. The caller's
+// thread (which holds the GIL) checks the modules and attributes while ATen's other intra-op threads check the
+// tensors, and then joins them: the two parts are bound by cache misses on different objects, so they overlap.
+PyObject* plan_changed(PyObject* /*self*/, PyObject* args) {
+  PyObject* root = nullptr;
+  PyObject* modules = nullptr;
+  PyObject* recorded = nullptr;
+  PyObject* entries = nullptr;
+  PyObject* capsule = nullptr;
+  int grad_enabled = 0;
+  if (!PyArg_ParseTuple(args, "OO!O!O!Op:_plan_changed", &root, &PyTuple_Type, &modules, &PyBytes_Type, &recorded,
+                        &PyTuple_Type, &entries, &capsule, &grad_enabled)) {
+    return nullptr;
+  }
+  if (!PyCapsule_IsValid(capsule, kGuardCapsule)) {
+    PyErr_SetString(PyExc_TypeError, "fastres._C._plan_changed: guard must be what _tensor_state_guard returned");
+    return nullptr;
+  }
+  const auto* guard = static_cast<const TensorStateGuard*>(PyCapsule_GetPointer(capsule, kGuardCapsule));
+  const std::thread::id caller = std::this_thread::get_id();
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> seen{false};
+  bool modules_checked = false;  // (written by the caller's thread only)
+  int modules_result = 0;
+  auto check_modules = [&] {
+    modules_checked = true;
+    modules_result = modules_differ(root, modules, recorded, entries);
+    if (modules_result != 0) {
+      seen.store(true);  // changed, or an error: the tensors need no more checking
+    }
+  };
+  try {
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+      if (std::this_thread::get_id() == caller && !modules_checked) {
+        check_modules();
+      }
+      guard->check(next, seen, grad_enabled != 0);
+    });
+  } catch (const std::exception& e) {
+    if (!PyErr_Occurred()) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+    return nullptr;
+  }
+  if (!modules_checked && !seen.load()) {  // none of the region's threads was the caller's (a backend that runs
+    check_modules();                        // every part on its pool): the modules after the tensors
+  }
+  if (modules_result < 0) {
+    return nullptr;
+  }
+  return PyBool_FromLong(modules_result != 0 || seen.load());
 }
 
 }  // namespace fastres

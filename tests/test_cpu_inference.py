@@ -921,6 +921,49 @@ def test_plan_guard_module_signature_sees_every_change():
         _eval_plan._MODULE_SIGNATURE(root, [root[0]])  # a tuple, not a list
 
 
+def test_plan_changed_is_the_three_checks():
+    """fastres._C._plan_changed, the plan's guard before every forward: a change to the modules' signature, to an
+    attribute or to a tensor's state is seen, under one thread or several (the modules on the caller's thread, the
+    tensors on the others), and a Python error in the module checks propagates."""
+    from fastres.models import _eval_plan
+    if _eval_plan._PLAN_CHANGED is None:
+        pytest.skip("fastres._C without the plan guard")
+    root = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    mods = tuple(root)
+    tensors = [torch.randn(5000) for _ in range(20)] + [root[1].running_mean]
+
+    def changed(n_threads):
+        torch.set_num_threads(n_threads)
+        return _eval_plan._PLAN_CHANGED(root, mods, signature, attributes, state, False)
+
+    edits = [
+        ("the signature: a child replaced", lambda: root.__setitem__(2, nn.ReLU())),
+        ("an attribute: padding", lambda: setattr(root[0], "padding", (1, 1))),
+        ("a tensor's bytes through .data", lambda: root[1].running_mean.data.__setitem__(0, 5.0)),
+        ("a tensor's version", lambda: tensors[7].add_(1)),
+    ]
+    threads = torch.get_num_threads()
+    try:
+        for what, edit in edits:
+            signature = _eval_plan._MODULE_SIGNATURE(root, mods)
+            attributes = ((root[0], "padding", root[0].padding),)
+            state = _eval_plan._TENSOR_STATE(tensors)
+            assert not changed(1) and not changed(2) and not changed(3), what
+            with torch.no_grad():
+                edit()
+            assert changed(1) and changed(2) and changed(3), what
+        mods[2]._modules = None  # (not a dict): the signature's TypeError
+        for n_threads in (1, 2):
+            with pytest.raises(TypeError, match="not a dict"):
+                changed(n_threads)
+        with pytest.raises(TypeError, match="guard must be what _tensor_state_guard returned"):
+            _eval_plan._PLAN_CHANGED(root, mods, signature, attributes, object(), False)
+        with pytest.raises(TypeError):
+            _eval_plan._PLAN_CHANGED(root, mods, "not bytes", attributes, state, False)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_plan_guard_reads_attributes_as_getattr_does():
     """The signature and the attribute checks read a module's attributes from its __dict__ only where getattr would: a
     module class with its own __getattribute__, or with a property shadowing an entry of the instance's __dict__, is
