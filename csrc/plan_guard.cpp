@@ -10,6 +10,8 @@
 //    and the identity of every child, parameter and buffer, as one bytes object that compares with memcmp.
 //  * attributes_changed (fastres._C._attributes_changed): the attributes the plan's units were built from (conv
 //    geometry, eps, pool arguments...), each against the value recorded then.
+//  * plan_changed (fastres._C._plan_changed): the three checks in one call before every forward, the modules on the
+//    caller's thread while ATen's other intra-op threads check the tensors.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -117,10 +119,10 @@ class TensorStateGuard {
   }
 
   // Whether any tensor differs from what was recorded, or (with grad_enabled) requires a gradient. The tensors are
-  // split over ATen's intra-op threads: the check is bound by its cache misses (after a forward, the sampled
-  // elements are in DRAM), and each core brings its own misses in flight. Measured against one thread, with 0.1 s
-  // of idle before each forward (ad hoc, Intel Xeon, 2 threads): a CIFAR ResNet-56 forward at batch 1 1.026x
-  // faster [95% CI 1.008, 1.049], ResNet-50's 1.004x [0.993, 1.012].
+  // shared out to ATen's intra-op threads: the check is bound by its cache misses (after a forward, the sampled
+  // elements are in DRAM), and each core brings its own misses in flight. Measured with the tensors split evenly
+  // against one thread, 0.1 s of idle before each forward (ad hoc, Intel Xeon, 2 threads): a CIFAR ResNet-56
+  // forward at batch 1 1.026x faster [95% CI 1.008, 1.049], ResNet-50's 1.004x [0.993, 1.012].
   bool changed(bool grad_enabled) const {
     std::atomic<int64_t> next{0};
     std::atomic<bool> seen{false};
@@ -484,6 +486,8 @@ PyObject* tensor_state_changed(PyObject* /*self*/, PyObject* args) {
 // _tensor_state_changed(guard, grad_enabled): the whole guard of the plan, before every forward. The caller's
 // thread (which holds the GIL) checks the modules and attributes while ATen's other intra-op threads check the
 // tensors, and then joins them: the two parts are bound by cache misses on different objects, so they overlap.
+// Only the caller's thread touches Python objects; the others read the tensors the guard holds (a thread that
+// mutates them during a forward races with that forward anyway).
 PyObject* plan_changed(PyObject* /*self*/, PyObject* args) {
   PyObject* root = nullptr;
   PyObject* modules = nullptr;
