@@ -44,9 +44,7 @@ TORCH_LIBRARY_IMPL(fastres, CPU, m) {
 namespace fastres {
 // csrc/plan_guard.cpp
 PyObject* module_signature(PyObject* self, PyObject* args);
-PyObject* attributes_changed(PyObject* self, PyObject* args);
 PyObject* tensor_state_guard(PyObject* self, PyObject* args);
-PyObject* tensor_state_changed(PyObject* self, PyObject* args);
 PyObject* plan_changed(PyObject* self, PyObject* args);
 // csrc/cpu_threads.cpp
 PyObject* pin_intraop_workers(PyObject* self, PyObject* args);
@@ -68,21 +66,16 @@ PyMethodDef module_methods[] = {
     {"_module_signature", fastres::module_signature, METH_VARARGS,
      "_module_signature(root, modules: tuple) -> bytes: each module's class, training flag, whether it has "
      "hooks, and the identity of its children, parameters and buffers (the CPU eval plan's guard)."},
-    {"_attributes_changed", fastres::attributes_changed, METH_VARARGS,
-     "_attributes_changed(entries: tuple) -> bool: whether any (obj, name, recorded) of entries has getattr(obj, "
-     "name) neither recorded itself nor equal to it in the same type (the CPU eval plan's guard)."},
     {"_tensor_state_guard", fastres::tensor_state_guard, METH_VARARGS,
      "_tensor_state_guard(tensors, whole_elements, sampled_elements) -> guard: the tensors' version counters, "
      "pointers, dtypes, shapes, strides and (sampled) bytes now, held with the tensors (the CPU eval plan's "
      "guard)."},
-    {"_tensor_state_changed", fastres::tensor_state_changed, METH_VARARGS,
-     "_tensor_state_changed(guard, grad_enabled) -> bool: whether any of the guard's tensors changed since "
-     "_tensor_state_guard, or (grad_enabled) requires a gradient."},
     {"_plan_changed", fastres::plan_changed, METH_VARARGS,
-     "_plan_changed(root, modules, signature, entries, guard, grad_enabled) -> bool: _module_signature(root, "
-     "modules) != signature or _attributes_changed(entries) or _tensor_state_changed(guard, grad_enabled), the "
-     "modules checked by the caller's thread while the other intra-op threads check the tensors (the CPU eval "
-     "plan's guard)."},
+     "_plan_changed(root, modules, signature, entries, guard, grad_enabled) -> bool: whether _module_signature(root, "
+     "modules) != signature, or for any (obj, name, recorded) of entries getattr(obj, name) is neither recorded "
+     "itself nor equal to it in the same type, or any of the guard's tensors changed since _tensor_state_guard or "
+     "(grad_enabled) requires a gradient; the modules checked by the caller's thread while the other intra-op "
+     "threads check the tensors (the CPU eval plan's guard)."},
     {"_pin_intraop_workers", fastres::pin_intraop_workers, METH_VARARGS,
      "_pin_intraop_workers(cpus: tuple) -> int: pins ATen's intra-op worker thread t (t >= 1; never the caller's) "
      "to cpus[t], one CPU per thread; returns how many it pinned (0 without OpenMP or off Linux)."},

@@ -1,17 +1,17 @@
 // The guard of the CPU eval plan (fastres/models/_eval_plan.py), which must see before every forward any change
 // to what its decisions rest on, in C++ because in Python it cost about 0.5 ms a forward (a tenth of a CIFAR
 // ResNet's at batch 1):
-//  * _tensor_state_guard / _tensor_state_changed (fastres._C): the state of the tensors its folded weights come
-//    from, recorded once into a guard that holds them, and compared per forward. Per tensor: version counter, data
-//    pointer, dtype, requires_grad, sizes, strides, and the bytes of its content, whole up to `whole_elements`
-//    elements and `sampled_elements` spread over a larger dense tensor (the sample fastres.nn._fused._Fingerprint
-//    takes, whose sizes the caller passes: it catches edits through `.data` that bypass the version counter).
-//  * module_signature (fastres._C._module_signature): per module, its class, training flag, whether it has hooks,
-//    and the identity of every child, parameter and buffer, as one bytes object that compares with memcmp.
-//  * attributes_changed (fastres._C._attributes_changed): the attributes the plan's units were built from (conv
-//    geometry, eps, pool arguments...), each against the value recorded then.
-//  * plan_changed (fastres._C._plan_changed): the three checks in one call before every forward, the modules on the
-//    caller's thread while ATen's other intra-op threads check the tensors.
+//  * _tensor_state_guard (fastres._C): the state of the tensors its folded weights come from, recorded once into a
+//    guard that holds them. Per tensor: version counter, data pointer, dtype, requires_grad, sizes, strides, and the
+//    bytes of its content, whole up to `whole_elements` elements and `sampled_elements` spread over a larger dense
+//    tensor (the sample fastres.nn._fused._Fingerprint takes, whose sizes the caller passes: it catches edits
+//    through `.data` that bypass the version counter).
+//  * _module_signature (fastres._C): per module, its class, training flag, whether it has hooks, and the identity of
+//    every child, parameter and buffer, as one bytes object that compares with memcmp.
+//  * _plan_changed (fastres._C), before every forward: the signature against the recorded one, the attributes the
+//    plan's units were built from (conv geometry, eps, pool arguments...) against the values recorded then, and the
+//    tensors against their guard; the modules on the caller's thread while ATen's other intra-op threads check the
+//    tensors.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -118,20 +118,13 @@ class TensorStateGuard {
     }
   }
 
-  // Whether any tensor differs from what was recorded, or (with grad_enabled) requires a gradient. The tensors are
-  // shared out to ATen's intra-op threads: the check is bound by its cache misses (after a forward, the sampled
-  // elements are in DRAM), and each core brings its own misses in flight. Measured with the tensors split evenly
-  // against one thread, 0.1 s of idle before each forward (ad hoc, Intel Xeon, 2 threads): a CIFAR ResNet-56
-  // forward at batch 1 1.026x faster [95% CI 1.008, 1.049], ResNet-50's 1.004x [0.993, 1.012].
-  bool changed(bool grad_enabled) const {
-    std::atomic<int64_t> next{0};
-    std::atomic<bool> seen{false};
-    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { check(next, seen, grad_enabled); });
-    return seen.load();
-  }
-
-  // One thread's part of a check shared by several: it takes kChunk tensors at a time from `next` until there are
-  // none left or `seen` is set (a change, by any thread); it sets `seen` on a change of its own.
+  // One thread's part of the check whether any tensor differs from what was recorded, or (with grad_enabled)
+  // requires a gradient, shared out to ATen's intra-op threads: the check is bound by its cache misses (after a
+  // forward, the sampled elements are in DRAM), and each core brings its own misses in flight (measured with the
+  // tensors split evenly against one thread, 0.1 s of idle before each forward, ad hoc, Intel Xeon, 2 threads: a
+  // CIFAR ResNet-56 forward at batch 1 1.026x faster [95% CI 1.008, 1.049], ResNet-50's 1.004x [0.993, 1.012]).
+  // It takes kChunk tensors at a time from `next` until there are none left or `seen` is set (a change, by any
+  // thread); it sets `seen` on a change of its own.
   void check(std::atomic<int64_t>& next, std::atomic<bool>& seen, bool grad_enabled) const {
     const auto n = static_cast<int64_t>(tensors_.size());
     for (int64_t begin = next.fetch_add(kChunk); begin < n && !seen.load(std::memory_order_relaxed);
@@ -338,11 +331,11 @@ bool signature(PyObject* root, PyObject* modules, std::string& out) {
 
 // Whether, for any (obj, name, recorded) of `entries` (a tuple), getattr(obj, name) now is neither `recorded`
 // itself nor a value of the same type equal to it (or is gone): 1, else 0; -1 with a Python error set.
-int attributes_differ(PyObject* entries, const char* caller) {
+int attributes_differ(PyObject* entries) {
   for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(entries); ++i) {
     PyObject* entry = PyTuple_GET_ITEM(entries, i);
     if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 3 || !PyUnicode_Check(PyTuple_GET_ITEM(entry, 1))) {
-      PyErr_Format(PyExc_TypeError, "fastres._C.%s: entries[%zd] must be (obj, name: str, value)", caller, i);
+      PyErr_Format(PyExc_TypeError, "fastres._C._plan_changed: entries[%zd] must be (obj, name: str, value)", i);
       return -1;
     }
     PyObject* recorded = PyTuple_GET_ITEM(entry, 2);
@@ -382,7 +375,7 @@ int modules_differ(PyObject* root, PyObject* modules, PyObject* recorded, PyObje
       std::memcmp(PyBytes_AS_STRING(recorded), now.data(), now.size()) != 0) {
     return 1;
   }
-  return attributes_differ(entries, "_plan_changed");
+  return attributes_differ(entries);
 }
 
 }  // namespace
@@ -401,20 +394,8 @@ PyObject* module_signature(PyObject* /*self*/, PyObject* args) {
   return PyBytes_FromStringAndSize(out.data(), static_cast<Py_ssize_t>(out.size()));
 }
 
-// _attributes_changed(entries: tuple) -> bool: whether, for any (obj, name, recorded) of entries, getattr(obj, name)
-// now is neither `recorded` itself nor a value of the same type equal to it (or is gone). The caller records
-// immutable values as they are and a copy of any other, so that identity alone proves an unchanged value.
-PyObject* attributes_changed(PyObject* /*self*/, PyObject* args) {
-  PyObject* entries = nullptr;
-  if (!PyArg_ParseTuple(args, "O!:_attributes_changed", &PyTuple_Type, &entries)) {
-    return nullptr;
-  }
-  const int differ = attributes_differ(entries, "_attributes_changed");
-  return differ < 0 ? nullptr : PyBool_FromLong(differ);
-}
-
 // _tensor_state_guard(tensors: list or tuple, whole_elements: int, sampled_elements: int) -> capsule: the state of
-// `tensors` now, for _tensor_state_changed; the capsule holds the tensors.
+// `tensors` now, for _plan_changed; the capsule holds the tensors.
 PyObject* tensor_state_guard(PyObject* /*self*/, PyObject* args) {
   PyObject* sequence = nullptr;
   long long whole_elements = 0;
@@ -459,31 +440,10 @@ PyObject* tensor_state_guard(PyObject* /*self*/, PyObject* args) {
   return capsule;
 }
 
-// _tensor_state_changed(guard, grad_enabled: bool) -> bool: whether any of the guard's tensors differs from its
-// recorded state, or (with grad_enabled) requires a gradient.
-PyObject* tensor_state_changed(PyObject* /*self*/, PyObject* args) {
-  PyObject* capsule = nullptr;
-  int grad_enabled = 0;
-  if (!PyArg_ParseTuple(args, "Op:_tensor_state_changed", &capsule, &grad_enabled)) {
-    return nullptr;
-  }
-  if (!PyCapsule_IsValid(capsule, kGuardCapsule)) {
-    PyErr_SetString(PyExc_TypeError,
-                    "fastres._C._tensor_state_changed: guard must be what _tensor_state_guard returned");
-    return nullptr;
-  }
-  const auto* guard = static_cast<const TensorStateGuard*>(PyCapsule_GetPointer(capsule, kGuardCapsule));
-  try {
-    return PyBool_FromLong(guard->changed(grad_enabled != 0));
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
-  }
-}
-
 // _plan_changed(root, modules: tuple, signature: bytes, entries: tuple, guard, grad_enabled: bool) -> bool: whether
-// _module_signature(root, modules) differs from `signature`, or _attributes_changed(entries), or
-// _tensor_state_changed(guard, grad_enabled): the whole guard of the plan, before every forward. The caller's
+// _module_signature(root, modules) differs from `signature`, or an attribute of `entries` (obj, name, recorded)
+// changed (attributes_differ), or a tensor of `guard` (_tensor_state_guard) changed or, with grad_enabled, requires
+// a gradient (TensorStateGuard::check): the whole guard of the plan, before every forward. The caller's
 // thread (which holds the GIL) checks the modules and attributes while ATen's other intra-op threads check the
 // tensors, and then joins them: the two parts are bound by cache misses on different objects, so they overlap.
 // Only the caller's thread touches Python objects; the others read the tensors the guard holds (a thread that

@@ -796,11 +796,26 @@ def test_converted_torchvision_resnet_runs_the_plan(plan_runs):
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * _max_abs(ref))
 
 
+def _attributes_changed(entries):
+    """The attribute part of fastres._C._plan_changed alone (no module, no tensor)."""
+    from fastres.models import _eval_plan
+    root = nn.Module()
+    return _eval_plan._PLAN_CHANGED(root, (), _eval_plan._MODULE_SIGNATURE(root, ()), entries,
+                                    _eval_plan._TENSOR_STATE([]), False)
+
+
+def _tensor_state_changed(state, grad_enabled):
+    """The tensor part of fastres._C._plan_changed alone (no module, no attribute)."""
+    from fastres.models import _eval_plan
+    root = nn.Module()
+    return _eval_plan._PLAN_CHANGED(root, (), _eval_plan._MODULE_SIGNATURE(root, ()), (), state, grad_enabled)
+
+
 def test_plan_guard_tensor_state_sees_every_change():
-    """fastres._C's _tensor_state_guard / _tensor_state_changed (the plan's guard over the tensors its folds read):
-    any change FoldCache would see is seen, including edits through .data (no version bump) of any element of a
-    small tensor and of each sampled element of a large one, in each element size; unchanged tensors are
-    unchanged."""
+    """fastres._C's _tensor_state_guard and the tensor part of _plan_changed (the plan's guard over the tensors its
+    folds read): any change FoldCache would see is seen, including edits through .data (no version bump) of any
+    element of a small tensor and of each sampled element of a large one, in each element size; unchanged tensors
+    are unchanged."""
     from fastres.models import _eval_plan
     if _eval_plan._TENSOR_STATE is None:
         pytest.skip("fastres._C without the plan guard")
@@ -808,7 +823,7 @@ def test_plan_guard_tensor_state_sees_every_change():
     tensors = [small, large, torch.randn(3, 5).t()]  # a non-contiguous one: compared whole
 
     def changed(grad_enabled=False):
-        return _eval_plan._TENSOR_STATE_CHANGED(state, grad_enabled)
+        return _tensor_state_changed(state, grad_enabled)
 
     state = _eval_plan._TENSOR_STATE(tensors)
     assert not changed() and not changed(grad_enabled=True)
@@ -882,7 +897,7 @@ def test_plan_guard_tensor_state_sees_every_change():
     with pytest.raises(ValueError, match="sampled_elements > 0"):
         fastres._C._tensor_state_guard([small], 16, 0)
     with pytest.raises(TypeError, match="guard must be what _tensor_state_guard returned"):
-        _eval_plan._TENSOR_STATE_CHANGED(object(), False)
+        _tensor_state_changed(object(), False)
 
 
 def test_plan_guard_module_signature_sees_every_change():
@@ -987,24 +1002,25 @@ def test_plan_guard_reads_attributes_as_getattr_does():
         sign = lambda: _eval_plan._MODULE_SIGNATURE(module, ())  # noqa: E731
         before = sign()
         entries = ((module, "training", False),)
-        assert _eval_plan._ATTRIBUTES_CHANGED(entries) is False
+        assert _attributes_changed(entries) is False
         module.__dict__["reported"] = True  # what getattr reads; the __dict__ entry "training" unchanged
         assert sign() != before, cls.__name__
-        assert _eval_plan._ATTRIBUTES_CHANGED(entries) is True, cls.__name__
+        assert _attributes_changed(entries) is True, cls.__name__
 
 
 def test_plan_guard_attributes_see_every_change():
-    """fastres._C._attributes_changed (the plan's guard over the attributes its units were built from): another
+    """The attribute part of fastres._C._plan_changed (the plan's guard over the attributes its units were built
+    from): another
     value, an equal value of another type, a list edited in place, a deleted attribute; an equal value in a new
     object is no change."""
     from fastres.models import _eval_plan
-    if _eval_plan._ATTRIBUTES_CHANGED is None:
+    if _eval_plan._PLAN_CHANGED is None:
         pytest.skip("fastres._C without the plan guard")
     conv = nn.Conv2d(3, 4, 3)
     conv.extra = [1, 2]
     names = _eval_plan._CONV_ATTRIBUTES + ("extra",)
     entries = tuple((conv, name, _eval_plan._recorded(getattr(conv, name))) for name in names)
-    changed = lambda: _eval_plan._ATTRIBUTES_CHANGED(entries)  # noqa: E731
+    changed = lambda: _attributes_changed(entries)  # noqa: E731
     assert changed() is False
     conv.stride = (1, 1)  # equal, another object
     assert changed() is False
@@ -1021,7 +1037,7 @@ def test_plan_guard_attributes_see_every_change():
         undo()
         assert changed() is False, what
     with pytest.raises(TypeError, match="entries"):
-        _eval_plan._ATTRIBUTES_CHANGED(((conv, "stride"),))
+        _attributes_changed(((conv, "stride"),))
 
 
 def test_a_model_built_in_inference_mode_is_planned_and_never_stale(per_unit_path, plan_runs):

@@ -60,18 +60,15 @@ from fastres.nn.blocks import _FusedBlock
 
 _UNRESOLVED = object()
 # The plan's guard (csrc/plan_guard.cpp); None with a fastres._C built without it, where no plan runs.
-if all(hasattr(_compiled._C, f) for f in ("_tensor_state_guard", "_tensor_state_changed", "_module_signature",
-                                          "_attributes_changed", "_plan_changed")):
+if all(hasattr(_compiled._C, f) for f in ("_tensor_state_guard", "_module_signature", "_plan_changed")):
     # sampling the tensors' bytes as FoldCache's fingerprints do
     def _TENSOR_STATE(tensors):
         return _compiled._C._tensor_state_guard(tensors, _WHOLE_ELEMENTS, _SAMPLED_ELEMENTS)
 
-    _TENSOR_STATE_CHANGED = _compiled._C._tensor_state_changed
     _MODULE_SIGNATURE = _compiled._C._module_signature
-    _ATTRIBUTES_CHANGED = _compiled._C._attributes_changed
     _PLAN_CHANGED = _compiled._C._plan_changed
 else:
-    _TENSOR_STATE = _TENSOR_STATE_CHANGED = _MODULE_SIGNATURE = _ATTRIBUTES_CHANGED = _PLAN_CHANGED = None
+    _TENSOR_STATE = _MODULE_SIGNATURE = _PLAN_CHANGED = None
 _MAX_POOL_RELU = torch.ops.fastres._max_pool_relu.default if _compiled.has_op("_max_pool_relu") else None
 # The plan's body as one call (csrc/cpu_plan.cpp), once every unit of a key runs from its packed weight.
 _RUN_PLAN = torch.ops.fastres._run_plan.default if _compiled.has_op("_run_plan") else None
@@ -195,7 +192,7 @@ class _Plan:
             raise _NotPlannable
         self.modules = tuple(modules[1:])
         self.module_signature = _MODULE_SIGNATURE(model, self.modules)
-        self.attributes = []  # (module, attribute name, its value (_recorded)), checked by _attributes_changed
+        self.attributes = []  # (module, attribute name, its value (_recorded)), checked by _plan_changed
         self.units = []
 
     def _guard_attributes(self, module, names):
@@ -213,7 +210,7 @@ class _Plan:
         if not _cacheable(self.tensors):
             raise _NotPlannable  # folds that FoldCache would not keep either
         # Their state, as FoldCache checks it (version, pointer, dtype, sizes, strides, sampled bytes), checked in
-        # one call before every forward (fastres._C's _tensor_state_changed). The guard holds the tensors and their
+        # one call before every forward (fastres._C's _plan_changed, in valid). The guard holds the tensors and their
         # storages, so that an unchanged pointer means the same memory, never a new allocation at a freed address.
         self.tensor_state = _TENSOR_STATE(self.tensors)
 
@@ -762,7 +759,7 @@ def run(model, x, head=True):
         backend = ops.select("conv_bias_act", x.device)
     except ops.BackendUnavailableError:
         return None  # the per-unit path reports it
-    if not hasattr(backend, "prepacked_conv_bias_act") or _TENSOR_STATE_CHANGED is None:
+    if not hasattr(backend, "prepacked_conv_bias_act") or _PLAN_CHANGED is None:
         return None
     cache = model.fold_cache
     plan = cache.plan
