@@ -1328,6 +1328,96 @@ def test_onednn_graph_body_turned_off_by_the_environment():
     assert out.stdout.strip() == "False"
 
 
+@pytest.fixture
+def winograd_everywhere(monkeypatch):
+    """The graph body's Winograd convolutions on for every 3x3 unit it computes, however small (the tests' inputs
+    are below the size thresholds)."""
+    from fastres.models import _eval_plan
+    if _eval_plan._WINOGRAD_CONV is None:
+        pytest.skip("fastres._C without _winograd_conv3x3")
+    monkeypatch.setattr(_eval_plan, "WINOGRAD", True)
+    monkeypatch.setattr(_eval_plan, "WINOGRAD_MIN_CHANNELS", 0)
+    monkeypatch.setattr(_eval_plan, "WINOGRAD_MIN_MACS", 0)
+
+
+def _graph_run(model, x):
+    """model(x) once its graph body is built, and that forward's profiled op names."""
+    with torch.inference_mode():
+        for _ in range(4):
+            model(x)
+        with profile() as prof:
+            out = model(x)
+    return out, [e.name for e in prof.events()]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_onednn_graph_body_runs_3x3_convolutions_as_winograd(arch, graph_body, winograd_everywhere):
+    """Every 3x3 convolution of stride 1 (ResNet-18's with its residual and ReLU, ResNet-50's middle ones; not the
+    strided ones) runs as _winograd_conv3x3 inside the graph body, within the tolerance rule against float64."""
+    make = {"resnet18": (fm.resnet18, torchvision.models.resnet18, {}),
+            "resnet50": (fm.resnet50, torchvision.models.resnet50, {"width_per_group": 16})}[arch]
+    fr, tv = pair(make[0], make[1], **make[2])
+    x = torch.randn(2, 3, 32, 32)
+    out, names = _graph_run(fr, x)
+    assert graph_body["ran"] >= 1
+    unstrided = [m for m in fr.modules()
+                 if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1)]
+    assert names.count("fastres::_winograd_conv3x3") == len(unstrided) == 13
+    with torch.no_grad():
+        ref64 = copy.deepcopy(tv).double()(x.double())
+        aten = _aten_worse(tv, x, ref64)
+    assert_within(f"{arch} eval, oneDNN Graph body with Winograd", out, ref64, aten)
+
+
+@pytest.mark.parametrize("where", ["input", "overflow"])
+def test_winograd_graph_body_keeps_nan(where, graph_body, per_unit_path, winograd_everywhere):
+    """A NaN or an overflow in the input (Inf - Inf in Winograd's transforms raises the invalid flag too): the
+    forward is _run_plan's, exactly the per-unit path's."""
+    model = randomize_(fm.resnet18(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    bad = x.clone()
+    if where == "input":
+        bad[1, 2, 31, 0] = float("nan")
+    else:
+        bad[0] *= 3e38
+    _graph_run(model, x)
+    with torch.inference_mode():
+        got = model(bad)
+        with per_unit_path():
+            ref = model(bad)
+    assert torch.isnan(ref).any() or torch.isinf(ref).any()
+    torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
+
+
+def test_winograd_graph_body_is_never_stale(graph_body, per_unit_path, winograd_everywhere):
+    """A Winograd unit's weight changed in place: the graph built again transforms the new weight."""
+    fr, tv = pair(fm.resnet18, torchvision.models.resnet18)
+    _check_graph_rebuilt_after(lambda: fr.layer3[1].conv1.weight.mul_(-1), fr, tv, torch.randn(2, 3, 32, 32),
+                               graph_body, per_unit_path, "resnet18 eval, rebuilt Winograd graph body")
+
+
+def test_winograd_only_where_the_convolution_is_large_enough(graph_body):
+    """At the default thresholds a CIFAR ResNet's 16- to 64-channel convolutions stay oneDNN's (the partitions a
+    Winograd convolution splits would cost more than it saves), ResNet-50's at 224x224 do not."""
+    from fastres.models import _eval_plan
+    if not _eval_plan.WINOGRAD:
+        pytest.skip("Winograd off (FASTRES_CPU_WINOGRAD=0 or fastres._C without it)")
+    _, names = _graph_run(randomize_(fm.cifar_resnet(20)).eval(), torch.randn(2, 3, 32, 32))
+    assert "fastres::_winograd_conv3x3" not in names
+    conv = nn.Conv2d(64, 64, 3, padding=1)
+    assert _eval_plan._winograd_pays(conv.weight, torch.empty(1, 64, 56, 56))
+    assert not _eval_plan._winograd_pays(conv.weight, torch.empty(1, 64, 8, 8))
+    assert not _eval_plan._winograd_pays(nn.Conv2d(32, 32, 3).weight, torch.empty(64, 32, 56, 56))
+
+
+def test_winograd_turned_off_by_the_environment():
+    import subprocess
+    code = "import fastres.models._eval_plan as p; print(p.WINOGRAD)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "FASTRES_CPU_WINOGRAD": "0"})
+    assert out.stdout.strip() == "False"
+
+
 def test_onednn_graph_body_dropped_where_inputs_keep_meeting_nan(graph_body, per_unit_path):
     """Each forward that meets a NaN runs the graph, then _run_plan: after a few in a row the key keeps _run_plan
     alone, which gives the per-unit path's result bit for bit, NaN or not."""
