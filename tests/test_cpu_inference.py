@@ -1338,6 +1338,7 @@ def winograd_everywhere(monkeypatch):
     monkeypatch.setattr(_eval_plan, "WINOGRAD", True)
     monkeypatch.setattr(_eval_plan, "WINOGRAD_MIN_CHANNELS", 0)
     monkeypatch.setattr(_eval_plan, "WINOGRAD_MIN_MACS", 0)
+    monkeypatch.setattr(_eval_plan, "WINOGRAD_MIN_TILES", 0)
 
 
 def _graph_run(model, x):
@@ -1398,7 +1399,8 @@ def test_winograd_graph_body_is_never_stale(graph_body, per_unit_path, winograd_
 
 def test_winograd_only_where_the_convolution_is_large_enough(graph_body):
     """At the default thresholds a CIFAR ResNet's 16- to 64-channel convolutions stay oneDNN's (the partitions a
-    Winograd convolution splits would cost more than it saves), ResNet-50's at 224x224 do not."""
+    Winograd convolution splits would cost more than it saves), and so does a convolution of few output tiles;
+    ResNet-50's at 224x224 do not."""
     from fastres.models import _eval_plan
     if not _eval_plan.WINOGRAD:
         pytest.skip("Winograd off (FASTRES_CPU_WINOGRAD=0 or fastres._C without it)")
@@ -1408,6 +1410,10 @@ def test_winograd_only_where_the_convolution_is_large_enough(graph_body):
     assert _eval_plan._winograd_pays(conv.weight, torch.empty(1, 64, 56, 56))
     assert not _eval_plan._winograd_pays(conv.weight, torch.empty(1, 64, 8, 8))
     assert not _eval_plan._winograd_pays(nn.Conv2d(32, 32, 3).weight, torch.empty(64, 32, 56, 56))
+    # ResNet-50's last stage: at batch 1 too few tiles (16) to reuse its transformed weights, at batch 8 enough
+    last = nn.Conv2d(512, 512, 3, padding=1).weight
+    assert not _eval_plan._winograd_pays(last, torch.empty(1, 512, 7, 7))
+    assert _eval_plan._winograd_pays(last, torch.empty(8, 512, 7, 7))
 
 
 def test_winograd_turned_off_by_the_environment():

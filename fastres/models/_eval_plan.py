@@ -98,6 +98,10 @@ _WINOGRAD_CONV = torch.ops.fastres._winograd_conv3x3.default if _compiled.has_op
 WINOGRAD = os.environ.get("FASTRES_CPU_WINOGRAD", "1") != "0" and _WINOGRAD_CONV is not None
 WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD_MIN_MACS = 50_000_000
+# ... and at least WINOGRAD_MIN_TILES output tiles, the times each transformed weight (16/9 the direct one's bytes) is
+# used in a call: ResNet-50's last stage at batch 1 (16 tiles of 7x7, 17 MB of transformed weight a convolution) was
+# 1.7x faster in a tight loop but is bound by reading its weights where other work has left the caches cold.
+WINOGRAD_MIN_TILES = 32
 # The classifier (global average pool, linear) inside the graph: the features never come back to Python, and the
 # linear is one of the graph's partitions. Ad-hoc A/B on an Intel Xeon, one process: ResNet-50 at batch 1 about
 # 0.2 ms off 29 ms (within the machine's noise), CIFAR ResNet-56 0.05 of 1.74 ms at batch 1 and 0.07 of 6.9 at 8.
@@ -591,7 +595,9 @@ def _winograd_pays(weight, x):
     WINOGRAD_MIN_MACS)."""
     out_channels, in_channels = weight.shape[:2]
     macs = x.shape[0] * x.shape[2] * x.shape[3] * in_channels * out_channels * 9
-    return min(in_channels, out_channels) >= WINOGRAD_MIN_CHANNELS and macs >= WINOGRAD_MIN_MACS
+    tiles = x.shape[0] * ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2)
+    return min(in_channels, out_channels) >= WINOGRAD_MIN_CHANNELS and macs >= WINOGRAD_MIN_MACS and \
+        tiles >= WINOGRAD_MIN_TILES
 
 
 class _GraphBody(_UnitsBody):
