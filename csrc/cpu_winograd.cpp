@@ -20,15 +20,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <array>
 #include <vector>
-
-// The transforms are cloned for AVX-512 too (x86-64-v4), where their 16-channel values are one register.
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__GLIBC__) && !defined(FASTRES_NO_CPU_CLONES)
-#define FASTRES_WINOGRAD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTRES_WINOGRAD_CLONES
-#endif
 
 namespace fastres {
 namespace cpu {
@@ -39,72 +31,57 @@ struct WinogradGeometry {
   int64_t TH, TW, T;      // tiles per column and row, tiles in all (N * TH * TW)
 };
 
-// kLanes channels as one value (an AVX-512 register in the x86-64-v4 clone, two AVX2 ones in the v3 clone).
-constexpr int64_t kLanes = 16;
-typedef float F16 __attribute__((vector_size(kLanes * sizeof(float))));
-
-template <typename V>
-FASTRES_INLINE V load(const float* p) {
-  V v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-template <typename V>
-FASTRES_INLINE void store(float* p, V v) {
-  std::memcpy(p, &v, sizeof v);
-}
-
-// B^T d B for channels [c, c + lanes of V) of one tile: B^T's rows (1 0 -1 0), (0 1 1 0), (0 -1 1 0), (0 1 0 -1)
-// on the patch's rows, then on its columns.
-template <typename V>
+// B^T d B for channels [c, c + N) of one tile (L: Lanes<float, N>): B^T's rows (1 0 -1 0), (0 1 1 0),
+// (0 -1 1 0), (0 1 0 -1) on the patch's rows, then on its columns.
+template <typename L>
 FASTRES_INLINE void input_tile(const float* (&d)[4][4], float* __restrict out, int64_t plane, int64_t c) {
+  using V = typename L::V;
   V r[4][4];
   for (int j = 0; j < 4; ++j) {
-    const V d0 = load<V>(d[0][j] + c), d1 = load<V>(d[1][j] + c), d2 = load<V>(d[2][j] + c),
-            d3 = load<V>(d[3][j] + c);
+    const V d0 = L::load(d[0][j] + c), d1 = L::load(d[1][j] + c), d2 = L::load(d[2][j] + c), d3 = L::load(d[3][j] + c);
     r[0][j] = d0 - d2;
     r[1][j] = d1 + d2;
     r[2][j] = d2 - d1;
     r[3][j] = d1 - d3;
   }
   for (int i = 0; i < 4; ++i) {
-    store<V>(out + (4 * i + 0) * plane + c, r[i][0] - r[i][2]);
-    store<V>(out + (4 * i + 1) * plane + c, r[i][1] + r[i][2]);
-    store<V>(out + (4 * i + 2) * plane + c, r[i][2] - r[i][1]);
-    store<V>(out + (4 * i + 3) * plane + c, r[i][1] - r[i][3]);
+    L::store(out + (4 * i + 0) * plane + c, r[i][0] - r[i][2]);
+    L::store(out + (4 * i + 1) * plane + c, r[i][1] + r[i][2]);
+    L::store(out + (4 * i + 2) * plane + c, r[i][2] - r[i][1]);
+    L::store(out + (4 * i + 3) * plane + c, r[i][1] - r[i][3]);
   }
 }
 
-// A^T m A + bias (+ residual), ReLU'd with `relu`, for channels [o, o + lanes of V) of one tile, written to the
-// tile's `rows` x `cols` output pixels at `offsets`: A^T's rows (1 1 1 0), (0 1 -1 -1) on the rows of the 4x4
-// product, then on its columns. The ReLU keeps NaN, as ATen's does.
-template <typename V>
+// A^T m A + bias (+ residual), ReLU'd with `relu` (math.h's, which keeps NaN, as ATen's does), for channels
+// [o, o + N) of one tile (L: Lanes<float, N>), written to the tile's `rows` x `cols` output pixels at `offsets`:
+// A^T's rows (1 1 1 0), (0 1 -1 -1) on the rows of the 4x4 product, then on its columns.
+template <typename L>
 FASTRES_INLINE void output_tile(const float* __restrict in, int64_t plane, int64_t o, const float* __restrict bias,
                                 const float* __restrict residual, bool relu, float* __restrict out,
                                 const int64_t (&offsets)[2][2], int rows, int cols) {
+  using V = typename L::V;
   V s[2][4];
   for (int j = 0; j < 4; ++j) {
-    const V m0 = load<V>(in + (0 + j) * plane + o), m1 = load<V>(in + (4 + j) * plane + o);
-    const V m2 = load<V>(in + (8 + j) * plane + o), m3 = load<V>(in + (12 + j) * plane + o);
+    const V m0 = L::load(in + (0 + j) * plane + o), m1 = L::load(in + (4 + j) * plane + o);
+    const V m2 = L::load(in + (8 + j) * plane + o), m3 = L::load(in + (12 + j) * plane + o);
     s[0][j] = m0 + m1 + m2;
     s[1][j] = m1 - m2 - m3;
   }
-  const V b = bias ? load<V>(bias + o) : V{};
+  const V b = bias ? L::load(bias + o) : L::zero();
   for (int i = 0; i < rows; ++i) {
     const V y[2] = {s[i][0] + s[i][1] + s[i][2] + b, s[i][1] - s[i][2] - s[i][3] + b};
     for (int j = 0; j < cols; ++j) {
       V value = y[j];
-      if (residual) value += load<V>(residual + offsets[i][j] + o);
-      if (relu) value = value < V{} ? V{} : value;
-      store<V>(out + offsets[i][j] + o, value);
+      if (residual) value += L::load(residual + offsets[i][j] + o);
+      if (relu) value = Select<V>::relu(value);
+      L::store(out + offsets[i][j] + o, value);
     }
   }
 }
 
 // Tiles [t0, t1): V[k][t][:] = (B^T d B)[k] for each tile's 4x4 input patch d, every channel at once (the inner
 // loops run along the channels, contiguous in channels_last, and vectorize).
-FASTRES_WINOGRAD_CLONES void input_transform(const WinogradGeometry& g, const float* __restrict x,
+FASTRES_CPU_CLONES_AVX512 void input_transform(const WinogradGeometry& g, const float* __restrict x,
                                         const float* __restrict zeros, float* __restrict v, int64_t t0,
                                         int64_t t1) {
   const int64_t C = g.C, plane = g.T * C;
@@ -120,14 +97,14 @@ FASTRES_WINOGRAD_CLONES void input_transform(const WinogradGeometry& g, const fl
     }
     float* __restrict out = v + t * C;
     int64_t c = 0;
-    for (; c + kLanes <= C; c += kLanes) input_tile<F16>(d, out, plane, c);
-    for (; c < C; ++c) input_tile<float>(d, out, plane, c);
+    for (; c + 16 <= C; c += 16) input_tile<Lanes<float, 16>>(d, out, plane, c);
+    for (; c < C; ++c) input_tile<Lanes<float, 1>>(d, out, plane, c);
   }
 }
 
 // Tiles [t0, t1): each tile's output pixels (A^T m A) + bias (+ residual), ReLU'd with `relu` (a NaN kept, as
 // ATen's relu keeps it), written where they lie inside the output.
-FASTRES_WINOGRAD_CLONES void output_transform(const WinogradGeometry& g, const float* __restrict m,
+FASTRES_CPU_CLONES_AVX512 void output_transform(const WinogradGeometry& g, const float* __restrict m,
                                          const float* __restrict bias, const float* __restrict residual,
                                          bool relu, float* __restrict out, int64_t t0, int64_t t1) {
   const int64_t K = g.K, plane = g.T * K;
@@ -139,8 +116,11 @@ FASTRES_WINOGRAD_CLONES void output_transform(const WinogradGeometry& g, const f
     const float* __restrict in = m + t * K;
     const int rows = full_rows ? 2 : 1, cols = full_cols ? 2 : 1;
     int64_t o = 0;
-    for (; o + kLanes <= K; o += kLanes) output_tile<F16>(in, plane, o, bias, residual, relu, out, offsets, rows, cols);
-    for (; o < K; ++o) output_tile<float>(in, plane, o, bias, residual, relu, out, offsets, rows, cols);
+    // 16 channels at a time: 1.2x faster than 8 at 64 channels and 56x56 (one AVX-512 register in the v4 clone)
+    for (; o + 16 <= K; o += 16) {
+      output_tile<Lanes<float, 16>>(in, plane, o, bias, residual, relu, out, offsets, rows, cols);
+    }
+    for (; o < K; ++o) output_tile<Lanes<float, 1>>(in, plane, o, bias, residual, relu, out, offsets, rows, cols);
   }
 }
 
