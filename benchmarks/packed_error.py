@@ -14,11 +14,16 @@ Per conv, in forward order, fed the float64 reference model's own input to that 
              bias by prepacked_conv_bias_act, channels_last input
   aten-cl    torch.nn.functional.conv2d with channels_last input and weight
   aten-nchw  the same, contiguous
+  winograd   (fp32, 3x3 convs of stride 1, padding 1, one group) fastres._C's _winograd_conv3x3 on the weight
+             _winograd_weight transformed, as the oneDNN Graph body runs the larger of them
 each against conv2d in float64 (the conv's own weight: no norm folded, no ReLU). Then the whole model: fastres.models
 in eval (its CPU eval plan, second forward) against the float64 reference model (torchvision's, same weights, BN
 statistics calibrated on one batch), beside the reference model run by ATen in each layout. --dtype bf16 casts each
-conv's input and weight to bf16 (the model rows run under torch.autocast("cpu", torch.bfloat16)).
-Verdict per row: within the rule against aten-cl, or by how much it exceeds it. Exits 1 if a row exceeds it.
+conv's input and weight to bf16 (the model rows run under torch.autocast("cpu", torch.bfloat16)). In fp32 the
+whole model also runs as its oneDNN Graph body (the forward after GRAPH_AFTER more, with its Winograd convolutions
+where they apply at this input size), against the same reference ("graph").
+Verdict per row: within the rule against aten-cl, or by how much it exceeds it (packed, winograd and graph each).
+Exits 1 if any exceeds it.
 """
 import argparse
 import copy
@@ -98,10 +103,23 @@ def conv_row(name, conv, x64, dtype):
     errors = {"aten_cl": max_error(aten_cl, ref), "aten_nchw": max_error(aten_nchw, ref)}
     row = {"layer": name, "weight": list(w64.shape), "input": list(x64.shape), **errors,
            "reference_max_abs": ref.abs().max().item()}
+    row.update(winograd_error(xcl, w, b, geometry, ref, errors["aten_cl"]))
     if packed is None:
         return {**row, "packed": None, "refused": "oneDNN refused to pack or run it"}
     row["packed"] = max_error(packed, ref)
     return {**row, **verdict(row["packed"], errors["aten_cl"], dtype, ref)}
+
+
+def winograd_error(xcl, w, b, geometry, ref, aten_cl_error):
+    """{winograd, winograd_ok}: _winograd_conv3x3's error against float64 and its verdict, both None where the
+    conv is not one it computes (the graph body's own test, _winograd_applies)."""
+    from fastres.models import _eval_plan
+    if _eval_plan._WINOGRAD_CONV is None or not _eval_plan._winograd_applies(w, geometry):
+        return {"winograd": None, "winograd_ok": None}
+    with torch.no_grad():
+        out = _eval_plan._WINOGRAD_CONV(xcl, torch.ops.fastres._winograd_weight(w), b, None, False)
+    error = max_error(out, ref)
+    return {"winograd": error, "winograd_ok": verdict(error, aten_cl_error, w.dtype, ref)["ok"]}
 
 
 def model_row(fast, ref, x64, dtype):
@@ -130,12 +148,38 @@ def model_row(fast, ref, x64, dtype):
             got = fast(x.contiguous(memory_format=CL))  # the steady state: the plan's one-call body where it has one
             aten_cl = copy.deepcopy(ref).to(memory_format=CL)(x.contiguous(memory_format=CL))
             aten_nchw = ref(x)
+        graph, winograd_convs = graph_forward(fast, x) if dtype == torch.float32 else (None, None)
     errors = {"packed": max_error(got, out64), "aten_cl": max_error(aten_cl, out64),
               "aten_nchw": max_error(aten_nchw, out64)}
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in ref.modules())
-    return {"layer": "whole model", "weight": None, "input": list(x64.shape), **errors,
-            "reference_max_abs": out64.abs().max().item(), "packed_weights": packed[0], "convs": convs,
-            **verdict(errors["packed"], errors["aten_cl"], got.dtype, out64)}
+    row = {"layer": "whole model", "weight": None, "input": list(x64.shape), **errors,
+           "reference_max_abs": out64.abs().max().item(), "packed_weights": packed[0], "convs": convs,
+           **verdict(errors["packed"], errors["aten_cl"], got.dtype, out64), "graph": None, "graph_ok": None,
+           "winograd_convs": winograd_convs}
+    if graph is not None:
+        row["graph"] = max_error(graph, out64)
+        row["graph_ok"] = verdict(row["graph"], errors["aten_cl"], graph.dtype, out64)["ok"]
+    return row
+
+
+def graph_forward(fast, x):
+    """fast(x) as its plan's oneDNN Graph body (the plan's forward after the one that builds it: GRAPH_AFTER one-call
+    bodies of this input after the two forwards model_row made, then the build), and how many _winograd_conv3x3 calls that forward made; (None,
+    None) where it ran no graph (off, not applicable, or a NaN met a ReLU): then its convolutions are ATen's or
+    _run_plan's, which the profile shows."""
+    from torch.profiler import profile
+    from fastres.models import _eval_plan
+    if not _eval_plan.GRAPH_BODY:
+        return None, None
+    xcl = x.contiguous(memory_format=CL)
+    for _ in range(_eval_plan.GRAPH_AFTER):
+        fast(xcl)
+    with profile() as prof:
+        out = fast(xcl)
+    names = [e.name for e in prof.events()]
+    if {"fastres::_run_plan", "mkldnn::_convolution_pointwise", "aten::convolution"} & set(names):
+        return None, None
+    return out, names.count("fastres::_winograd_conv3x3")
 
 
 def measure(args):
@@ -156,22 +200,28 @@ def report(args, rows, size, env):
           f"flags {', '.join(env['cpu_flags'] or [])}; torch {env['versions']['torch']}")
     print("max |error| against float64; rule: packed <= 2 x aten-cl + 4 ulps of the reference's magnitude")
     header = ["layer", "weight", "packed", "aten-cl", "aten-nchw", "packed / aten-cl", "packed / aten-nchw",
-              "rule (vs aten-cl)"]
+              "rule (vs aten-cl)", "winograd / graph", "its / aten-cl"]
     table = []
     for r in rows:
         shape = "x".join(map(str, r["weight"])) if r["weight"] else f"{r['packed_weights']} of {r['convs']} packed"
+        # the conv's Winograd form, or the whole model's graph body (its Winograd convs counted)
+        other, other_ok = (r["winograd"], r["winograd_ok"]) if r["weight"] else (r["graph"], r["graph_ok"])
+        extra = ["", ""] if other is None else [
+            f"{other:.2e}" + ("" if r["weight"] else f" ({r['winograd_convs']} winograd)") +
+            ("" if other_ok else " EXCEEDS"), f"{other / r['aten_cl']:.2f}" if r["aten_cl"] else "inf"]
         if r["packed"] is None:
-            table.append([r["layer"], shape, "refused", f"{r['aten_cl']:.2e}", f"{r['aten_nchw']:.2e}", "", "", ""])
+            table.append([r["layer"], shape, "refused", f"{r['aten_cl']:.2e}", f"{r['aten_nchw']:.2e}", "", "", "",
+                          *extra])
             continue
         ratio = [f"{r['packed'] / a:.2f}" if a else ("1.00" if r["packed"] == 0 else "inf")
                  for a in (r["aten_cl"], r["aten_nchw"])]
         table.append([r["layer"], shape, f"{r['packed']:.2e}", f"{r['aten_cl']:.2e}", f"{r['aten_nchw']:.2e}",
-                      *ratio, "within" if r["ok"] else f"EXCEEDS ({r['over']:.2f}x the bound)"])
+                      *ratio, "within" if r["ok"] else f"EXCEEDS ({r['over']:.2f}x the bound)", *extra])
     print(C.format_table(header, table))
 
 
 CSV_FIELDS = C.ENV_CSV_FIELDS + ["arch", "batch_size", "input_size", "dtype", "layer", "weight", "packed", "aten_cl",
-                                 "aten_nchw", "limit", "ok"]
+                                 "aten_nchw", "limit", "ok", "winograd", "winograd_ok", "graph", "graph_ok"]
 
 
 def main(argv=None):
@@ -192,6 +242,8 @@ def main(argv=None):
     for path in C.write_results(args, "packed_error", run, csv_rows, CSV_FIELDS):
         print(f"appended to {path}")
     exceeded = [r["layer"] for r in rows if r["packed"] is not None and not r["ok"]]
+    exceeded += [f"{r['layer']} (winograd)" for r in rows if r.get("winograd_ok") is False]
+    exceeded += [f"{r['layer']} (graph)" for r in rows if r.get("graph_ok") is False]
     if exceeded:
         print(f"packed_error: past the tolerance rule: {', '.join(exceeded)}", file=sys.stderr)
         sys.exit(1)

@@ -918,6 +918,14 @@ def test_packed_error_runs(tmp_path):
     assert rows[-1]["packed_weights"] == rows[-1]["convs"] == 19
     for r in rows:
         assert 0 < r["packed"] <= r["limit"] and r["aten_cl"] > 0 and r["aten_nchw"] > 0
+    # the Winograd form of every 3x3 conv of stride 1 (17 of the 19: all but the two strided), within the rule too
+    from fastres.models import _eval_plan
+    if _eval_plan._WINOGRAD_CONV is not None:
+        assert sum(r["winograd"] is not None for r in rows[:-1]) == 17
+        assert all(r["winograd_ok"] for r in rows[:-1] if r["winograd"] is not None)
+    # the whole model as its oneDNN Graph body (too small here for Winograd's thresholds), within the rule
+    if _eval_plan.GRAPH_BODY:
+        assert rows[-1]["graph"] > 0 and rows[-1]["graph_ok"] and rows[-1]["winograd_convs"] == 0
     written = read_json_lines(path)
     assert len(written) == 1 and ENV_FIELDS <= set(written[0]) and written[0]["benchmark"] == "packed_error"
 
