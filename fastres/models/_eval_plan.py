@@ -91,9 +91,9 @@ GRAPH_AFTER = 2
 # off. It applies where the convolution is large enough to pay for the oneDNN Graph partitions it splits (each
 # _winograd_conv3x3 ends one and starts another, ~50 us each at batch 1 on an Intel Xeon): at least
 # WINOGRAD_MIN_CHANNELS in and out and WINOGRAD_MIN_MACS multiply-adds a call. Ad hoc, graph bodies A/B in one
-# process, Intel Xeon, 2 threads: ResNet-50 1.08x faster at batch 1 (1.06x after 0.1 s of idle), 1.12x at batch 8,
-# ResNet-18 1.25x at batch 1; CIFAR ResNet-56 (16 to 64 channels) 0.89x at batch 1 and 0.78x at batch 8 with every
-# 3x3 convolution so, hence the thresholds.
+# process, Intel Xeon, 2 threads: ResNet-50 1.05-1.08x faster at batch 1 (1.06-1.07x after 0.1 s of idle),
+# 1.09-1.12x at batch 8, ResNet-18 1.22-1.25x at batch 1; CIFAR ResNet-56 (16 to 64 channels) 0.89x at batch 1 and
+# 0.78x at batch 8 with every 3x3 convolution so, hence the thresholds.
 _WINOGRAD_CONV = torch.ops.fastres._winograd_conv3x3.default if _compiled.has_op("_winograd_conv3x3") else None
 WINOGRAD = os.environ.get("FASTRES_CPU_WINOGRAD", "1") != "0" and _WINOGRAD_CONV is not None
 WINOGRAD_MIN_CHANNELS = 64
@@ -558,16 +558,15 @@ class _UnitsBody(nn.Module):
     """A plan's units on their folds (their tensors, not copies) as plain ops, for TorchScript to trace: unit(i, x)
     is unit i's conv, bias, residual add and ReLU. Subclasses give the forward."""
 
-    def __init__(self, units, folds, winograd=None):
+    def __init__(self, units, folds):
         super().__init__()
-        winograd = WINOGRAD if winograd is None else winograd
         # per unit: whether it may run as _winograd_conv3x3 (on its transformed weight, wino{i}); unit() decides on
         # the traced input's size (the trace is specific to it)
         self.winograd = []
         for i, (weight, bias) in enumerate(folds):
             self.register_buffer(f"weight{i}", weight)
             self.register_buffer(f"bias{i}", bias)
-            self.winograd.append(winograd and _winograd_applies(weight, units[i].geometry))
+            self.winograd.append(WINOGRAD and _winograd_applies(weight, units[i].geometry))
             if self.winograd[-1]:
                 self.register_buffer(f"wino{i}", torch.ops.fastres._winograd_weight(weight))
         self.geometry = [unit.geometry for unit in units]
@@ -605,8 +604,8 @@ class _GraphBody(_UnitsBody):
     computes them from it: traced by _Plan._graph. blocks: (branch units, shortcut, residual), the shortcut None (the
     identity, or none without residual) or _shortcut's."""
 
-    def __init__(self, plan, folds, blocks, head=None, winograd=None):
-        super().__init__(plan.units, folds, winograd)
+    def __init__(self, plan, folds, blocks, head=None):
+        super().__init__(plan.units, folds)
         self.stem, self.pool_relu, self.blocks = plan.stem, plan.pool_relu, blocks
         self.has_head = head is not None
         if self.has_head:
