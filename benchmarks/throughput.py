@@ -702,6 +702,8 @@ def report(s, env, results, counted, ceiling, agreement, float64_checks, skipped
                                              if s.cuda_graphs else ""))
     print("** the first batch: compilation and autotuning (fastres, eager: with the agreement check's forward; "
           "onnxruntime, openvino: with the export or conversion)")
+    print("% of mm: TFLOP/s from the counted multiply-adds over the matrix-product ceiling; above 100% where a "
+          "provider computes fewer (fastres's Winograd 3x3 convolutions on CPU)")
     print("vs X: this provider's median images/s over X's")
     for name, r in results.items():
         if name.startswith("fastres"):
