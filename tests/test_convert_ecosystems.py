@@ -129,10 +129,11 @@ def test_convert_timm_resnet_family_keeps_weights_outputs_and_training_step(fami
     report = fastres.convert_report(model)
     assert report.blocks == 4 and len(report.swapped) == 5 and report.convs_fused > 0
     left_alone_only(report, allowed or (lambda n, why: False))
-    # Batch 4: at 32x32 the last stage's maps are 1x1, and a training BN over 2 values per channel amplifies its
-    # input's rounding up to 1/sqrt(eps) times, so that any two fp32 implementations' outputs differ by luck (ATen's
-    # own layouts by 2x); over 4 values the comparison measures the implementation.
-    check_eval_and_training(model, baseline, torch.randn(4, 3, 32, 32), family)
+    # 64x64, batch 4: the last stage's training BNs see 16 values per channel. A BN over few values amplifies its
+    # input's rounding up to 1/sqrt(eps) times, so that any two fp32 implementations differ by luck: at 32x32 (4
+    # values) fastres's resnet50d gradients ranged 0.6-2.4x ATen's worse layout's error over 8 seeds on an AVX2 AMD
+    # EPYC (2.4x on one, while each block alone, fed float64's inputs, stays within ATen's), at 64x64 0.5-1.25x.
+    check_eval_and_training(model, baseline, torch.randn(4, 3, 64, 64), family)
 
 
 def test_convert_timm_resnet50_reports_every_conv_and_trains_through_the_lean_chain(monkeypatch):

@@ -497,7 +497,10 @@ def test_eval_plan_replays_the_per_unit_path(precision, per_unit_path, plan_runs
     # test_eval_plan_body_reruns_with_relu_passes_where_a_nan_met_a_relu).
     names = [e.name for e in prof.events()]
     assert names.count("fastres::_max_pool_relu") == 1 and "aten::max_pool2d_with_indices" not in names
-    assert names.count("fastres::_run_plan") == 1 and names.count("fastres::_relu_") == 0
+    # (_run_plan runs bf16 only where oneDNN has bf16 kernels; elsewhere the Python loop runs ATen's convolutions)
+    packed = precision == "fp32" or BF16_PACKED
+    assert names.count("fastres::_run_plan") == (1 if packed else 0)
+    assert names.count("fastres::_relu_") == 0
     # Not even the classifier's weight is cast again (autocast's linear would cast it on every call).
     fc_casts = [e for e in prof.events() if e.name == "aten::_to_copy" and tuple(model.fc.weight.shape) in
                 [tuple(s) for s in e.input_shapes]]
@@ -526,6 +529,7 @@ def test_eval_plan_body_reruns_with_relu_passes_where_a_nan_met_a_relu(precision
             weight[5, 7, 1, 1] = value
     kept = weight[5, 7, 1, 1].item()
     outs, counts = [], []
+    packed = precision == "fp32" or BF16_PACKED  # (else ATen's bf16 convolutions in the Python loop, no _run_plan)
     with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-autocast"):
         for i, inp in enumerate([x, bad, x]):
             if where == "weight" and i > 0:
@@ -534,7 +538,7 @@ def test_eval_plan_body_reruns_with_relu_passes_where_a_nan_met_a_relu(precision
             with profile() as prof:
                 outs.append(model(inp))
             names = [e.name for e in prof.events()]
-            assert names.count("fastres::_run_plan") == 1
+            assert names.count("fastres::_run_plan") == (1 if packed else 0)
             counts.append((names.count("fastres::_relu_"), names.count("mkldnn::_convolution_pointwise") +
                            names.count("mkldnn::_convolution_pointwise_")))
             if i == 1:
@@ -542,8 +546,9 @@ def test_eval_plan_body_reruns_with_relu_passes_where_a_nan_met_a_relu(precision
                     ref_bad = model(inp)
         with per_unit_path():
             ref_clean = model(x)
-    assert counts[0] == (0, 53) and counts[2] == (0, 53)
-    assert counts[1] == (48, 2 * 53)  # the body twice: with the post-op, then with the 48 passes
+    if packed:
+        assert counts[0] == (0, 53) and counts[2] == (0, 53)
+        assert counts[1] == (48, 2 * 53)  # the body twice: with the post-op, then with the 48 passes
     assert torch.equal(outs[0], ref_clean) and torch.equal(outs[2], ref_clean)
     assert torch.isnan(ref_bad).any() or torch.isinf(ref_bad).any()  # (else the case tests nothing)
     torch.testing.assert_close(outs[1], ref_bad, rtol=0, atol=0, equal_nan=True)
