@@ -34,8 +34,10 @@ def _reference(x, weight, bias, residual, relu):
     return torch.relu(y) if relu else y
 
 
+# The last three have at least 8 tiles per output channel: the blocked form (blocks of 32 tiles, the last partial).
 @pytest.mark.parametrize("shape", [(2, 5, 7, 9, 6), (1, 64, 64, 14, 14), (3, 17, 33, 8, 11), (1, 16, 32, 1, 1),
-                                   (2, 48, 20, 7, 7), (1, 32, 16, 2, 3)])
+                                   (2, 48, 20, 7, 7), (1, 32, 16, 2, 3), (2, 5, 7, 33, 21), (1, 24, 16, 30, 29),
+                                   (4, 3, 6, 16, 16)])
 @pytest.mark.parametrize("epilogue", ["bias-relu", "none", "residual-relu", "residual"])
 def test_winograd_conv3x3_is_within_the_tolerance_rule(shape, epilogue):
     """Odd sizes (a last tile that is partial), channel counts off the 16-lane width, a batch, a 1x1 map; with and
@@ -51,6 +53,30 @@ def test_winograd_conv3x3_is_within_the_tolerance_rule(shape, epilogue):
     aten = _reference(x, weight.contiguous(memory_format=CL), bias, residual, relu)
     assert got.is_contiguous(memory_format=CL) and got.dtype == torch.float32
     assert_within(f"winograd {shape} {epilogue}", got, ref64, aten)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shape, blocked", [((1, 24, 16, 30, 29), True), ((3, 17, 33, 8, 11), False),
+                                            ((8, 16, 64, 16, 16), True), ((8, 16, 64, 14, 14), False)])
+def test_winograd_conv3x3_runs_blocked_where_tiles_outnumber_output_channels(shape, blocked, threads):
+    """With at least 8 tiles per output channel the products run on blocks of tiles, each thread its own (no
+    ATen bmm), elsewhere as one bmm; either way within the rule, under any thread count."""
+    conv, transform = _ops()
+    x, weight, bias, residual = _case(*shape, seed=5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.profiler.profile() as prof:
+            got = conv(x, transform(weight), bias, residual, True)
+    finally:
+        torch.set_num_threads(before)
+    bmm_ran = "aten::bmm" in [e.name for e in prof.events()]
+    if blocked and bmm_ran and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("oneDNN's brgemm needs AVX2: the three-pass form ran")
+    assert bmm_ran != blocked
+    ref64 = _reference(x.double(), weight.double(), bias.double(), residual.double(), True)
+    aten = _reference(x, weight.contiguous(memory_format=CL), bias, residual, True)
+    assert_within(f"winograd {shape} {threads} threads", got, ref64, aten)
 
 
 def test_winograd_conv3x3_takes_any_input_layout_and_leaves_its_inputs_alone():
