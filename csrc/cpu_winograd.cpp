@@ -135,8 +135,8 @@ int64_t tile_grain(int64_t channels) { return std::max<int64_t>(1, 1024 / std::m
 // stays in its cache. The three-pass form (every tile's input transform, then ATen's bmm, then every tile's output)
 // writes and reads back 4x the input and 4x the output through memory; the blocked form reads the whole transformed
 // weight once per block instead. So it runs where tiles outnumber output channels 8 to 1 (ResNet-50's first two
-// stages at batch 8): there, on an AVX2 AMD EPYC, 64 channels at 56x56 took 7.5 against 8.9 ms and 128 at 28x28
-// 6.2 against 7.6 ms; with fewer tiles (batch 1's 128 and 256 channels, batch 8's 256) it was 0-30% slower.
+// stages at batch 8): there, on an AVX2 AMD EPYC, 64 channels at 56x56 took 7.6 against 8.9 ms and 128 at 28x28
+// 6.2 against 7.6 ms; with fewer tiles (batch 1's 128 and 256 channels, batch 8's 256) it was 3-30% slower.
 constexpr int64_t kBlockTiles = 32;
 
 #if defined(CPUBLAS_BRGEMM_F32F32F32)
