@@ -6,9 +6,9 @@
 // in oneDNN's direct kernels. F(2x2, 3x3) computes each 2x2 output tile from a 4x4 input tile with 16 products per
 // channel pair where the direct form takes 36: the products are 16 matrix products [tiles, Cin] x [Cin, Cout]
 // (ATen's bmm, or oneDNN's brgemm on blocks of tiles: blocked_form_ran), the transforms around them are additions
-// only. Its error stays within the project's tolerance
-// rule (about ATen's: the transforms of the input and output only add, and the weight's transform, which halves,
-// is computed once in fp64 and rounded); F(4x4, 3x3) does not (30-40x ATen's error, measured).
+// only. Its error stays within the project's tolerance rule (about ATen's: the transforms of the input and output
+// only add, and the weight's transform, which halves, is computed once in fp64 and rounded); F(4x4, 3x3) does not
+// (30-40x ATen's error, measured).
 //
 // Layout: the input's 4x4 tiles overlap by 2; tile (ty, tx) of image n covers rows 2ty-1 .. 2ty+2 and columns
 // 2tx-1 .. 2tx+2 (the padding reads as 0). V[k][t][c] holds the input transform's element k = 4i + j of tile t,

@@ -102,11 +102,12 @@ def test_winograd_weight_is_g_w_g_transposed():
     torch.testing.assert_close(got, ref.float(), rtol=0, atol=0)
 
 
-def test_winograd_conv3x3_keeps_nan_where_the_direct_form_does():
+@pytest.mark.parametrize("size", [9, 33])  # the three-pass form, the blocked one (289 tiles, 8 output channels)
+def test_winograd_conv3x3_keeps_nan_where_the_direct_form_does(size):
     """A NaN in the input reaches exactly the outputs whose 3x3 window holds it (the transforms mix a tile's rows
     and columns only as the windows do)."""
     conv, transform = _ops()
-    x, weight, bias, _ = _case(1, 8, 8, 9, 9, seed=5)
+    x, weight, bias, _ = _case(1, 8, 8, size, size, seed=5)
     x[0, 3, 4, 6] = float("nan")
     got = conv(x, transform(weight), bias, None, True)
     ref = _reference(x, weight, bias, None, True)
