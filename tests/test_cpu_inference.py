@@ -33,6 +33,12 @@ pytestmark = pytest.mark.skipif(
 CL = torch.channels_last
 # oneDNN's bf16 convolutions need AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; elsewhere bf16 runs ATen's convolution.
 BF16_PACKED = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def packed(precision):
+    """Whether the plan runs this precision from packed oneDNN weights (and so through _run_plan): fp32 always, bf16
+    only where oneDNN has bf16 kernels; elsewhere its Python loop runs ATen's bf16 convolutions."""
+    return precision == "fp32" or BF16_PACKED
 COPIES = ("aten::copy_", "aten::clone", "aten::_to_copy")
 # Ops of the classifier head (ATen's own copies: mean's accumulation dtype, addmm's bias), the same as eager's.
 HEAD = ("aten::adaptive_avg_pool2d", "aten::linear")
@@ -107,7 +113,7 @@ def test_steady_state_eval_forward_copies_no_weight(precision, grad_mode, packin
     mode = torch.inference_mode() if grad_mode == "inference_mode" else torch.no_grad()
     with mode, torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-autocast"):
         copies = steady_state_copies(model, x)
-    packed_path = precision == "fp32" or BF16_PACKED
+    packed_path = packed(precision)
     assert packing["packed"] == (53 if packed_path else 0)  # once per conv, in the first forward
     # The first forward runs the plan's Python loop; from the second on, its body is one fastres::_run_plan call
     # making the same 53 oneDNN calls on the packed weights.
@@ -235,7 +241,7 @@ def test_packed_eval_is_within_the_tolerance_rule(precision, packing):
             out = fr(x.contiguous(memory_format=CL))
         aten = _aten_worse(tv, x, ref64, autocast=autocast)
     assert out.dtype == aten.dtype
-    assert packing["ran"] == (53 if precision == "fp32" or BF16_PACKED else 0)
+    assert packing["ran"] == (53 if packed(precision) else 0)
     assert_within(f"resnet50 eval {precision}", out, ref64, aten)
 
 
@@ -490,16 +496,14 @@ def test_eval_plan_replays_the_per_unit_path(precision, per_unit_path, plan_runs
             second = model(x)
     assert plan_runs["plan"] == 2
     assert torch.equal(first, ref) and torch.equal(second, ref)
-    if precision == "fp32" or BF16_PACKED:
+    if packed(precision):
         assert plan_runs["lookups"] == 0
     # The stem's ReLU and max pool ran as one pass (fastres::_max_pool_relu, no argmax indices); the blocks' 48
     # ReLUs ran as oneDNN's post-op inside _run_plan, no pass of their own (the NaN check behind it:
     # test_eval_plan_body_reruns_with_relu_passes_where_a_nan_met_a_relu).
     names = [e.name for e in prof.events()]
     assert names.count("fastres::_max_pool_relu") == 1 and "aten::max_pool2d_with_indices" not in names
-    # (_run_plan runs bf16 only where oneDNN has bf16 kernels; elsewhere the Python loop runs ATen's convolutions)
-    packed = precision == "fp32" or BF16_PACKED
-    assert names.count("fastres::_run_plan") == (1 if packed else 0)
+    assert names.count("fastres::_run_plan") == (1 if packed(precision) else 0)
     assert names.count("fastres::_relu_") == 0
     # Not even the classifier's weight is cast again (autocast's linear would cast it on every call).
     fc_casts = [e for e in prof.events() if e.name == "aten::_to_copy" and tuple(model.fc.weight.shape) in
@@ -529,7 +533,6 @@ def test_eval_plan_body_reruns_with_relu_passes_where_a_nan_met_a_relu(precision
             weight[5, 7, 1, 1] = value
     kept = weight[5, 7, 1, 1].item()
     outs, counts = [], []
-    packed = precision == "fp32" or BF16_PACKED  # (else ATen's bf16 convolutions in the Python loop, no _run_plan)
     with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-autocast"):
         for i, inp in enumerate([x, bad, x]):
             if where == "weight" and i > 0:
@@ -538,7 +541,7 @@ def test_eval_plan_body_reruns_with_relu_passes_where_a_nan_met_a_relu(precision
             with profile() as prof:
                 outs.append(model(inp))
             names = [e.name for e in prof.events()]
-            assert names.count("fastres::_run_plan") == (1 if packed else 0)
+            assert names.count("fastres::_run_plan") == (1 if packed(precision) else 0)
             counts.append((names.count("fastres::_relu_"), names.count("mkldnn::_convolution_pointwise") +
                            names.count("mkldnn::_convolution_pointwise_")))
             if i == 1:
@@ -546,7 +549,7 @@ def test_eval_plan_body_reruns_with_relu_passes_where_a_nan_met_a_relu(precision
                     ref_bad = model(inp)
         with per_unit_path():
             ref_clean = model(x)
-    if packed:
+    if packed(precision):
         assert counts[0] == (0, 53) and counts[2] == (0, 53)
         assert counts[1] == (48, 2 * 53)  # the body twice: with the post-op, then with the 48 passes
     assert torch.equal(outs[0], ref_clean) and torch.equal(outs[2], ref_clean)
@@ -616,14 +619,14 @@ def test_eval_plan_body_runs_as_one_call(precision, per_unit_path, plan_runs, mo
     model = randomize_(fm.resnet50(num_classes=10, width_per_group=16)).eval()
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
     x_before = x.clone()
-    packed = precision == "fp32" or BF16_PACKED
+    planned_in_one_call = packed(precision)
     with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-autocast"):
         ref, first, second, prof = _per_unit_then_planned(model, x, per_unit_path)
         assert torch.equal(first, ref) and torch.equal(second, ref) and torch.equal(x, x_before)
         events = [e for e in prof.events() if _under(e, "fastres::_run_plan")]
         names = [e.name for e in events]
-        assert [e.name for e in prof.events()].count("fastres::_run_plan") == (1 if packed else 0)
-        if packed:
+        assert [e.name for e in prof.events()].count("fastres::_run_plan") == (1 if planned_in_one_call else 0)
+        if planned_in_one_call:
             assert names.count("mkldnn::_convolution_pointwise_") == 16  # every block's last conv, in place
             assert names.count("mkldnn::_convolution_pointwise") == 53 - 16
             assert names.count("fastres::_max_pool_relu") == 1 and names.count("fastres::_relu_") == 0
