@@ -1710,18 +1710,24 @@ print(max(faults() for _ in range(4)))
 """
 
 
-def _run_probe(script, unset, *args, **env):
-    """script's printed lines, run in a fresh process without the variables in `unset`, with `env` and `args`."""
+def _run_probes(script, unset, runs):
+    """script's printed lines for each run (args, env), each in a fresh process without the variables in `unset`,
+    with its `env` and `args`: all started at once, since each spends seconds importing torch."""
     import os
     import subprocess
     environ = {k: v for k, v in os.environ.items() if k not in unset}
-    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True,
-                         env={**environ, **env})
-    return out.stdout.split("\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**environ, **env}) for args, env in runs]
+    lines = []
+    for proc in procs:
+        out, err = proc.communicate()
+        assert proc.returncode == 0, err
+        lines.append(out.split("\n"))
+    return lines
 
 
-def _malloc_probe(**env):
-    return _run_probe(_MALLOC_PROBE, ("FASTRES_CPU_MALLOC", "GLIBC_TUNABLES"), **env)
+def _malloc_probes(*envs):
+    return _run_probes(_MALLOC_PROBE, ("FASTRES_CPU_MALLOC", "GLIBC_TUNABLES"), [((), env) for env in envs])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or "glibc" not in (platform.libc_ver()[0] or ""),
@@ -1731,13 +1737,15 @@ def test_plan_keeps_activations_in_glibcs_heap():
     activations then come from the heap without a page fault, once it holds them (untuned: 12k faults every round).
     FASTRES_CPU_MALLOC=0, or a GLIBC_TUNABLES that sets glibc's malloc, leaves it as it was; another value is refused
     by name."""
-    state, once, steady, _ = _malloc_probe()
+    tuned, off, user_tunables, refused = _malloc_probes({}, dict(FASTRES_CPU_MALLOC="0"),
+                                                        dict(GLIBC_TUNABLES="glibc.malloc.arena_max=2"),
+                                                        dict(FASTRES_CPU_MALLOC="yes"))
+    state, once, steady, _ = tuned
     assert state == "glibc malloc tuned by fastres: mmap_threshold 32 MiB, trim_threshold 256 MiB"
     assert once == "True" and int(steady) < 64  # (a few pages of other allocations at most)
-    assert _malloc_probe(FASTRES_CPU_MALLOC="0")[0] == "glibc malloc as it was (FASTRES_CPU_MALLOC=0)"
-    assert _malloc_probe(GLIBC_TUNABLES="glibc.malloc.arena_max=2")[0] == \
-        "glibc malloc as it was (GLIBC_TUNABLES sets glibc's malloc)"
-    assert _malloc_probe(FASTRES_CPU_MALLOC="yes")[0] == "error: FASTRES_CPU_MALLOC must be 0 or 1, got 'yes'"
+    assert off[0] == "glibc malloc as it was (FASTRES_CPU_MALLOC=0)"
+    assert user_tunables[0] == "glibc malloc as it was (GLIBC_TUNABLES sets glibc's malloc)"
+    assert refused[0] == "error: FASTRES_CPU_MALLOC must be 0 or 1, got 'yes'"
 
 
 # ---------------------------------------------------------------- intra-op threads (fastres.models._threads)
@@ -1747,9 +1755,11 @@ print(sorted(sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/sel
 """
 
 
-def _threads_probe(threads, **env):
-    """The probe's lines: the state, whether pin() decided nothing again, the caller's CPUs, the other threads'."""
-    return _run_probe(_THREADS_PROBE, ("FASTRES_CPU_PIN",) + _threads.AFFINITY_VARIABLES, str(threads), **env)
+def _threads_probes(*runs):
+    """For each (threads, env), the probe's lines: the state, whether pin() decided nothing again, the caller's CPUs,
+    the other threads'."""
+    return _run_probes(_THREADS_PROBE, ("FASTRES_CPU_PIN",) + _threads.AFFINITY_VARIABLES,
+                       [((str(threads),), env) for threads, env in runs])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or len(__import__("os").sched_getaffinity(0)) < 2,
@@ -1762,21 +1772,22 @@ def test_plan_pins_each_intra_op_worker_to_a_cpu_of_its_own():
     import ast
     import os
     cpus = sorted(os.sched_getaffinity(0))
-    state, once, caller, others, _ = _threads_probe(len(cpus))
+    untouched = ((dict(FASTRES_CPU_PIN="0"), "FASTRES_CPU_PIN=0"),
+                 (dict(OMP_PROC_BIND="false"), "OMP_PROC_BIND is set"))
+    pinned_run, *untouched_runs, one_thread, more_threads, refused = _threads_probes(
+        (len(cpus), {}), *((len(cpus), env) for env, _ in untouched), (1, {}), (len(cpus) + 1, {}),
+        (len(cpus), dict(FASTRES_CPU_PIN="yes")))
+    state, once, caller, others, _ = pinned_run
     assert state == f"intra-op worker threads pinned by fastres, one to each of CPUs {','.join(map(str, cpus[1:]))}"
     assert once == "True" and ast.literal_eval(caller) == cpus
     pinned = [a for a in ast.literal_eval(others) if a != cpus]
     assert sorted(pinned) == [[c] for c in cpus[1:]]  # each worker on its own CPU, none on the first
-    for env, why in ((dict(FASTRES_CPU_PIN="0"), "FASTRES_CPU_PIN=0"), (dict(OMP_PROC_BIND="false"),
-                                                                         "OMP_PROC_BIND is set")):
-        state, _, caller, others, _ = _threads_probe(len(cpus), **env)
+    for (state, _, caller, others, _), (_, why) in zip(untouched_runs, untouched):
         assert state == f"intra-op threads as they were ({why})"
         assert ast.literal_eval(caller) == cpus and all(a == cpus for a in ast.literal_eval(others))
-    assert _threads_probe(1)[0] == "intra-op threads as they were (one intra-op thread)"
-    assert _threads_probe(len(cpus) + 1)[0] == \
-        f"intra-op threads as they were ({len(cpus) + 1} intra-op threads on {len(cpus)} CPUs)"
-    assert _threads_probe(len(cpus), FASTRES_CPU_PIN="yes")[0] == \
-        "error: FASTRES_CPU_PIN must be 0 or 1, got 'yes'"
+    assert one_thread[0] == "intra-op threads as they were (one intra-op thread)"
+    assert more_threads[0] == f"intra-op threads as they were ({len(cpus) + 1} intra-op threads on {len(cpus)} CPUs)"
+    assert refused[0] == "error: FASTRES_CPU_PIN must be 0 or 1, got 'yes'"
 
 
 def test_autocast_in_fp32_only_for_an_fp32_model(monkeypatch, per_unit_path):
