@@ -1718,12 +1718,10 @@ def _run_probes(script, unset, runs):
     environ = {k: v for k, v in os.environ.items() if k not in unset}
     procs = [subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env={**environ, **env}) for args, env in runs]
-    lines = []
-    for proc in procs:
-        out, err = proc.communicate()
+    results = [proc.communicate() for proc in procs]  # (every process waited for before any assertion)
+    for proc, (_, err) in zip(procs, results):
         assert proc.returncode == 0, err
-        lines.append(out.split("\n"))
-    return lines
+    return [out.split("\n") for out, _ in results]
 
 
 def _malloc_probes(*envs):
