@@ -1746,6 +1746,42 @@ def test_plan_keeps_activations_in_glibcs_heap():
     assert refused[0] == "error: FASTRES_CPU_MALLOC must be 0 or 1, got 'yes'"
 
 
+def test_concurrent_callers_get_what_one_caller_gets():
+    """A model served from several Python threads at once (a thread-pooled server): the calls race through the
+    plan's stages (the packed Python loop, the one-call body, the graph build and its Winograd convolutions, blocked
+    and three-pass), and every output is bit for bit one that a single caller gets from the same stage: no state
+    shared between calls, no intermediate written over by another call."""
+    import threading
+    torch.manual_seed(0)
+    model = randomize_(fm.resnet18(num_classes=10)).eval()
+    served = copy.deepcopy(model)
+    # batch 4 at 112x112: stage 1 (784 tiles, 64 channels) takes the blocked Winograd form, stage 2 (196 tiles) the
+    # three-pass one; batch 1 at 64x64 has no convolution large enough for Winograd
+    inputs = [torch.randn(4, 3, 112, 112), torch.randn(1, 3, 64, 64)]
+    rounds = 6  # past the graph's build (GRAPH_AFTER forwards, then its warm calls)
+    with torch.inference_mode():
+        alone = [{model(x).numpy().tobytes() for _ in range(rounds)} for x in inputs]
+    outputs, errors = [], []
+
+    def serve(k):
+        try:
+            with torch.inference_mode():
+                for i in range(rounds):
+                    j = (k + i) % len(inputs)
+                    outputs.append((j, served(inputs[j])))
+        except BaseException as e:  # noqa: BLE001  (reported by the main thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=serve, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(outputs) == 4 * rounds
+    assert all(out.numpy().tobytes() in alone[j] for j, out in outputs)
+
+
 # ---------------------------------------------------------------- intra-op threads (fastres.models._threads)
 _THREADS_PROBE = _FIRST_PLAN_PROBE.format(module="_threads", decide="pin") + r"""
 print(sorted(os.sched_getaffinity(0)))  # the caller's thread (the main thread)
