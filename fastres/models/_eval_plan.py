@@ -199,7 +199,7 @@ class _Plan:
         # many one-call bodies ran before it, then the frozen graph, or None where it does not apply); then the body
         # as _run_plan's (weights, biases), or None where it cannot run there; then the head's weight and bias in
         # autocast's dtype, or None]
-        self.packs = {}
+        self._init_packs()
         self.program = self._program()  # _run_plan's (units, program), or None where the body has more than it runs
 
     def _guard_modules(self, model):
@@ -321,12 +321,26 @@ class _Plan:
         return not _PLAN_CHANGED(model, self.modules, self.module_signature, self.attributes, self.tensor_state,
                                  grad_enabled)
 
+    def _init_packs(self):
+        self.packs = {}
+        self.last_used = {}  # input key -> the packs_for call that last returned its packs
+        self.calls = 0
+
     def packs_for(self, key):
+        """The key's packs, made on its first call. At most _MAX_DERIVED keys (as many as FoldCache keeps), the least
+        recently used dropped first: a shape served often keeps its graph beside a stream of other shapes, where
+        dropping the oldest made it rebuild its graph (~1 s for ResNet-50) every fourth new shape."""
+        self.calls += 1  # (a race between threads only blurs the order of two calls)
         packs = self.packs.get(key)
         if packs is None:
             if len(self.packs) >= _MAX_DERIVED:
-                self.packs.pop(next(iter(self.packs)), None)  # the oldest: at most as many as FoldCache keeps
+                used = list(self.last_used.items())  # (a copy: other threads may add keys meanwhile)
+                if used:
+                    stale = min(used, key=lambda item: item[1])[0]
+                    self.packs.pop(stale, None)
+                    self.last_used.pop(stale, None)
             packs = self.packs[key] = [_UNRESOLVED] * (len(self.units) + 3)
+        self.last_used[key] = self.calls
         return packs
 
     def run_unit(self, i, x, packs, residual=None, residual_owned=False):
@@ -503,7 +517,7 @@ class _SequentialPlan(_Plan):
             i += 1
         self.has_head = True
         self._guard_tensors([])  # (the head runs the model's modules: their tensors are read live)
-        self.packs = {}  # input key -> [_UNRESOLVED per unit (unused); the graph slot, as _Plan's; two unused]
+        self._init_packs()  # input key -> [_UNRESOLVED per unit (unused); the graph slot, as _Plan's; two unused]
 
     def run(self, model, x, packs, autocast_dtype):
         if not (GRAPH_BODY and autocast_dtype is None and x.dtype == torch.float32 and self.fp32):
