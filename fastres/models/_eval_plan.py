@@ -40,6 +40,7 @@ oneDNN Graph once a key has run GRAPH_AFTER forwards, its classifier the model's
 forwards, autocast, a NaN that met a ReLU) is its per-unit forward (5% faster at batch 1 and 2% at batch 8 for
 VGG-19 on an Intel Xeon, ad-hoc A/B in one process).
 """
+import collections
 import contextvars
 import copy
 import os
@@ -322,25 +323,25 @@ class _Plan:
                                  grad_enabled)
 
     def _init_packs(self):
-        self.packs = {}
-        self.last_used = {}  # input key -> the packs_for call that last returned its packs
-        self.calls = 0
+        self.packs = collections.OrderedDict()  # input key -> packs, the most recently used last
 
     def packs_for(self, key):
         """The key's packs, made on its first call. At most _MAX_DERIVED keys (as many as FoldCache keeps), the least
         recently used dropped first: a shape served often keeps its graph beside a stream of other shapes, where
         dropping the oldest made it rebuild its graph (~1 s for ResNet-50) every fourth new shape."""
-        self.calls += 1  # (a race between threads only blurs the order of two calls)
         packs = self.packs.get(key)
         if packs is None:
             if len(self.packs) >= _MAX_DERIVED:
-                used = list(self.last_used.items())  # (a copy: other threads may add keys meanwhile)
-                if used:
-                    stale = min(used, key=lambda item: item[1])[0]
-                    self.packs.pop(stale, None)
-                    self.last_used.pop(stale, None)
+                try:
+                    self.packs.popitem(last=False)
+                except KeyError:  # another thread's call emptied it first
+                    pass
             packs = self.packs[key] = [_UNRESOLVED] * (len(self.units) + 3)
-        self.last_used[key] = self.calls
+        else:
+            try:
+                self.packs.move_to_end(key)
+            except KeyError:  # another thread's call dropped it meanwhile: this call's packs go back in
+                self.packs[key] = packs
         return packs
 
     def run_unit(self, i, x, packs, residual=None, residual_owned=False):
