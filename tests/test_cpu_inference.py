@@ -1121,6 +1121,120 @@ def test_converted_timm_resnet_plans_its_features(family, per_unit_path, plan_ru
         assert plan_runs["plan"] == 4
 
 
+def _hf_resnet(cls_name="ResNetForImageClassification", **kwargs):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 32, 64], depths=[1, 2, 1, 1],
+                                       num_labels=10, **kwargs)
+    torch.manual_seed(0)
+    return randomize_(getattr(transformers, cls_name)(config)).eval()
+
+
+class _LastHiddenState(nn.Module):
+    """A transformers ResNetModel's last hidden state, as a module's output."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).last_hidden_state
+
+
+HF_PLAN_FAMILIES = {"bottleneck": dict(layer_type="bottleneck"), "basic": dict(layer_type="basic"),
+                    "downsample-in-bottleneck-and-first-stage": dict(layer_type="bottleneck",
+                                                                     downsample_in_bottleneck=True,
+                                                                     downsample_in_first_stage=True),
+                    "gelu": dict(layer_type="bottleneck", hidden_act="gelu")}
+
+
+@pytest.mark.parametrize("family", list(HF_PLAN_FAMILIES))
+def test_converted_transformers_resnet_plans_its_body(family, per_unit_path, plan_runs):
+    """fastres.convert's transformers ResNetModel (inside ResNetForImageClassification) plans its embeddings and
+    stages where every activation is a plain ReLU, the body one _run_plan call from the second forward on; with
+    another activation it runs the library's forward on the fused modules. Either way the logits are exactly the
+    per-unit path's, within the tolerance rule of the library's own model, and the last hidden state channels_last."""
+    baseline = _hf_resnet(**HF_PLAN_FAMILIES[family])
+    model = fastres.convert(copy.deepcopy(baseline))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        with per_unit_path():
+            ref = model(x).logits
+        model(x)
+        with profile() as prof:
+            outs = [model(x).logits, model(x).logits]
+        last = model.resnet(x).last_hidden_state
+        assert_within(family, outs[0], copy.deepcopy(baseline).double()(x.double()).logits, baseline(x).logits)
+    planned = family != "gelu"
+    assert plan_runs["plan"] == (4 if planned else 0)
+    assert [e.name for e in prof.events()].count("fastres::_run_plan") == (2 if planned else 0)
+    assert all(torch.equal(out, ref) for out in outs)
+    assert last.is_contiguous(memory_format=CL)
+    if planned:
+        # A layer's activation replaced after planning: the plan stands aside, the layer runs as the library says.
+        for m in (model, baseline):
+            m.resnet.encoder.stages[1].layers[1].activation = nn.SiLU()
+        with torch.no_grad():
+            out = model(x).logits
+            assert_within("activation replaced", out, copy.deepcopy(baseline).double()(x.double()).logits,
+                          baseline(x).logits)
+        assert plan_runs["plan"] == 4
+
+
+def test_converted_transformers_resnet_model_planned_returns_what_the_library_returns(per_unit_path, plan_runs):
+    """ResNetModel's planned forward gives the library's outputs: the output class with the last hidden state and
+    the pooled output (hidden_states None), or their tuple with return_dict=False, each exactly what the fused
+    modules compute. Hidden states, extra arguments and an input of another channel count take the library's
+    forward (its error included)."""
+    transformers = pytest.importorskip("transformers")
+    model = fastres.convert(_hf_resnet("ResNetModel"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        with per_unit_path():
+            ref = model(x)
+            ref_tuple = model(x, return_dict=False)
+        got = [model(x) for _ in range(3)]
+        got_tuple = model(x, return_dict=False)
+        assert plan_runs["plan"] == 4
+        assert all(type(g) is type(ref) is transformers.modeling_outputs.BaseModelOutputWithPoolingAndNoAttention
+                   for g in got)
+        for g in got:
+            assert g.keys() == ref.keys() and g.hidden_states is None
+            assert torch.equal(g.last_hidden_state, ref.last_hidden_state)
+            assert torch.equal(g.pooler_output, ref.pooler_output)
+        assert type(got_tuple) is tuple and len(got_tuple) == len(ref_tuple) == 2
+        assert all(torch.equal(a, b) for a, b in zip(got_tuple, ref_tuple))
+        hidden = model(x, output_hidden_states=True)
+        assert len(hidden.hidden_states) == 5 and torch.equal(hidden.last_hidden_state, ref.last_hidden_state)
+        assert plan_runs["plan"] == 4  # hidden states: the library's forward
+        with pytest.raises(ValueError, match="channel dimension"):
+            model(torch.randn(2, 4, 32, 32))
+    assert plan_runs["plan"] == 4
+
+
+def test_converted_transformers_resnet_eval_forward_under_autograd_recomputes_for_backward(per_unit_path,
+                                                                                           plan_runs):
+    """The converted ResNetModel called in eval without no_grad: the forward is the plan's, and a backward recomputes
+    it through the fused per-unit ops (the last hidden state, as _plan_features computes it): exactly their
+    gradients for the input and every parameter, through the pooled output too."""
+    model = fastres.convert(_hf_resnet("ResNetModel"))
+    x = torch.randn(2, 3, 32, 32)
+    params = list(model.parameters())
+    with torch.no_grad():
+        planned = model(x)
+    with per_unit_path():
+        xr = x.clone().requires_grad_()
+        ref = model(xr)
+        g = torch.randn_like(ref.last_hidden_state), torch.randn_like(ref.pooler_output)
+        ref_grads = torch.autograd.grad([ref.last_hidden_state, ref.pooler_output], [xr] + params, g)
+    xp = x.clone().requires_grad_()
+    out = model(xp)
+    assert plan_runs["plan"] == 2
+    assert torch.equal(out.last_hidden_state, planned.last_hidden_state)
+    grads = torch.autograd.grad([out.last_hidden_state, out.pooler_output], [xp] + params, g)
+    for got, expected in zip(grads, ref_grads):
+        assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("shortcut", ["A", "B"])
 def test_cifar_resnets_run_their_plan_body_as_one_call(shortcut, per_unit_path, plan_runs):
     """The paper's CIFAR nets: planned (no pool; option-A shortcuts, parameter-free, or B's projections), the body
@@ -1266,20 +1380,24 @@ def test_onednn_graph_body_only_for_what_it_covers(case, graph_body, per_unit_pa
     assert all(torch.equal(o, ref) for o in outs)
 
 
-@pytest.mark.parametrize("case", ["cifar-option-A", "timm-average-pool-shortcut"])
+@pytest.mark.parametrize("case", ["cifar-option-A", "timm-average-pool-shortcut", "transformers-resnet"])
 def test_onednn_graph_body_covers_option_a_and_average_pool_shortcuts(case, graph_body, per_unit_path):
-    """The paper's CIFAR nets with option-A shortcuts (the subsampled identity with zero channels appended) and
-    timm's ResNet-D after fastres.convert (average-pool shortcuts, deep stem) run their body as a oneDNN Graph too:
-    within the tolerance rule against float64, the same on every call, and NaN kept as the per-unit path keeps it."""
+    """The paper's CIFAR nets with option-A shortcuts (the subsampled identity with zero channels appended),
+    timm's ResNet-D after fastres.convert (average-pool shortcuts, deep stem) and transformers' ResNetModel after
+    fastres.convert (its last hidden state) run their body as a oneDNN Graph too: within the tolerance rule against
+    float64, the same on every call, and NaN kept as the per-unit path keeps it."""
     from fastres.models import _eval_plan
     if case == "cifar-option-A":
         model = randomize_(fm.cifar_resnet(20, shortcut="A")).eval()
         plain = copy.deepcopy(model)
         plain.forward = types.MethodType(torchvision_style_cifar_forward, plain)
-    else:
+    elif case == "timm-average-pool-shortcut":
         pytest.importorskip("timm")
         plain = _timm_resnet(stem_type="deep", stem_width=16, avg_down=True)
         model = fastres.convert(copy.deepcopy(plain))
+    else:
+        plain = _LastHiddenState(_hf_resnet("ResNetModel"))
+        model = _LastHiddenState(fastres.convert(copy.deepcopy(plain.model)))
     # channels_last, the layout the plan runs in: CifarResNet's per-unit forward runs in the input's
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
     bad = x.clone()

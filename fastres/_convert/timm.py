@@ -154,6 +154,10 @@ class _Root(FusedModuleMixin):
             units.append((conv, norm))
         return units
 
+    def _plan_features(self, x):
+        """What the eval plan computes without a head (a backward through a planned forward recomputes it so)."""
+        return self.forward_features(x)
+
     def forward_features(self, x):
         if functorch_active():
             return self._library.forward_features(self, x)

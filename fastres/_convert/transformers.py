@@ -1,6 +1,7 @@
 """Hugging Face transformers: the ResNet of transformers.models.resnet.modeling_resnet (ResNetModel,
-ResNetForImageClassification, ResNetBackbone): its conv layers, shortcuts, basic and bottleneck layers and the
-embeddings (the stem, where the input turns channels_last).
+ResNetForImageClassification, ResNetBackbone): its conv layers, shortcuts, basic and bottleneck layers, the
+embeddings (the stem, where the input turns channels_last) and ResNetModel, whose CPU eval forward runs its stem,
+pool and stages as one plan (fastres.models._eval_plan), as fastres.models.ResNet's does.
 
 The fastres classes subclass the library's (built when transformers is first met; this module never imports it).
 A layer whose activations are nn.ReLU runs as a fastres block (the memory-lean chain in training, fused units in
@@ -10,17 +11,20 @@ fused, and the library's forward strings them together.
 import functools
 import sys
 
+import torch
 from torch import nn
 
 from fastres._convert._swap import swap_class
 from fastres._convert.torchvision import _to_channels_last
+from fastres.models import _eval_plan
 from fastres.nn._fused import FusedModuleMixin, functorch_active, has_hooks, is_plain_relu, keep_memory_format
 from fastres.nn._lean import conv_norm_act, unshared
 from fastres.nn.blocks import _FusedBlock
 
 LIBRARY = "transformers"
 _MODULE = "transformers.models.resnet.modeling_resnet"
-_CLASS_NAMES = ("ResNetConvLayer", "ResNetShortCut", "ResNetBasicLayer", "ResNetBottleNeckLayer", "ResNetEmbeddings")
+_CLASS_NAMES = ("ResNetConvLayer", "ResNetShortCut", "ResNetBasicLayer", "ResNetBottleNeckLayer", "ResNetEmbeddings",
+                "ResNetModel")
 
 
 def _plain_identity(m):
@@ -114,6 +118,63 @@ class _Embeddings(FusedModuleMixin):
         return keep_memory_format(self.pooler(self.embedder(x)), x)
 
 
+# With plain ReLUs the forward is _FusedBlock's (what the plan checks: block.relu).
+_eval_plan.PLANNABLE_BLOCK_FORWARDS.add(_Layer.forward)
+
+
+class _Model(FusedModuleMixin):
+    """ResNetModel: in eval on CPU, without hidden states, the embeddings and the encoder's stages run as one plan
+    (fastres.models._eval_plan: packed weights, the body as one call, then a oneDNN Graph), and the pooler after it;
+    the output is the library's. Anything the plan does not cover (training, hidden states, other arguments, an
+    input the embeddings refuse, a module the plan does not know) runs the library's forward on the fused modules."""
+
+    def _fused_units(self):
+        return []  # (the units are its children's)
+
+    def _plan_spec(self):
+        """What the eval plan runs (fastres.models._eval_plan): the embedder's conv layer as the stem's unit, its max
+        pool, the stages' layers; None where a module between them is not the library's or fastres's own."""
+        library, classes = sys.modules[_MODULE], _classes()
+        embeddings, encoder = self.embedder, self.encoder
+        if type(embeddings) is not classes["ResNetEmbeddings"] or type(encoder) is not library.ResNetEncoder:
+            return None
+        stem = embeddings.embedder
+        if type(stem) is not classes["ResNetConvLayer"]:
+            return None
+        relu = is_plain_relu(stem.activation)
+        if not (relu or _plain_identity(stem.activation)):
+            return None
+        stages = list(encoder.stages)
+        if not all(type(stage) is library.ResNetStage for stage in stages):
+            return None
+        return [(stem.convolution, stem.normalization, relu, "embedder.embedder")], embeddings.pooler, \
+            [stage.layers for stage in stages]
+
+    def _plan_features(self, pixel_values):
+        """The last hidden state: the plan's, or the fused modules' (a backward through a planned forward recomputes
+        it so)."""
+        out = _eval_plan.run(self, pixel_values, head=False)
+        if out is not None:
+            return out
+        return self.encoder(self.embedder(pixel_values), output_hidden_states=False, return_dict=False)[0]
+
+    def forward(self, pixel_values, output_hidden_states=None, return_dict=None, **kwargs):
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if not (self.training or output_hidden_states or kwargs or functorch_active()) and \
+                isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 4 and \
+                pixel_values.shape[1] == self.embedder.num_channels:
+            last_hidden_state = _eval_plan.run(self, pixel_values, head=False)
+            if last_hidden_state is not None:
+                pooled_output = self.pooler(last_hidden_state)
+                if not (return_dict if return_dict is not None else self.config.return_dict):
+                    return last_hidden_state, pooled_output
+                return sys.modules[_MODULE].BaseModelOutputWithPoolingAndNoAttention(
+                    last_hidden_state=last_hidden_state, pooler_output=pooled_output, hidden_states=None)
+        return self._library.forward(self, pixel_values, output_hidden_states=output_hidden_states,
+                                     return_dict=return_dict, **kwargs)
+
+
 @functools.lru_cache(maxsize=None)
 def _classes():
     """{name: fastres class} for modeling_resnet's classes (importing transformers' ResNet)."""
@@ -121,7 +182,8 @@ def _classes():
 
     library = importlib.import_module(_MODULE)
     mixins = {"ResNetConvLayer": _ConvLayer, "ResNetShortCut": _ShortCut, "ResNetBasicLayer": _Layer,
-              "ResNetBottleNeckLayer": _Layer, "ResNetEmbeddings": _Embeddings}
+              "ResNetBottleNeckLayer": _Layer, "ResNetEmbeddings": _Embeddings,
+              "ResNetModel": _Model}
     classes = {}
     for name in _CLASS_NAMES:
         base = getattr(library, name)

@@ -158,7 +158,7 @@ class _Plan:
     plannable now: stem [(conv, norm, relu, name)], units that run one after another from its fold cache; pool, the
     module after the stem (None: none); layers, the nn.Sequentials of fused blocks. With `head`, the plan ends as
     fastres.models.ResNet does (model.avgpool, flatten, model.fc); without, it returns the last layer's output
-    (timm's forward_features)."""
+    (the model's _plan_features: timm's forward_features, transformers' last hidden state)."""
 
     autocast_in_fp32 = True  # (see autocast_computes_in_fp32)
 
@@ -359,7 +359,7 @@ class _Plan:
         return keep_memory_format(out, x)
 
     def run(self, model, x, packs, autocast_dtype):
-        """What ResNet._forward_impl computes (with a head), or timm's forward_features (without)."""
+        """What ResNet._forward_impl computes (with a head), or the model's _plan_features (without)."""
         stem = packs[self.stem[0]]
         if stem is not _UNRESOLVED and stem is not None and stem[3] is not None and x.dtype == torch.float32:
             x = x.to(dtype=stem[3], memory_format=torch.channels_last)  # autocast's cast and the layout in one pass
@@ -787,7 +787,7 @@ class _PlannedForward(torch.autograd.Function):
         token = _RECOMPUTING.set(True)
         try:
             with torch.enable_grad(), torch.autocast("cpu", dtype=dtype, enabled=enabled):
-                out = model.forward(x) if ctx.head else model.forward_features(x)
+                out = model.forward(x) if ctx.head else model._plan_features(x)
         finally:
             _RECOMPUTING.reset(token)
         inputs = (x, *params)
@@ -799,8 +799,9 @@ class _PlannedForward(torch.autograd.Function):
 
 def run(model, x, head=True):
     """model(x) for a fastres.models.ResNet or CifarResNet in eval mode through its plan (head=False: the last
-    layer's output, for the forward_features of timm's converted ResNet), or None where no plan applies (the caller
-    runs the per-unit path)."""
+    layer's output, what the model's _plan_features computes: timm's forward_features, the last hidden state of
+    transformers' ResNetModel, after fastres.convert), or None where no plan applies (the caller runs the per-unit
+    path)."""
     if not (getattr(model, "channels_last", True) and x.device.type == "cpu" and x.dim() == 4) or _traced() \
             or functorch_active():
         return None
