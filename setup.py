@@ -130,8 +130,9 @@ setup(
                  "timm", "transformers", "onnx", "onnxscript", "onnxruntime"],
         "bench": ["matplotlib", "tqdm"],
         # benchmarks/throughput.py's CPU peers: onnxruntime (torch.onnx.export(dynamo=True) needs onnx and
-        # onnxscript) and OpenVINO, and timm for its timm providers; never needed by the library or its tests
-        "peers": ["onnx", "onnxscript", "onnxruntime", "openvino", "timm"],
+        # onnxscript) and OpenVINO, and timm and transformers for their ecosystem providers; never needed by the
+        # library or its tests
+        "peers": ["onnx", "onnxscript", "onnxruntime", "openvino", "timm", "transformers"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

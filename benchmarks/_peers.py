@@ -18,10 +18,12 @@ INSTALL_HINT = 'pip install -e ".[peers]"'
 ENGINE_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "openvino-bf16": "openvino"}
 ENGINES = tuple(ENGINE_PACKAGES)
 # the model zoos (not engines: PyTorch models the run times like eager)
-MODEL_PACKAGES = {"timm": "timm", "fastres-timm": "timm"}
+MODEL_PACKAGES = {"timm": "timm", "fastres-timm": "timm", "transformers": "transformers",
+                  "fastres-transformers": "transformers"}
 PACKAGES = {**ENGINE_PACKAGES, **MODEL_PACKAGES}
 # where a version is reported from, for each package a run used
-VERSION_PACKAGES = {"onnxruntime": ("onnxruntime", "onnx", "onnxscript"), "openvino": ("openvino",), "timm": ("timm",)}
+VERSION_PACKAGES = {"onnxruntime": ("onnxruntime", "onnx", "onnxscript"), "openvino": ("openvino",), "timm": ("timm",),
+                    "transformers": ("transformers",)}
 
 
 def _import(package):
@@ -143,3 +145,69 @@ def timm_resnet(reference, arch, convert):
         import fastres
         model = fastres.convert(model)
     return model
+
+
+def _import_off_this_folder(package, *modules):
+    """`package`, its `modules` imported with this folder and the repository's root off sys.path: the scripts put
+    this folder first (and a PYTHONPATH may hold the root), and kernels.py here or the root's kernels/ (fastres.kernels'
+    source) would shadow Hugging Face's `kernels` package, which transformers imports with its models."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) not in (here, os.path.dirname(here))]
+    try:
+        for module in modules:
+            importlib.import_module(module)
+        return importlib.import_module(package)
+    finally:
+        sys.path[:] = saved
+
+
+class Logits(torch.nn.Module):
+    """A transformers image classifier's logits as the module's output (what the benchmark's step takes)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(pixel_values=x).logits
+
+
+def _transformers_key(key):
+    """transformers' ResNetForImageClassification state_dict key of a torchvision ResNet's `key`."""
+    parts = key.split(".")
+    if parts[0] in ("conv1", "bn1"):
+        return f"resnet.embedder.embedder.{'convolution' if parts[0] == 'conv1' else 'normalization'}." + parts[1]
+    if parts[0] == "fc":
+        return "classifier.1." + parts[1]
+    stage, block, module, rest = int(parts[0][len("layer"):]) - 1, parts[1], parts[2], parts[3:]
+    prefix = f"resnet.encoder.stages.{stage}.layers.{block}"
+    if module == "downsample":
+        return f"{prefix}.shortcut.{'convolution' if rest[0] == '0' else 'normalization'}." + ".".join(rest[1:])
+    index = int(module[len("conv"):] if module.startswith("conv") else module[len("bn"):]) - 1
+    return f"{prefix}.layer.{index}.{'convolution' if module.startswith('conv') else 'normalization'}." + \
+        ".".join(rest)
+
+
+def transformers_resnet(reference, arch, convert):
+    """transformers' ResNetForImageClassification of `arch` (resnet18 ... resnet152, v1.5: microsoft/resnet-*'s
+    configuration, the same network as torchvision's) holding `reference`'s weights, in its mode, its logits the
+    output (Logits); with `convert`, after fastres.convert. None where transformers has no such model (the paper's
+    v1, plain, VGG and CIFAR nets)."""
+    if arch.family != "resnet" or arch.variant != "v1.5":
+        return None
+    transformers = _import_off_this_folder("transformers", "transformers.models.resnet.modeling_resnet")
+    depths = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}[arch.depth]
+    basic = arch.depth < 50
+    config = transformers.ResNetConfig(
+        embedding_size=64, depths=depths, layer_type="basic" if basic else "bottleneck", hidden_act="relu",
+        hidden_sizes=[64, 128, 256, 512] if basic else [256, 512, 1024, 2048], num_labels=arch.num_classes,
+        downsample_in_first_stage=False, downsample_in_bottleneck=False)
+    model = transformers.ResNetForImageClassification(config)
+    state = {_transformers_key(k): v for k, v in reference.state_dict().items()}
+    model.load_state_dict(state, strict=True)
+    model.train(reference.training)
+    if convert:
+        import fastres
+        model = fastres.convert(model)
+    return Logits(model)

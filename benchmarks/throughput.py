@@ -32,17 +32,21 @@ CPU inference peers (--device cpu --mode infer; what a user would run instead, s
   eager-autocast        the reference (fp32 weights, the run's layout) under torch.autocast("cpu", torch.bfloat16)
   fastres-autocast      fastres under the same autocast
   --providers peers     fastres, eager and all of the above (eager-nchw only where eager is channels_last)
-Ecosystem providers (any device and mode; ResNet-18 to 152 v1.5, whose timm model is torchvision's network):
+Ecosystem providers (any device and mode; ResNet-18 to 152 v1.5, whose timm and transformers models are
+torchvision's network):
   timm                  timm.create_model(<arch>) with the reference's weights (timm's state_dict keys are
                         torchvision's), in the run's layout
   fastres-timm          the same timm model after fastres.convert: what a timm user of fastres runs
+  transformers          Hugging Face transformers' ResNetForImageClassification in microsoft/resnet-*'s
+                        configuration, with the reference's weights (keys mapped), its logits as the output
+  fastres-transformers  the same model after fastres.convert
 The onnxruntime and OpenVINO engines take NCHW batches (what their users hold; the conversion from the run's layout
 is untimed, as for eager-nchw) and get them as numpy arrays: Tensor.numpy() shares the tensor's memory, inside the
 timed call. Their peak memory is not measured (they allocate outside torch's allocator). Packages:
 `pip install -e ".[peers]"`; a peer whose package is missing is skipped with a note, as is one whose export,
 conversion or compilation fails. --dtype bf16 is not autocast: it converts weights and inputs to bf16 (no fp32
 anywhere); the autocast providers keep fp32 weights and inputs, as a user of autocast does.
-When peers (or, in CPU inference, the timm providers) run, every provider but eager is held to fastres's tolerance
+When peers (or, in CPU inference, the ecosystem providers) run, every provider but eager is held to fastres's tolerance
 rule (fastres.testing) on the first images of a batch against a float64 forward: its error at most twice eager's in
 the same precision (the worse of NCHW and channels_last; the bf16 peers against eager under autocast) plus a few ulps
 ("agreement_float64"; a provider outside the bound is measured and marked DISAGREES). Each run records the CPU,
@@ -98,7 +102,9 @@ from fastres import testing  # noqa: E402
 CPU_PEERS = ("eager-nchw", "compile-freezing", "torchscript-onednn", "onnxruntime", "openvino", "openvino-bf16",
              "eager-autocast", "fastres-autocast")
 TIMM = ("timm", "fastres-timm")
-PROVIDERS = ("fastres", "eager", "compile", "compile-max-autotune") + CPU_PEERS + TIMM
+TRANSFORMERS = ("transformers", "fastres-transformers")
+ZOOS = TIMM + TRANSFORMERS  # the model zoos' own models, and fastres.convert of them
+PROVIDERS = ("fastres", "eager", "compile", "compile-max-autotune") + CPU_PEERS + ZOOS
 DEFAULT_PROVIDERS = {"cuda": PROVIDERS[:4], "cpu": ("fastres", "eager")}
 PEERS_KEYWORD = "peers"  # --providers peers: fastres, eager and every CPU peer
 FP32_ONLY = ("torchscript-onednn", "onnxruntime", "openvino", "openvino-bf16", "eager-autocast", "fastres-autocast")
@@ -342,10 +348,12 @@ def build_providers(s, inputs, skipped):
             models[name] = twin(ref, lambda: C.build_reference(s.arch))
         elif name == "fastres-autocast":
             models[name] = twin(fast, lambda: C.build_fastres(s.arch))
-        elif name in TIMM:
-            models[name] = _peers.timm_resnet(ref, s.arch, convert=name == "fastres-timm")
+        elif name in ZOOS:
+            zoo = "timm" if name in TIMM else "transformers"
+            build = _peers.timm_resnet if zoo == "timm" else _peers.transformers_resnet
+            models[name] = build(ref, s.arch, convert=name.startswith("fastres-"))
             if models[name] is None:
-                skipped[name] = f"timm has no {s.arch.label}"
+                skipped[name] = f"{zoo} has no {s.arch.label}"
                 print(f"{name} provider skipped: {skipped[name]}", file=sys.stderr)
     # eager-nchw and the engines take NCHW batches (the same values): what their users hold, converted untimed
     nchw_inputs = [(x.contiguous(), target) for x, target in inputs] if s.channels_last else None
@@ -861,7 +869,7 @@ def main(argv=None):
               file=sys.stderr)
         return 1
     float64_checks = None
-    if any(p.name in CPU_PEERS or (p.name in TIMM and s.mode == "infer" and s.device.type == "cpu")
+    if any(p.name in CPU_PEERS or (p.name in ZOOS and s.mode == "infer" and s.device.type == "cpu")
            for p in providers):
         float64_checks = check_against_float64(providers, inputs, s, reference)
     memory_and_graphs(providers, inputs, s)

@@ -3,7 +3,9 @@
 The throughput, kernels, memory and plot commands are run the way the GPU machine runs them: through
 benchmarks/gpu_suite.sh, in its CPU smoke mode, once for this module (each command a subprocess of the script).
 No timing is asserted (performance is what the scripts report, not what tests check)."""
+import copy
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -29,6 +31,7 @@ import packed_error  # noqa: E402
 import throughput  # noqa: E402
 import train_modes  # noqa: E402
 import tune_models  # noqa: E402
+from tolerance import assert_within  # noqa: E402
 
 # The scripts are imported (they put their folder first on sys.path, for _common): take it off again, or its file
 # names would shadow installed packages for the rest of the session. benchmarks/kernels.py shadowed Hugging Face's
@@ -804,20 +807,44 @@ def test_parse_arch_rejects_unknown():
         C.parse_arch("resnet50", "v2")
 
 
-def test_throughput_timm_providers(tmp_path):
-    """timm's ResNet and fastres.convert of it run beside fastres on the same weights (timm's state_dict keys are
-    torchvision's), the run records timm's version; an arch timm does not have is skipped with a note."""
-    pytest.importorskip("timm")
-    r, run = run_throughput(tmp_path, "fastres,eager,timm,fastres-timm", "--arch", "resnet18", "--input-size", "32")
-    assert list(run["results"]) == ["fastres", "eager", "timm", "fastres-timm"]
+def test_throughput_model_zoo_providers(tmp_path):
+    """timm's and transformers' ResNets and fastres.convert of each run beside fastres on the same weights (timm's
+    state_dict keys are torchvision's, transformers' mapped from them, strict), each within the tolerance rule against
+    float64; the run records the zoos' versions; an arch a zoo does not have is skipped with a note."""
+    zoos = [zoo for zoo in ("timm", "transformers") if importlib.util.find_spec(zoo) is not None]
+    if not zoos:
+        pytest.skip("neither timm nor transformers is installed")
+    names = ["fastres", "eager"] + [name for zoo in zoos for name in (zoo, f"fastres-{zoo}")]
+    r, run = run_throughput(tmp_path, ",".join(names), "--arch", "resnet18", "--input-size", "32")
+    assert list(run["results"]) == names
     for result in run["results"].values():
         assert len(result["times_s"]) == 2 and all(t > 0 for t in result["times_s"])
-    assert run["versions"]["timm"]
+    assert all(run["versions"][zoo] for zoo in zoos)
     assert_peers_agree(run)
     (tmp_path / "cifar").mkdir()
-    r, run = run_throughput(tmp_path / "cifar", "fastres,timm", "--arch", "cifar_resnet20")
-    assert list(run["results"]) == ["fastres"] and "timm has no cifar_resnet20" in run["skipped"]["timm"]
-    assert "timm provider skipped: timm has no cifar_resnet20" in r.stderr
+    r, run = run_throughput(tmp_path / "cifar", ",".join(["fastres"] + zoos), "--arch", "cifar_resnet20")
+    assert list(run["results"]) == ["fastres"]
+    for zoo in zoos:
+        assert f"{zoo} has no cifar_resnet20" in run["skipped"][zoo]
+        assert f"{zoo} provider skipped: {zoo} has no cifar_resnet20" in r.stderr
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_transformers_provider_holds_the_reference_network(arch):
+    """The transformers provider's model is the reference's network with its weights: every torchvision key maps to
+    one of ResNetForImageClassification's (loaded strictly), and the logits equal the reference's within the
+    tolerance rule against float64."""
+    pytest.importorskip("transformers")
+    ref = C.build_reference(C.parse_arch(arch)).eval()
+    torch.manual_seed(0)
+    for m in ref.modules():  # non-trivial statistics, so that a norm loaded into the wrong place shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    model = _peers.transformers_resnet(ref, C.parse_arch(arch), convert=False).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert_within(arch, model(x), copy.deepcopy(ref).double()(x.double()), ref(x))
 
 
 def test_benchmark_scripts_shadow_no_installed_package():
