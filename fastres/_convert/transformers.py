@@ -17,7 +17,8 @@ from torch import nn
 from fastres._convert._swap import swap_class
 from fastres._convert.torchvision import _to_channels_last
 from fastres.models import _eval_plan
-from fastres.nn._fused import FusedModuleMixin, functorch_active, has_hooks, is_plain_relu, keep_memory_format
+from fastres.nn._fused import FusedModuleMixin, _traced, functorch_active, has_hooks, is_plain_relu, \
+    keep_memory_format
 from fastres.nn._lean import conv_norm_act, unshared
 from fastres.nn.blocks import _FusedBlock
 
@@ -161,7 +162,7 @@ class _Model(FusedModuleMixin):
     def forward(self, pixel_values, output_hidden_states=None, return_dict=None, **kwargs):
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        if not (self.training or output_hidden_states or kwargs or functorch_active()) and \
+        if not (self.training or output_hidden_states or kwargs or functorch_active() or _traced()) and \
                 isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 4 and \
                 pixel_values.shape[1] == self.embedder.num_channels:
             last_hidden_state = _eval_plan.run(self, pixel_values, head=False)
