@@ -1936,6 +1936,41 @@ def test_a_shape_served_often_keeps_its_graph_beside_a_stream_of_others(graph_bo
     assert graph_body["built"] == 1
 
 
+def test_a_graph_runs_without_its_keys_packed_weights(graph_body, per_unit_path):
+    """Once a key's graph has run, the key's packed weights (a copy of every conv weight, which only the one-call
+    body and the Python loop read) are freed, the fold caches' references included. A call the graph hands back
+    (a NaN met a ReLU) packs them again through the Python loop, exactly the per-unit path's result, and they are kept
+    from then on; the graph keeps running the other calls, with the same result as before."""
+    from fastres.models import _eval_plan
+    model = randomize_(fm.resnet18(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    bad = x.clone()
+    bad[0, 1, 5, 7] = float("nan")
+    with torch.inference_mode():
+        for _ in range(_eval_plan.GRAPH_AFTER + 1):  # the loop's forward, then the one-call bodies
+            model(x)
+        plan = model.fold_cache.plan
+        (packs,) = plan.packs.values()
+        units = len(plan.units)
+        packed = [weakref.ref(p[1]) for p in packs[:units]]
+        graphed = model(x)  # builds and runs the graph
+        assert graph_body == {"built": 1, "ran": 1}
+        gc.collect()
+        assert all(ref() is None for ref in packed)
+        assert packs[:units] == [_eval_plan._UNRESOLVED] * units and packs[-2] is _eval_plan._DROPPED
+        for unit in plan.units:
+            assert not any(key[0] == "packed" for key in unit.cache._entries[unit.name][4])
+        got = model(bad)
+        with per_unit_path():
+            ref_bad = model(bad)
+        assert torch.isnan(ref_bad).any()
+        torch.testing.assert_close(got, ref_bad, rtol=0, atol=0, equal_nan=True)
+        repacked = packs[-2]
+        assert type(repacked) is tuple and all(type(p) is tuple for p in packs[:units])
+        assert torch.equal(model(x), graphed) and graph_body["ran"] == 2
+        assert packs[-2] is repacked  # kept from then on
+
+
 def test_a_graph_the_plan_drops_frees_its_tensors(graph_body, monkeypatch):
     """A shape's graph, once the plan drops the shape (the least recently used beyond _MAX_DERIVED), leaves nothing
     in memory: TorchScript's global compilation unit kept every traced and frozen graph with its constants for the

@@ -63,6 +63,8 @@ from fastres.nn._lean import conv_norm_act, sequence_units
 from fastres.nn.blocks import _FusedBlock
 
 _UNRESOLVED = object()
+# A key's _run_plan body whose packed weights were dropped once its graph ran (_Plan._drop_unit_packs).
+_DROPPED = object()
 # The plan's guard (csrc/plan_guard.cpp); None with a fastres._C built without it, where no plan runs.
 if all(hasattr(_compiled._C, f) for f in ("_tensor_state_guard", "_module_signature", "_plan_changed")):
     # sampling the tensors' bytes as FoldCache's fingerprints do
@@ -371,15 +373,23 @@ class _Plan:
             if GRAPH_BODY and autocast_dtype is None and x.dtype == torch.float32:
                 out = self._run_graph(x, packs)
                 if out is not None:
+                    graph = packs[len(self.units)]
+                    if type(graph) is _Graph and not graph.packs_dropped:  # (another thread may have dropped it)
+                        self._drop_unit_packs(packs, graph)
                     return out if self.head_in_graph else self._head(model, out, packs, autocast_dtype)
-            try:
-                features = _RUN_PLAN(x, *body, *self.program)
-            except RuntimeError:
-                # Refused by this torch's oneDNN: the Python loop from now on. (Nothing was written over the input,
-                # only over tensors the body made.)
-                packs[-2] = None
+            if body is _DROPPED:
+                # The graph handed this call back (a NaN met a ReLU, or it is gone): the units are packed again
+                # through the Python loop, and their packs kept from then on.
+                packs[-2] = _UNRESOLVED
             else:
-                return self._head(model, features, packs, autocast_dtype)
+                try:
+                    features = _RUN_PLAN(x, *body, *self.program)
+                except RuntimeError:
+                    # Refused by this torch's oneDNN: the Python loop from now on. (Nothing was written over the
+                    # input, only over tensors the body made.)
+                    packs[-2] = None
+                else:
+                    return self._head(model, features, packs, autocast_dtype)
         for i in self.stem:
             x = self.run_unit(i, x, packs)
         if self.pool_relu is not None:
@@ -405,6 +415,19 @@ class _Plan:
         if packs[-2] is _UNRESOLVED:  # (run_unit set None where a unit did not run from its packed weight)
             packs[-2] = self._runnable(packs)
         return self._head(model, x, packs, autocast_dtype)
+
+    def _drop_unit_packs(self, packs, graph):
+        """Once a key's graph has run, its units' packed weights (a copy of every conv weight in oneDNN's layout: 90
+        MB for ResNet-50) serve only the calls the graph hands back: they are dropped, from the units' fold caches
+        too, and made again by the first such call (which then runs the Python loop), kept from then on. The graph
+        computes on the folds themselves."""
+        graph.packs_dropped = True
+        for i, unit in enumerate(self.units):
+            pack = packs[i]
+            if pack is not _UNRESOLVED and pack is not None:
+                unit.cache.discard_derived(unit.name, pack[1])
+            packs[i] = _UNRESOLVED
+        packs[-2] = _DROPPED
 
     def _run_graph(self, x, packs):
         """The body on x as the key's oneDNN Graph (built on the GRAPH_AFTER + 1-th call), or None: not (yet) built,
@@ -572,12 +595,13 @@ def _in_own_compilation_unit(traced, body):
 
 
 class _Graph:
-    """A key's graph body, and how many forwards in a row it handed to _run_plan (a NaN met a ReLU)."""
+    """A key's graph body, how many forwards in a row it handed to _run_plan (a NaN met a ReLU), and whether the key's
+    packed weights were dropped for it (_Plan._drop_unit_packs)."""
 
-    __slots__ = ("module", "misses")
+    __slots__ = ("module", "misses", "packs_dropped")
 
     def __init__(self, module):
-        self.module, self.misses = module, 0
+        self.module, self.misses, self.packs_dropped = module, 0, False
 
 
 class _onednn_fusion:

@@ -257,6 +257,17 @@ class FoldCache:
             derived[derived_key] = value
         return value
 
+    def discard_derived(self, name, value):
+        """Forgets unit `name`'s derived entries whose value is `value` or a tuple that starts with it (a packed
+        weight and its bias): their holder no longer needs them, and the cache is not to keep them alive."""
+        entry = self._entries.get(name)
+        if entry is None:
+            return
+        derived = entry[4]
+        for key, held in list(derived.items()):
+            if held is value or (type(held) is tuple and held and held[0] is value):
+                derived.pop(key, None)  # (another thread's forward may have evicted it first)
+
     # A cache must never travel with a copy or a pickle of its module: weakrefs cannot be pickled, and a copy's
     # tensors are different objects anyway.
     def __getstate__(self):
