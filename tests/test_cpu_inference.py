@@ -1971,6 +1971,47 @@ def test_a_graph_runs_without_its_keys_packed_weights(graph_body, per_unit_path)
         assert packs[-2] is repacked  # kept from then on
 
 
+def test_the_graphs_of_a_plan_share_their_winograd_weights(graph_body, monkeypatch):
+    """The weights transformed for the Winograd convolutions are made once per plan and shared by the graphs of its
+    input shapes, and held by those graphs only: a transform that no graph uses (a convolution below the thresholds
+    at every shape built so far) is freed. ResNet-18 at 64x64: batch 6 runs layer1 and layer2 (64 and 128
+    channels) as Winograd, batch 8 layer3 (256) too; layer4 (512, 2x2 maps) is too small at both."""
+    from fastres.models import _eval_plan
+    if not _eval_plan.WINOGRAD:
+        pytest.skip("needs fastres._C's _winograd_conv3x3")
+    builds = []  # per graph built: [(output channels, id, weak reference) of each transform its body was given]
+    winograd_weight, graph = _eval_plan._Plan.winograd_weight, _eval_plan._Plan._graph
+
+    def recording(self, i, weight):
+        transformed = winograd_weight(self, i, weight)
+        builds[-1].append((weight.shape[0], id(transformed), weakref.ref(transformed)))
+        return transformed
+
+    def building(self, x):
+        builds.append([])
+        return graph(self, x)
+
+    monkeypatch.setattr(_eval_plan._Plan, "winograd_weight", recording)
+    monkeypatch.setattr(_eval_plan._Plan, "_graph", building)
+    model = randomize_(fm.resnet18(num_classes=10)).eval()
+
+    def alive(build):
+        gc.collect()
+        return {(channels, ident) for channels, ident, ref in build if ref() is not None}
+
+    with torch.inference_mode():
+        for batch in (6, 8):
+            x = torch.randn(batch, 3, 64, 64)
+            for _ in range(_eval_plan.GRAPH_AFTER + 2):  # the loop's forward, the one-call bodies, the graph's build
+                model(x)
+            if batch == 6:
+                assert {c for c, _ in alive(builds[0])} == {64, 128}
+    assert graph_body["built"] == 2 and [len(b) for b in builds] == [13, 13]
+    first, second = alive(builds[0]), alive(builds[1])
+    assert {c for c, _ in second} == {64, 128, 256}
+    assert first == {(c, i) for c, i in second if c in (64, 128)}  # the same tensors
+
+
 def test_a_graph_the_plan_drops_frees_its_tensors(graph_body, monkeypatch):
     """A shape's graph, once the plan drops the shape (the least recently used beyond _MAX_DERIVED), leaves nothing
     in memory: TorchScript's global compilation unit kept every traced and frozen graph with its constants for the

@@ -47,6 +47,7 @@ import io
 import os
 import time
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -327,6 +328,24 @@ class _Plan:
 
     def _init_packs(self):
         self.packs = collections.OrderedDict()  # input key -> packs, the most recently used last
+        self._winograd_weights = {}  # unit index -> (its fold's weight, a weak reference to it transformed)
+
+    def winograd_weight(self, i, weight):
+        """Unit i's fold `weight` (a detached view of it) transformed for _winograd_conv3x3: one tensor shared by
+        the graphs of the plan's keys (17 MB a convolution in ResNet-50's last stage), held by them only: the plan
+        keeps a weak reference, so a transform that no graph uses (a convolution too small at this key's size) is
+        freed with the body. The same fold: the same memory (the plan holds the first view, so no other tensor can
+        reuse its address; nothing writes a fold in place, and a changed source makes a new plan), sizes, strides
+        and dtype."""
+        held = self._winograd_weights.get(i)
+        transformed = None
+        if held is not None and held[0].data_ptr() == weight.data_ptr() and held[0].shape == weight.shape \
+                and held[0].stride() == weight.stride() and held[0].dtype == weight.dtype:
+            transformed = held[1]()
+        if transformed is None:
+            transformed = torch.ops.fastres._winograd_weight(weight)
+            self._winograd_weights[i] = (weight, weakref.ref(transformed))
+        return transformed
 
     def packs_for(self, key):
         """The key's packs, made on its first call. At most _MAX_DERIVED keys (as many as FoldCache keeps), the least
@@ -620,8 +639,9 @@ class _UnitsBody(nn.Module):
     """A plan's units on their folds (their tensors, not copies) as plain ops, for TorchScript to trace: unit(i, x)
     is unit i's conv, bias, residual add and ReLU. Subclasses give the forward."""
 
-    def __init__(self, units, folds):
+    def __init__(self, plan, folds):
         super().__init__()
+        units = plan.units
         # per unit: whether it may run as _winograd_conv3x3 (on its transformed weight, wino{i}); unit() decides on
         # the traced input's size (the trace is specific to it)
         self.winograd = []
@@ -630,7 +650,7 @@ class _UnitsBody(nn.Module):
             self.register_buffer(f"bias{i}", bias)
             self.winograd.append(WINOGRAD and _winograd_applies(weight, units[i].geometry))
             if self.winograd[-1]:
-                self.register_buffer(f"wino{i}", torch.ops.fastres._winograd_weight(weight))
+                self.register_buffer(f"wino{i}", plan.winograd_weight(i, weight))
         self.geometry = [unit.geometry for unit in units]
         self.relu = [unit.relu for unit in units]
 
@@ -667,7 +687,7 @@ class _GraphBody(_UnitsBody):
     identity, or none without residual) or _shortcut's."""
 
     def __init__(self, plan, folds, blocks, head=None):
-        super().__init__(plan.units, folds)
+        super().__init__(plan, folds)
         self.stem, self.pool_relu, self.blocks = plan.stem, plan.pool_relu, blocks
         self.has_head = head is not None
         if self.has_head:
@@ -710,7 +730,7 @@ class _SequentialGraphBody(_UnitsBody):
     """_SequentialPlan's features: traced by _SequentialPlan._graph."""
 
     def __init__(self, plan, folds):
-        super().__init__(plan.units, folds)
+        super().__init__(plan, folds)
         self.steps = plan.steps
 
     def forward(self, x):
