@@ -26,6 +26,7 @@ sys.path.insert(0, BENCHMARKS)
 import _common as C  # noqa: E402
 import _peers  # noqa: E402
 import cpu_breakdown  # noqa: E402
+import eval_memory  # noqa: E402
 import memory  # noqa: E402
 import packed_error  # noqa: E402
 import throughput  # noqa: E402
@@ -383,6 +384,30 @@ def test_train_modes_sigterm_keeps_the_timed_steps(tmp_path):
         assert 1 <= r["timed_steps"] < 10000 and r["ms_p20"] <= r["ms"] <= r["ms_p80"]
 
 
+@pytest.mark.skipif(eval_memory.bytes_in_use() is None, reason="needs glibc's mallinfo2")
+def test_eval_memory_reports_what_each_provider_holds(tmp_path):
+    """eval_memory.py: each provider in a process of its own, a row per (cycle, batch size) of the bytes it holds
+    over those after building, in the JSON line and the CSV; fastres holds its folds and graphs (more than eager's
+    few retained activations), and nothing more in a second cycle over the same shapes than in a third."""
+    json_path, csv_path = tmp_path / "m.jsonl", tmp_path / "m.csv"
+    r = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "eval_memory.py"), "--arch", "resnet18",
+                        "--input-size", "32", "--batch-sizes", "1,2", "--cycles", "3", "--calls", "4",
+                        "--json", str(json_path), "--csv", str(csv_path)], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT, env=script_env())
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (run,) = read_json_lines(json_path)
+    assert run["benchmark"] == "eval_memory" and list(run["results"]) == ["fastres", "eager"]
+    for result in run["results"].values():
+        assert [(s["cycle"], s["batch_size"]) for s in result["steps"]] == [(c, b) for c in range(3) for b in (1, 2)]
+        assert result["weight_bytes"] > 40e6  # ResNet-18's 11.7 M parameters in fp32
+    fastres_held = [s["held_bytes"] for s in run["results"]["fastres"]["steps"]]
+    eager_held = [s["held_bytes"] for s in run["results"]["eager"]["steps"]]
+    assert min(fastres_held) > max(eager_held)
+    assert max(fastres_held[4:]) <= max(fastres_held[2:4]) + 2**20  # (1 MiB: the allocator's own bookkeeping)
+    rows = read_csv(csv_path)
+    assert len(rows) == 12 and {row["provider"] for row in rows} == {"fastres", "eager"}
+
+
 def test_interrupts_run_ends_the_function_at_sigterm():
     """Interrupts.run: SIGTERM raises into the function (past its own `except Exception`), later ones do not."""
     interrupts = C.Interrupts()
@@ -441,11 +466,17 @@ def test_interrupts_run_ends_the_function_at_sigterm():
     ("packed_error", ["--batch-size", "0"], "--batch-size"),
     ("packed_error", ["--input-size", "0"], "--input-size"),
     ("packed_error", ["--dtype", "fp16"], "--dtype"),
+    ("eval_memory", ["--arch", "resnet19"], "--arch"),
+    ("eval_memory", ["--batch-sizes", "1,x"], "--batch-sizes"),
+    ("eval_memory", ["--batch-sizes", "0"], "--batch-sizes"),
+    ("eval_memory", ["--cycles", "0"], "--cycles"),
+    ("eval_memory", ["--calls", "3"], "--calls"),
+    ("eval_memory", ["--providers", "fastres,bogus"], "--providers"),
 ])
 def test_bad_arguments(script, args, message, capsys):
     with pytest.raises(SystemExit) as e:
         {"throughput": throughput, "train_modes": train_modes, "memory": memory,
-         "cpu_breakdown": cpu_breakdown, "packed_error": packed_error}[script].parse_args(args)
+         "cpu_breakdown": cpu_breakdown, "packed_error": packed_error, "eval_memory": eval_memory}[script].parse_args(args)
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
