@@ -1971,6 +1971,28 @@ def test_a_graph_runs_without_its_keys_packed_weights(graph_body, per_unit_path)
         assert packs[-2] is repacked  # kept from then on
 
 
+def test_a_graph_torchscript_cannot_save_is_built_all_the_same(graph_body, per_unit_path, monkeypatch):
+    """Where TorchScript cannot save the traced body (the step that gives a graph a compilation unit of its own),
+    the graph is frozen from the trace itself: built, run, and within the tolerance rule against float64."""
+    from fastres.models import _eval_plan
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cannot save")
+
+    monkeypatch.setattr(torch.jit, "save", refuse)
+    model = randomize_(fm.resnet18(num_classes=10)).eval()
+    plain = randomize_(torchvision.models.resnet18(num_classes=10)).eval()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        for _ in range(_eval_plan.GRAPH_AFTER + 2):
+            out = model(x)
+    assert graph_body == {"built": 1, "ran": 1}  # (built and run by the last call)
+    with torch.no_grad():
+        ref64 = copy.deepcopy(plain).double()(x.double())
+        assert_within("saved nowhere", out, ref64, _aten_worse(plain, x, ref64))
+
+
 def test_the_graphs_of_a_plan_share_their_winograd_weights(graph_body, monkeypatch):
     """The weights transformed for the Winograd convolutions are made once per plan and shared by the graphs of its
     input shapes, and held by those graphs only: a transform that no graph uses (a convolution below the thresholds

@@ -599,18 +599,24 @@ def _in_own_compilation_unit(traced, body):
     in memory (ResNet-50 at 112x112: ~34 MB a graph). torch.jit.load gives each module a compilation unit of its own,
     freed with it (the trace's own methods, which hold no tensors, stay behind). The loaded copies of the tensors are
     then replaced by the body's, so that the frozen graph holds those (the folds, shared with the fold cache), not
-    copies. The trace is saved with empty tensors in their place (~1 s less for ResNet-50's ~100 MB of weights)."""
+    copies. The trace is saved with empty tensors in their place (~1 s less for ResNet-50's ~100 MB of weights).
+    Where TorchScript cannot save or load it, the trace itself (its graph then stays in memory, but runs)."""
     tensors = dict(body.named_buffers())
     empty = torch.empty(0)
-    for name in tensors:
-        setattr(traced, name, empty)
-    buffer = io.BytesIO()
-    torch.jit.save(traced, buffer)
-    buffer.seek(0)
-    loaded = torch.jit.load(buffer)
-    for name, tensor in tensors.items():
-        setattr(loaded, name, tensor)
-    return loaded
+    try:
+        for name in tensors:
+            setattr(traced, name, empty)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+        buffer.seek(0)
+        loaded = torch.jit.load(buffer)
+        for name, tensor in tensors.items():
+            setattr(loaded, name, tensor)
+        return loaded
+    except Exception:  # noqa: BLE001 - any TorchScript failure: the global compilation unit, as before
+        for name, tensor in tensors.items():
+            setattr(traced, name, tensor)
+        return traced
 
 
 class _Graph:
