@@ -1,16 +1,18 @@
 // CPU kernel of _bn_stats: per-channel mean and biased variance of an NCHW or NHWC activation,
 // then the finalize step (invstd, apply coefficients, running statistics).
 //
-// The activation is read from memory once. Small chunks of it (kChunkRows rows, or a tile of a
-// plane) stay in L1/L2, so each chunk's statistics are computed exactly in two sweeps (its sum,
-// then the squared deviations from its mean); chunks are merged with Chan's formula, in a fixed
-// order at every level (chunks into units of work, units into the total, in fp64): the result does
-// not depend on the thread count.
+// The activation is read from memory once. A unit of work (an NHWC block of rows, a tile of an
+// NCHW plane; cpu_common.h) stays in L2, so its statistics are computed in two sweeps: its mean
+// (right to well below an ulp also where the mean is large against the spread, which the apply and
+// the backward's (y - mean) would otherwise amplify by invstd), then the squared deviations from
+// that mean as the math dtype holds it, in short chains. Units are merged with Chan's formula in
+// fp64 in unit order: the result does not depend on the thread count.
 #include "cpu_common.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace fastres {
@@ -18,105 +20,133 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kLanes = 8;       // independent accumulators along an NCHW plane (SIMD lanes)
-constexpr int64_t kChunkRows = 16;  // NHWC rows per chunk
+constexpr int64_t kChunkRows = 16;  // NHWC rows per chain of sums in the math dtype
 
-// acc[c] += x[c] (kSquares false) or acc[c] += (x[c] - mean[c])^2 for the N channels from c.
-template <bool kSquares, int N, typename scalar_t>
-FASTRES_INLINE void accumulate_lanes(const scalar_t* __restrict x, const acc_type_t<scalar_t>* __restrict mean,
-                                     acc_type_t<scalar_t>* __restrict acc, int64_t c) {
+// sq[c] += (x[c] - mean[c])^2 in the math dtype for the N channels from c.
+template <int N, typename scalar_t>
+FASTRES_INLINE void square_lanes(const scalar_t* __restrict x, const acc_type_t<scalar_t>* __restrict mean,
+                                 acc_type_t<scalar_t>* __restrict sq, int64_t c) {
   using L = Lanes<acc_type_t<scalar_t>, N>;
-  auto v = L::load(x + c);
-  if constexpr (kSquares) {
-    v -= L::load(mean + c);
-    v *= v;
-  }
-  L::store(acc + c, L::load(acc + c) + v);
+  const auto d = L::load(x + c) - L::load(mean + c);
+  L::store(sq + c, L::load(sq + c) + d * d);
 }
 
-// The same over one row of C channels, 8 lanes at a time.
-template <bool kSquares, typename scalar_t>
-FASTRES_INLINE void accumulate_row(const scalar_t* __restrict x, const acc_type_t<scalar_t>* __restrict mean,
-                                   acc_type_t<scalar_t>* __restrict acc, int64_t C) {
+// sum[c] += x[c] - ref[c] in the math dtype for the N channels from c.
+template <int N, typename scalar_t>
+FASTRES_INLINE void shifted_sum_lanes(const scalar_t* __restrict x, const acc_type_t<scalar_t>* __restrict ref,
+                                      acc_type_t<scalar_t>* __restrict sum, int64_t c) {
+  using L = Lanes<acc_type_t<scalar_t>, N>;
+  L::store(sum + c, L::load(sum + c) + (L::load(x + c) - L::load(ref + c)));
+}
+
+// shifted_sum_lanes over one row of C channels, 8 lanes at a time.
+template <typename scalar_t>
+FASTRES_INLINE void shifted_sum_row(const scalar_t* __restrict x, const acc_type_t<scalar_t>* __restrict ref,
+                                    acc_type_t<scalar_t>* __restrict sum, int64_t C) {
   int64_t c = 0;
-  for (; c + 8 <= C; c += 8) accumulate_lanes<kSquares, 8>(x, mean, acc, c);
-  for (; c < C; ++c) accumulate_lanes<kSquares, 1>(x, mean, acc, c);
+  for (; c + 8 <= C; c += 8) shifted_sum_lanes<8>(x, ref, sum, c);
+  for (; c < C; ++c) shifted_sum_lanes<1>(x, ref, sum, c);
 }
 
-// One NHWC unit: rows [row0, row1) of the [rows, C] matrix -> mean[C], m2[C] of the unit. Rows are
-// read in memory order (one stream for the prefetchers); each chunk's second sweep finds them in L1/L2.
-// scratch: 2 * C values.
+// square_lanes over one row of C channels, 8 lanes at a time.
+template <typename scalar_t>
+FASTRES_INLINE void square_row(const scalar_t* __restrict x, const acc_type_t<scalar_t>* __restrict mean,
+                               acc_type_t<scalar_t>* __restrict sq, int64_t C) {
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) square_lanes<8>(x, mean, sq, c);
+  for (; c < C; ++c) square_lanes<1>(x, mean, sq, c);
+}
+
+// The m2 about the mean of `count` values from sq, the sum of their squared deviations from
+// `rounded`, the mean as the math dtype holds it: sum (x - m)^2 = sum (x - a)^2 - count (m - a)^2.
+FASTRES_INLINE double m2_about_mean(double count, double mean, double rounded, double sq) {
+  const double off = mean - rounded;
+  return std::max(0.0, sq - count * off * off);
+}
+
+// One NHWC unit: rows [row0, row1) of the [rows, C] matrix (at most kUnitElements values, which
+// stay in L2) -> mean[C], m2[C] of the unit (fp64). The first sweep reads the rows in memory order
+// (one stream for the prefetchers) and sums their differences from the unit's first row (the
+// shifted-data algorithm: the sum rounds at the spread's magnitude, not the mean's, so a channel
+// whose mean is large against its spread gets its mean right to well below an ulp); the second
+// sums the squared deviations from the mean as the math dtype holds it. Both sum in the math dtype
+// over chunks of kChunkRows rows (short chains), each chunk added in fp64. scratch: 3 * C values.
 template <typename scalar_t>
 FASTRES_CPU_CLONES void unit_stats_rows(const scalar_t* __restrict y, int64_t row0, int64_t row1, int64_t C,
-                                        acc_type_t<scalar_t>* __restrict mean, acc_type_t<scalar_t>* __restrict m2,
+                                        double* __restrict mean, double* __restrict m2,
                                         acc_type_t<scalar_t>* __restrict scratch) {
   using acc_t = acc_type_t<scalar_t>;
-  acc_t* chunk_mean = scratch;
-  acc_t* chunk_m2 = scratch + C;
+  acc_t* ref = scratch;
+  acc_t* acc = scratch + C;  // the shifted sums, then each chunk's squared deviations
+  acc_t* rounded = scratch + 2 * C;
+  for (int64_t c = 0; c < C; ++c) ref[c] = static_cast<acc_t>(y[row0 * C + c]);
+  std::fill(mean, mean + C, 0.0);
   for (int64_t r0 = row0; r0 < row1; r0 += kChunkRows) {
-    const int64_t r1 = std::min(row1, r0 + kChunkRows), rows = r1 - r0, done = r0 - row0;
-    std::fill(chunk_mean, chunk_mean + 2 * C, acc_t(0));
-    for (int64_t r = r0; r < r1; ++r) accumulate_row<false>(y + r * C, nullptr, chunk_mean, C);
-    const acc_t inv_rows = acc_t(1) / static_cast<acc_t>(rows);
-    for (int64_t c = 0; c < C; ++c) chunk_mean[c] *= inv_rows;
-    for (int64_t r = r0; r < r1; ++r) accumulate_row<true>(y + r * C, chunk_mean, chunk_m2, C);
-    if (done == 0) {
-      std::copy(chunk_mean, chunk_mean + C, mean);
-      std::copy(chunk_m2, chunk_m2 + C, m2);
-    } else {
-      const acc_t b_share = static_cast<acc_t>(rows) / static_cast<acc_t>(done + rows);
-      const acc_t cross = static_cast<acc_t>(done) * b_share;
-      for (int64_t c = 0; c < C; ++c) chan_merge(mean[c], m2[c], chunk_mean[c], chunk_m2[c], b_share, cross);
-    }
+    const int64_t r1 = std::min(row1, r0 + kChunkRows);
+    std::fill(acc, acc + C, acc_t(0));
+    for (int64_t r = r0; r < r1; ++r) shifted_sum_row(y + r * C, ref, acc, C);
+    for (int64_t c = 0; c < C; ++c) mean[c] += static_cast<double>(acc[c]);
   }
+  const double count = static_cast<double>(row1 - row0);
+  for (int64_t c = 0; c < C; ++c) {
+    mean[c] = static_cast<double>(ref[c]) + mean[c] / count;
+    rounded[c] = static_cast<acc_t>(mean[c]);
+    m2[c] = 0.0;
+  }
+  for (int64_t r0 = row0; r0 < row1; r0 += kChunkRows) {
+    const int64_t r1 = std::min(row1, r0 + kChunkRows);
+    std::fill(acc, acc + C, acc_t(0));
+    for (int64_t r = r0; r < r1; ++r) square_row(y + r * C, rounded, acc, C);
+    for (int64_t c = 0; c < C; ++c) m2[c] += static_cast<double>(acc[c]);
+  }
+  for (int64_t c = 0; c < C; ++c) m2[c] = m2_about_mean(count, mean[c], rounded[c], m2[c]);
 }
 
-// One NCHW run of n values of a single channel -> (mean, m2).
+// One NCHW run of n values of a single channel -> (mean, m2), fp64.
 template <typename scalar_t>
-FASTRES_CPU_CLONES void unit_stats_run(const scalar_t* __restrict x, int64_t n, acc_type_t<scalar_t>& mean_out,
-                                       acc_type_t<scalar_t>& m2_out) {
+FASTRES_CPU_CLONES void unit_stats_run(const scalar_t* __restrict x, int64_t n, double& mean_out,
+                                       double& m2_out) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t full = n - n % kLanes;
-  acc_t lane[kLanes] = {};
+  double lane[kLanes] = {};
   for (int64_t i = 0; i < full; i += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) lane[j] += static_cast<acc_t>(x[i + j]);
+    for (int64_t j = 0; j < kLanes; ++j) lane[j] += static_cast<double>(x[i + j]);
   }
-  acc_t sum = 0;
+  double sum = 0;
   for (int64_t j = 0; j < kLanes; ++j) sum += lane[j];
-  for (int64_t i = full; i < n; ++i) sum += static_cast<acc_t>(x[i]);
-  const acc_t mean = sum / static_cast<acc_t>(n);
+  for (int64_t i = full; i < n; ++i) sum += static_cast<double>(x[i]);
+  const double mean = sum / static_cast<double>(n);
+  const acc_t rounded = static_cast<acc_t>(mean);
   acc_t sq[kLanes] = {};
   for (int64_t i = 0; i < full; i += kLanes) {
     for (int64_t j = 0; j < kLanes; ++j) {
-      const acc_t d = static_cast<acc_t>(x[i + j]) - mean;
+      const acc_t d = static_cast<acc_t>(x[i + j]) - rounded;
       sq[j] += d * d;
     }
   }
   acc_t m2 = 0;
   for (int64_t j = 0; j < kLanes; ++j) m2 += sq[j];
   for (int64_t i = full; i < n; ++i) {
-    const acc_t d = static_cast<acc_t>(x[i]) - mean;
+    const acc_t d = static_cast<acc_t>(x[i]) - rounded;
     m2 += d * d;
   }
   mean_out = mean;
-  m2_out = m2;
+  m2_out = m2_about_mean(static_cast<double>(n), mean, rounded, m2);
 }
 
-// NHWC: the units' partials (mean[C], m2[C] each, counts from the unit sizes) merged in unit order,
-// in fp64; every channel of a unit has the same count, so the merge weights are per unit.
-template <typename acc_t>
-FASTRES_CPU_CLONES void merge_unit_rows(const Units& units, const acc_t* partials, double* mean, double* m2) {
+// NHWC: the units' partials (mean[C], m2[C] each, counts from the unit sizes) merged in unit order;
+// every channel of a unit has the same count, so the merge weights are per unit.
+FASTRES_CPU_CLONES void merge_unit_rows(const Units& units, const double* partials, double* mean, double* m2) {
   const int64_t C = units.shape.C;
   double done = 0;
   for (int64_t u = 0; u < units.count; ++u) {
-    const acc_t* __restrict part_mean = partials + u * 2 * C;
-    const acc_t* __restrict part_m2 = part_mean + C;
+    const double* __restrict part_mean = partials + u * 2 * C;
+    const double* __restrict part_m2 = part_mean + C;
     const double rows = static_cast<double>(units.row_end(u) - units.row_begin(u));
     const double b_share = rows / (done + rows), cross = done * b_share;
     double* __restrict m = mean;
     double* __restrict q = m2;
-    for (int64_t c = 0; c < C; ++c) {
-      chan_merge(m[c], q[c], static_cast<double>(part_mean[c]), static_cast<double>(part_m2[c]), b_share, cross);
-    }
+    for (int64_t c = 0; c < C; ++c) chan_merge(m[c], q[c], part_mean[c], part_m2[c], b_share, cross);
     done += rows;
   }
 }
@@ -130,11 +160,11 @@ void bn_stats_kernel(const BnStatsArgs& a) {
   const scalar_t* y = a.y.const_data_ptr<scalar_t>();
   // Per unit: NHWC mean[C] then m2[C]; NCHW (mean, m2).
   const int64_t width = nhwc ? 2 * C : 2;
-  std::vector<acc_t> partials(units.count * width);
+  std::vector<double> partials(units.count * width);
   at::parallel_for(0, units.count, units.grain(), [&](int64_t u0, int64_t u1) {
-    std::vector<acc_t> scratch(nhwc ? 2 * C : 0);
+    std::vector<acc_t> scratch(nhwc ? 3 * C : 0);
     for (int64_t u = u0; u < u1; ++u) {
-      acc_t* part = partials.data() + u * width;
+      double* part = partials.data() + u * width;
       if (nhwc) {
         unit_stats_rows(y, units.row_begin(u), units.row_end(u), C, part, part + C, scratch.data());
       } else {
@@ -155,8 +185,7 @@ void bn_stats_kernel(const BnStatsArgs& a) {
       const int64_t c = run.channel;
       const auto merged = welford_combine(
           Welford<double>{total_count[c], total_mean[c], total_m2[c]},
-          Welford<double>{static_cast<double>(run.length), static_cast<double>(partials[u * 2]),
-                          static_cast<double>(partials[u * 2 + 1])});
+          Welford<double>{static_cast<double>(run.length), partials[u * 2], partials[u * 2 + 1]});
       total_count[c] = merged.count;
       total_mean[c] = merged.mean;
       total_m2[c] = merged.m2;
@@ -174,17 +203,21 @@ void bn_stats_kernel(const BnStatsArgs& a) {
   acc_t* new_running_mean = a.new_running_mean.mutable_data_ptr<acc_t>();
   acc_t* new_running_var = a.new_running_var.mutable_data_ptr<acc_t>();
   for (int64_t c = 0; c < C; ++c) {
-    // The merged statistics enter the math dtype here, as the CUDA kernel's do.
-    const Welford<acc_t> s{static_cast<acc_t>(total_count[c]), static_cast<acc_t>(total_mean[c]),
-                           static_cast<acc_t>(total_m2[c])};
-    const auto f = bn_finalize(s, weight[c], bias[c], running_mean[c], running_var[c],
-                               static_cast<acc_t>(a.momentum), static_cast<acc_t>(a.eps));
-    mean[c] = f.mean;
-    invstd[c] = f.invstd;
-    scale[c] = f.scale;
-    shift[c] = f.shift;
-    new_running_mean[c] = f.running_mean;
-    new_running_var[c] = f.running_var;
+    // Finalized from the fp64 statistics, each result rounded to the math dtype once (as ATen's CPU
+    // batch norm does): an invstd computed in fp32 from an fp32 variance is ~1.5 ulps off, which a
+    // channel whose spread is small against its mean carries into the weight gradient (2.5x ATen's
+    // error in one case found). The mean is stored rounded; shift makes up for what it lost.
+    const double stored_mean = static_cast<double>(static_cast<acc_t>(total_mean[c]));
+    const auto f = bn_finalize(Welford<double>{total_count[c], total_mean[c], total_m2[c]},
+                               static_cast<double>(weight[c]), static_cast<double>(bias[c]),
+                               static_cast<double>(running_mean[c]), static_cast<double>(running_var[c]),
+                               a.momentum, a.eps, total_mean[c] - stored_mean);
+    mean[c] = static_cast<acc_t>(f.mean);
+    invstd[c] = static_cast<acc_t>(f.invstd);
+    scale[c] = static_cast<acc_t>(f.scale);
+    shift[c] = static_cast<acc_t>(f.shift);
+    new_running_mean[c] = static_cast<acc_t>(f.running_mean);
+    new_running_var[c] = static_cast<acc_t>(f.running_var);
   }
 }
 

@@ -62,14 +62,6 @@ void add_relu_kernel(const AddReluArgs& a) {
   });
 }
 
-// The per-channel coefficients of one apply call, and its flags as template parameters so the
-// inner loops compile without branches.
-template <typename scalar_t>
-struct ApplyParams {
-  using acc_t = acc_type_t<scalar_t>;
-  const acc_t *scale, *shift, *r_scale, *r_shift;
-};
-
 // out[i] for n elements; channel coefficients from `coef(i)` (a row's channel c = i in NHWC, a
 // constant in an NCHW run).
 template <typename scalar_t, bool kResidual, bool kDual, bool kRelu, typename Coef>
@@ -80,37 +72,43 @@ FASTRES_INLINE void apply_values(const scalar_t* __restrict y, const scalar_t* _
     const acc_t yv = static_cast<acc_t>(y[i]);
     acc_t v;
     if constexpr (kDual) {
-      v = bn_dual_act_value(yv, coef.scale(i), coef.shift(i), static_cast<acc_t>(res[i]), coef.r_scale(i),
-                            coef.r_shift(i), kRelu);
+      v = bn_dual_act_value(yv, coef.center(i), coef.scale(i), coef.shift(i), static_cast<acc_t>(res[i]),
+                            coef.r_center(i), coef.r_scale(i), coef.r_shift(i), kRelu);
     } else if constexpr (kResidual) {
-      v = bn_act_value(yv, coef.scale(i), coef.shift(i), static_cast<acc_t>(res[i]), kRelu);
+      v = bn_act_value(yv, coef.center(i), coef.scale(i), coef.shift(i), static_cast<acc_t>(res[i]), kRelu);
     } else {
-      v = bn_act_value(yv, coef.scale(i), coef.shift(i), kRelu);
+      v = bn_act_value(yv, coef.center(i), coef.scale(i), coef.shift(i), kRelu);
     }
     out[i] = static_cast<scalar_t>(v);
   }
 }
 
-template <typename acc_t>
+// kCentered false: the centers are the constant 0, and y - 0 compiles to y (the uncentered apply
+// reads and computes nothing more).
+template <typename acc_t, bool kCentered>
 struct RowCoef {  // NHWC: element i of a row is channel i
-  const acc_t *__restrict s, *__restrict t, *__restrict rs, *__restrict rt;
+  const acc_t *__restrict m, *__restrict s, *__restrict t, *__restrict rm, *__restrict rs, *__restrict rt;
+  acc_t center(int64_t i) const { return kCentered ? m[i] : acc_t(0); }
   acc_t scale(int64_t i) const { return s[i]; }
   acc_t shift(int64_t i) const { return t[i]; }
+  acc_t r_center(int64_t i) const { return kCentered ? rm[i] : acc_t(0); }
   acc_t r_scale(int64_t i) const { return rs[i]; }
   acc_t r_shift(int64_t i) const { return rt[i]; }
 };
 
 template <typename acc_t>
 struct RunCoef {  // NCHW: one channel for the whole run
-  acc_t s, t, rs, rt;
+  acc_t m, s, t, rm, rs, rt;
+  acc_t center(int64_t) const { return m; }
   acc_t scale(int64_t) const { return s; }
   acc_t shift(int64_t) const { return t; }
+  acc_t r_center(int64_t) const { return rm; }
   acc_t r_scale(int64_t) const { return rs; }
   acc_t r_shift(int64_t) const { return rt; }
 };
 
 // One unit of work (csrc/cpu_common.h); compiled per CPU feature level.
-template <typename scalar_t, bool kResidual, bool kDual, bool kRelu>
+template <typename scalar_t, bool kResidual, bool kDual, bool kRelu, bool kCentered>
 FASTRES_CPU_CLONES void bn_apply_unit(const BnApplyArgs& a, const Units& units, int64_t u) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t C = a.shape.C;
@@ -119,12 +117,14 @@ FASTRES_CPU_CLONES void bn_apply_unit(const BnApplyArgs& a, const Units& units, 
   const scalar_t* res = kResidual ? a.residual.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* out = a.out.mutable_data_ptr<scalar_t>();
   uint8_t* mask = a.write_mask ? a.mask.mutable_data_ptr<uint8_t>() : nullptr;
+  const acc_t* center = a.center.const_data_ptr<acc_t>();
   const acc_t* scale = a.scale.const_data_ptr<acc_t>();
   const acc_t* shift = a.shift.const_data_ptr<acc_t>();
+  const acc_t* r_center = kDual ? a.residual_center.const_data_ptr<acc_t>() : nullptr;
   const acc_t* r_scale = kDual ? a.residual_scale.const_data_ptr<acc_t>() : nullptr;
   const acc_t* r_shift = kDual ? a.residual_shift.const_data_ptr<acc_t>() : nullptr;
   if (units.shape.channels_last) {
-    const RowCoef<acc_t> coef{scale, shift, r_scale, r_shift};
+    const RowCoef<acc_t, kCentered> coef{center, scale, shift, r_center, r_scale, r_shift};
     for (int64_t row = units.row_begin(u); row < units.row_end(u); ++row) {
       const int64_t i = row * C;
       apply_values<scalar_t, kResidual, kDual, kRelu>(y + i, kResidual ? res + i : nullptr, out + i, C, coef);
@@ -134,7 +134,9 @@ FASTRES_CPU_CLONES void bn_apply_unit(const BnApplyArgs& a, const Units& units, 
   } else {
     const auto run = units.run(u);
     const int64_t i = run.offset, c = run.channel;
-    const RunCoef<acc_t> coef{scale[c], shift[c], kDual ? r_scale[c] : acc_t(1), kDual ? r_shift[c] : acc_t(0)};
+    const RunCoef<acc_t> coef{kCentered ? center[c] : acc_t(0), scale[c], shift[c],
+                              kCentered && kDual ? r_center[c] : acc_t(0), kDual ? r_scale[c] : acc_t(1),
+                              kDual ? r_shift[c] : acc_t(0)};
     apply_values<scalar_t, kResidual, kDual, kRelu>(y + i, kResidual ? res + i : nullptr, out + i, run.length,
                                                     coef);
     if (mask != nullptr) {
@@ -145,24 +147,24 @@ FASTRES_CPU_CLONES void bn_apply_unit(const BnApplyArgs& a, const Units& units, 
   }
 }
 
-template <typename scalar_t, bool kResidual, bool kDual, bool kRelu>
+template <typename scalar_t, bool kResidual, bool kDual, bool kRelu, bool kCentered>
 void bn_apply_kernel(const BnApplyArgs& a) {
   const Units units(a.shape);
   at::parallel_for(0, units.count, units.grain(), [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) bn_apply_unit<scalar_t, kResidual, kDual, kRelu>(a, units, u);
+    for (int64_t u = u0; u < u1; ++u) bn_apply_unit<scalar_t, kResidual, kDual, kRelu, kCentered>(a, units, u);
   });
 }
 
 template <typename scalar_t>
 void bn_apply_dispatch(const BnApplyArgs& a) {
   with_flags(
-      [&](auto residual, auto dual, auto relu) {
+      [&](auto residual, auto dual, auto relu, auto centered) {
         constexpr bool kResidual = decltype(residual)::value, kDual = decltype(dual)::value;
         if constexpr (!kDual || kResidual) {  // prepare_bn_apply rules out a dual form without residual
-          bn_apply_kernel<scalar_t, kResidual, kDual, decltype(relu)::value>(a);
+          bn_apply_kernel<scalar_t, kResidual, kDual, decltype(relu)::value, decltype(centered)::value>(a);
         }
       },
-      a.residual.defined(), a.residual_affine, a.relu);
+      a.residual.defined(), a.residual_affine, a.relu, a.centered);
 }
 
 void check_cpu(const at::Tensor& t, const char* op, const char* name) {
@@ -202,8 +204,10 @@ std::tuple<at::Tensor, at::Tensor> bn_apply_cpu(const at::Tensor& y, const std::
                                                 const std::optional<at::Tensor>& residual,
                                                 const std::optional<at::Tensor>& residual_scale,
                                                 const std::optional<at::Tensor>& residual_shift, bool relu,
-                                                bool mask) {
-  auto a = prepare_bn_apply(y, scale, shift, residual, residual_scale, residual_shift, relu, mask, "_bn_apply");
+                                                bool mask, const std::optional<at::Tensor>& center,
+                                                const std::optional<at::Tensor>& residual_center) {
+  auto a = prepare_bn_apply(y, scale, shift, residual, residual_scale, residual_shift, relu, mask, center,
+                            residual_center, "_bn_apply");
   cpu::check_cpu(y, "_bn_apply", "y");
   if (a.out.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.y.scalar_type(), "fastres::_bn_apply",
@@ -214,9 +218,10 @@ std::tuple<at::Tensor, at::Tensor> bn_apply_cpu(const at::Tensor& y, const std::
 
 at::Tensor bn_act_forward_cpu(const at::Tensor& y, const std::optional<at::Tensor>& scale,
                               const std::optional<at::Tensor>& shift,
-                              const std::optional<at::Tensor>& residual, bool relu) {
-  auto a = prepare_bn_apply(y, scale, shift, residual, std::nullopt, std::nullopt, relu, false,
-                            "_bn_act_forward");
+                              const std::optional<at::Tensor>& residual, bool relu,
+                              const std::optional<at::Tensor>& center) {
+  auto a = prepare_bn_apply(y, scale, shift, residual, std::nullopt, std::nullopt, relu, false, center,
+                            std::nullopt, "_bn_act_forward");
   cpu::check_cpu(y, "_bn_act_forward", "y");
   if (a.out.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.y.scalar_type(), "fastres::_bn_act_forward",

@@ -11,7 +11,9 @@ TORCH_LIBRARY_FRAGMENT(fastres, m) {
       "_fold_bn(Tensor conv_weight, Tensor? conv_bias, Tensor bn_weight, Tensor bn_bias, "
       "Tensor running_mean, Tensor running_var, float eps) -> (Tensor, Tensor)");
   m.def("_add_relu(Tensor x, Tensor residual) -> Tensor");
-  m.def("_bn_act_forward(Tensor y, Tensor? scale, Tensor? shift, Tensor? residual, bool relu) -> Tensor");
+  m.def(
+      "_bn_act_forward(Tensor y, Tensor? scale, Tensor? shift, Tensor? residual, bool relu, "
+      "Tensor? center=None) -> Tensor");
   m.def(
       "_bn_act_backward(Tensor grad_out, Tensor out, Tensor y, Tensor mean, Tensor invstd, "
       "Tensor? weight, bool relu, bool training, bool residual_grad) -> "
@@ -22,7 +24,8 @@ TORCH_LIBRARY_FRAGMENT(fastres, m) {
       "Tensor new_running_mean, Tensor new_running_var)");
   m.def(
       "_bn_apply(Tensor y, Tensor? scale, Tensor? shift, Tensor? residual, Tensor? residual_scale, "
-      "Tensor? residual_shift, bool relu, bool mask) -> (Tensor out, Tensor mask)");
+      "Tensor? residual_shift, bool relu, bool mask, Tensor? center=None, Tensor? residual_center=None) -> "
+      "(Tensor out, Tensor mask)");
   m.def(
       "_bn_apply_backward(Tensor grad_out, Tensor? out, Tensor? mask, Tensor y, Tensor mean, "
       "Tensor invstd, Tensor? weight, Tensor? residual, Tensor? residual_mean, "

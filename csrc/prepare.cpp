@@ -142,7 +142,8 @@ BnApplyArgs prepare_bn_apply(const at::Tensor& y, const std::optional<at::Tensor
                              const std::optional<at::Tensor>& residual,
                              const std::optional<at::Tensor>& residual_scale,
                              const std::optional<at::Tensor>& residual_shift, bool relu, bool mask,
-                             const char* op) {
+                             const std::optional<at::Tensor>& center,
+                             const std::optional<at::Tensor>& residual_center, const char* op) {
   check_activation(y, op, "y");
   const auto format = y.suggest_memory_format();
   const auto acc = at::toOpMathType(y.scalar_type());
@@ -152,16 +153,19 @@ BnApplyArgs prepare_bn_apply(const at::Tensor& y, const std::optional<at::Tensor
   a.y = y.contiguous(format);
   a.scale = channel_vector_or(scale, y, acc, op, "scale", 1.0);
   a.shift = channel_vector_or(shift, y, acc, op, "shift", 0.0);
+  a.center = channel_vector_or(center, y, acc, op, "center", 0.0);
+  a.centered = present(center) || present(residual_center);
   if (present(residual)) {
     check_like(*residual, y, op, "residual", "y");
     a.residual = residual->contiguous(format);
   }
-  a.residual_affine = present(residual_scale) || present(residual_shift);
+  a.residual_affine = present(residual_scale) || present(residual_shift) || present(residual_center);
   if (a.residual_affine) {
     TORCH_CHECK(a.residual.defined(), "fastres::", op,
-                ": residual_scale and residual_shift need a residual");
+                ": residual_scale, residual_shift and residual_center need a residual");
     a.residual_scale = channel_vector_or(residual_scale, y, acc, op, "residual_scale", 1.0);
     a.residual_shift = channel_vector_or(residual_shift, y, acc, op, "residual_shift", 0.0);
+    a.residual_center = channel_vector_or(residual_center, y, acc, op, "residual_center", 0.0);
   }
   a.out = at::empty(y.sizes(), y.options().memory_format(format));
   a.write_mask = mask;

@@ -102,8 +102,10 @@ def reference_fold_bn(w, b, gamma, beta, mean, var, eps, dtype):
     return w.to(dtype) * scale.view(-1, 1, 1, 1), bias * scale + beta.to(dtype)
 
 
-def reference_bn_act_forward(y, scale, shift, residual, relu, dtype):
+def reference_bn_act_forward(y, scale, shift, residual, relu, dtype, center=None):
     z = y.to(dtype)
+    if center is not None:
+        z = z - per_channel(center.to(dtype))
     if scale is not None:
         z = z * per_channel(scale.to(dtype))
     if shift is not None:
@@ -202,16 +204,17 @@ def check_bn_act_forward(device, dtype, layout, shape):
     residual = randn(shape, dtype, device, layout)
     scale = torch.randn(c, dtype=stat, device=device)
     shift = torch.randn(c, dtype=stat, device=device)
-    for use_scale, use_shift, use_residual, relu in itertools.product([True, False], repeat=4):
+    center = torch.randn(c, dtype=stat, device=device)
+    for use_scale, use_shift, use_residual, relu, use_center in itertools.product([True, False], repeat=5):
         args = (y, scale if use_scale else None, shift if use_shift else None, residual if use_residual else None)
-        snap = snapshot(*args)
-        out = ops._bn_act_forward(*args, relu)
+        snap = snapshot(*args, center)
+        out = ops._bn_act_forward(*args, relu, center if use_center else None)
         assert_unchanged(snap)
-        name = f"out(scale={use_scale}, shift={use_shift}, residual={use_residual}, relu={relu})"
+        name = f"out(scale={use_scale}, shift={use_shift}, residual={use_residual}, relu={relu}, center={use_center})"
         assert out.dtype == dtype and out.shape == y.shape
         assert_format(name, out, expected_format(layout))
-        check_close(name, out, reference_bn_act_forward(*args, relu, torch.float64),
-                    reference_bn_act_forward(*args, relu, dtype))
+        check_close(name, out, reference_bn_act_forward(*args, relu, torch.float64, center if use_center else None),
+                    reference_bn_act_forward(*args, relu, dtype, center if use_center else None))
 
 
 def bn_backward_inputs(device, dtype, layout, shape, training):
@@ -302,7 +305,7 @@ def bn_stats_reference(y, weight, bias, running_mean, running_var, momentum, dty
     n = y.numel() // y.shape[1]
     invstd = torch.rsqrt(var + EPS)
     scale = weight.to(dtype) * invstd
-    shift = bias.to(dtype) - mean * scale
+    shift = bias.to(dtype)  # the centered apply's, on the exact mean (see _bn_stats)
     new_rm = momentum * mean + (1 - momentum) * running_mean.to(dtype)
     new_rv = momentum * var * (n / (n - 1)) + (1 - momentum) * running_var.to(dtype)
     return mean, invstd, scale, shift, new_rm, new_rv
@@ -313,7 +316,13 @@ def bn_stats_aten(y, weight, bias, running_mean, running_var, momentum):
     rm, rv = running_mean.clone(), running_var.clone()
     _, mean, invstd = torch.ops.aten.native_batch_norm(y, weight, bias, rm, rv, True, momentum, EPS)
     scale = weight.to(mean.dtype) * invstd
-    return mean, invstd, scale, bias.to(mean.dtype) - mean * scale, rm, rv
+    return mean, invstd, scale, bias.to(mean.dtype), rm, rv  # centered on ATen's mean as it is
+
+
+def value_at_mean(mean64, mean, scale, shift):
+    """The centered apply (y - mean) * scale + shift of _bn_stats's coefficients at y = the exact mean, in float64:
+    the bias, less what the mean lost in its rounding times scale where shift does not make up for it."""
+    return (mean64 - mean.double()) * scale.double() + shift.double()
 
 
 def check_bn_stats(device, dtype, layout, shape, momentum=0.1, running_dtype=None):
@@ -336,18 +345,30 @@ def check_bn_stats(device, dtype, layout, shape, momentum=0.1, running_dtype=Non
     ref = bn_stats_reference(y, weight, bias, running_mean, running_var, momentum, torch.float64)
     aten = bn_stats_aten(y, weight.to(running_dtype), bias.to(running_dtype), running_mean, running_var, momentum)
     for name, g, r, a in zip(names, got, ref, aten):
+        if name == "shift":  # held as the apply's value at the exact mean (ATen's: centered on its own mean)
+            g = value_at_mean(ref[0], got[0], got[2], g).to(g.dtype)
+            a = value_at_mean(ref[0], aten[0].to(g.dtype), aten[2].to(g.dtype), a.to(g.dtype)).to(g.dtype)
+            check_close(f"apply value at the mean(momentum={momentum})", g, r, a)
+            continue
         check_close(f"{name}(momentum={momentum})", g, r, a.to(g.dtype))
-    # Without affine parameters and running statistics.
+    # Without affine parameters and running statistics: the same statistics, the apply's value at the mean 0.
     mean, invstd, scale, shift, rm, rv = ops._bn_stats(y, None, None, None, None, momentum, EPS)
     torch.testing.assert_close(mean, got[0], rtol=0, atol=0)
     torch.testing.assert_close(scale, invstd, rtol=0, atol=0)
-    torch.testing.assert_close(shift, -mean * invstd, rtol=0, atol=0)
+    check_close("apply value at the mean (no affine)", value_at_mean(ref[0], mean, scale, shift).to(shift.dtype),
+                torch.zeros_like(ref[0]), value_at_mean(ref[0], aten[0], aten[1], torch.zeros_like(shift)).to(
+                    shift.dtype))
     assert rm.numel() == 0 and rv.numel() == 0
 
 
-def reference_dual_apply(y, scale, shift, r, r_scale, r_shift, relu, dtype):
-    z = y.to(dtype) * per_channel(scale.to(dtype)) + per_channel(shift.to(dtype)) + (
-        r.to(dtype) * per_channel(r_scale.to(dtype)) + per_channel(r_shift.to(dtype)))
+def reference_dual_apply(y, scale, shift, r, r_scale, r_shift, relu, dtype, center=None, r_center=None):
+    y, r = y.to(dtype), r.to(dtype)
+    if center is not None:
+        y = y - per_channel(center.to(dtype))
+    if r_center is not None:
+        r = r - per_channel(r_center.to(dtype))
+    z = y * per_channel(scale.to(dtype)) + per_channel(shift.to(dtype)) + (
+        r * per_channel(r_scale.to(dtype)) + per_channel(r_shift.to(dtype)))
     return torch.relu(z) if relu else z
 
 
@@ -399,6 +420,16 @@ def check_bn_apply(device, dtype, layout, shape):
         assert torch.equal(plain, ops._bn_act_forward(y, scale, shift, r, relu))
         if mask:
             check_relu_mask(plain, plain_bits)
+        # Centered (a BN's apply: y less its mean, r less its own), and with one center only.
+        for center, r_center in ((shift, r_shift), (shift, None), (None, r_shift)):
+            name = f"centered dual out(relu={relu}, mask={mask}, center={center is not None}, " \
+                   f"r_center={r_center is not None})"
+            out, bits = ops._bn_apply(y, scale, shift, r, r_scale, r_shift, relu, mask, center, r_center)
+            check_close(name, out, reference_dual_apply(y, scale, shift, r, r_scale, r_shift, relu, torch.float64,
+                                                        center, r_center),
+                        reference_dual_apply(y, scale, shift, r, r_scale, r_shift, relu, dtype, center, r_center))
+            if mask:
+                check_relu_mask(out, bits)
 
 
 def dual_graph(y, weight, bias, r, r_weight, r_bias, relu, training, stats):
@@ -492,7 +523,7 @@ def new_kernel_outputs(device, layout, shape, dtype=torch.float32):
 
     def run():
         mean, invstd, scale, shift, nrm, nrv = ops._bn_stats(y, w, b, rm, rv, 0.1, EPS)
-        out, bits = ops._bn_apply(y, scale, shift, r, scale, shift, True, True)
+        out, bits = ops._bn_apply(y, scale, shift, r, scale, shift, True, True, mean, mean)
         grads = ops._bn_apply_backward(g, None, bits, y, mean, invstd, w, r, mean, invstd, w, True, True, True)
         return (mean, invstd, scale, shift, nrm, nrv, out, bits) + tuple(grads)
     return run
@@ -833,8 +864,14 @@ def test_new_kernels_bad_arguments():
         ops._bn_stats(y, None, None, None, None, 0.1, 0.0)
     with pytest.raises(RuntimeError, match="a ReLU mask needs relu=True"):
         ops._bn_apply(y, c4, c4, None, None, None, False, True)
-    with pytest.raises(RuntimeError, match="residual_scale and residual_shift need a residual"):
+    with pytest.raises(RuntimeError, match="residual_scale, residual_shift and residual_center need a residual"):
         ops._bn_apply(y, c4, c4, None, c4, None, True, False)
+    with pytest.raises(RuntimeError, match="residual_scale, residual_shift and residual_center need a residual"):
+        ops._bn_apply(y, c4, c4, None, None, None, True, False, None, c4)
+    with pytest.raises(RuntimeError, match=r"center must have shape \[4\]"):
+        ops._bn_apply(y, c4, c4, None, None, None, True, False, torch.ones(5))
+    with pytest.raises(RuntimeError, match=r"center must have shape \[4\]"):
+        ops._bn_act_forward(y, c4, c4, None, True, torch.ones(3))
     with pytest.raises(RuntimeError, match=r"residual_shift must have shape \[4\]"):
         ops._bn_apply(y, c4, c4, y, c4, torch.ones(5), True, False)
     _, bits = ops._bn_apply(y, c4, c4, None, None, None, True, True)

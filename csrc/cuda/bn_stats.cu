@@ -151,6 +151,7 @@ __global__ void stats_finalize_kernel(BnStatsParams<T> p, int64_t splits, int64_
   }
   w = warp_combine(w);
   if (threadIdx.x == 0) {
+    // merged in acc_t: no residual of the mean's rounding to fold into shift (see bn_finalize)
     const auto f = bn_finalize(w, p.weight[c], p.bias[c], p.running_mean[c], p.running_var[c], p.momentum, p.eps);
     p.mean[c] = f.mean;
     p.invstd[c] = f.invstd;

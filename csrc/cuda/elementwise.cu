@@ -68,10 +68,12 @@ __global__ void bn_apply_kernel(BnApplyParams<T> p) {
   const int64_t col0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * kGroup;
   if (col0 >= m.cols) return;
   const bool dual = p.r_scale != nullptr;
-  acc_t scale[kGroup], shift[kGroup], r_scale[kGroup], r_shift[kGroup];
+  acc_t center[kGroup], scale[kGroup], shift[kGroup], r_center[kGroup], r_scale[kGroup], r_shift[kGroup];
   auto load_channel = [&](int j, int64_t c) {
+    center[j] = p.center[c];
     scale[j] = p.scale[c];
     shift[j] = p.shift[c];
+    r_center[j] = dual ? p.r_center[c] : acc_t(0);
     r_scale[j] = dual ? p.r_scale[c] : acc_t(1);
     r_shift[j] = dual ? p.r_shift[c] : acc_t(0);
   };
@@ -99,9 +101,10 @@ __global__ void bn_apply_kernel(BnApplyParams<T> p) {
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
             const int g = k * VEC + j;
-            const acc_t v = dual ? bn_dual_act_value(static_cast<acc_t>(yv.v[j]), scale[g], shift[g],
-                                                     static_cast<acc_t>(rv.v[j]), r_scale[g], r_shift[g], p.relu)
-                                 : bn_act_value(static_cast<acc_t>(yv.v[j]), scale[g], shift[g],
+            const acc_t v = dual ? bn_dual_act_value(static_cast<acc_t>(yv.v[j]), center[g], scale[g], shift[g],
+                                                     static_cast<acc_t>(rv.v[j]), r_center[g], r_scale[g],
+                                                     r_shift[g], p.relu)
+                                 : bn_act_value(static_cast<acc_t>(yv.v[j]), center[g], scale[g], shift[g],
                                                 static_cast<acc_t>(rv.v[j]), p.relu);
             o.v[j] = static_cast<T>(v);
           }
@@ -109,7 +112,8 @@ __global__ void bn_apply_kernel(BnApplyParams<T> p) {
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
             const int g = k * VEC + j;
-            o.v[j] = static_cast<T>(bn_act_value(static_cast<acc_t>(yv.v[j]), scale[g], shift[g], p.relu));
+            o.v[j] = static_cast<T>(
+                bn_act_value(static_cast<acc_t>(yv.v[j]), center[g], scale[g], shift[g], p.relu));
           }
         }
         store_pack(p.out + i, o);

@@ -42,8 +42,8 @@ struct BnApplyParams {
   const T* y;
   const T* residual;  // may be null
   T* out;
-  const acc_t *scale, *shift;
-  const acc_t *r_scale, *r_shift;  // the dual form; null otherwise
+  const acc_t *center, *scale, *shift;
+  const acc_t *r_center, *r_scale, *r_shift;  // the dual form; null otherwise
   uint8_t* mask;                   // may be null
   int64_t mask_stride;             // bytes per mask row
   bool relu;

@@ -88,8 +88,10 @@ void run_bn_apply(BnApplyArgs& a) {
                                     a.y.const_data_ptr<scalar_t>(),
                                     data_or_null<scalar_t>(a.residual),
                                     a.out.mutable_data_ptr<scalar_t>(),
+                                    a.center.const_data_ptr<acc_t>(),
                                     a.scale.const_data_ptr<acc_t>(),
                                     a.shift.const_data_ptr<acc_t>(),
+                                    data_or_null<acc_t>(a.residual_center),
                                     data_or_null<acc_t>(a.residual_scale),
                                     data_or_null<acc_t>(a.residual_shift),
                                     a.write_mask ? mutable_or_null<uint8_t>(a.mask) : nullptr,
@@ -142,10 +144,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 at::Tensor bn_act_forward_cuda(const at::Tensor& y, const std::optional<at::Tensor>& scale,
                                const std::optional<at::Tensor>& shift,
-                               const std::optional<at::Tensor>& residual, bool relu) {
+                               const std::optional<at::Tensor>& residual, bool relu,
+                               const std::optional<at::Tensor>& center) {
   check_cuda(y, "_bn_act_forward", "y");
   const c10::cuda::CUDAGuard guard(y.device());
-  auto a = prepare_bn_apply(y, scale, shift, residual, std::nullopt, std::nullopt, relu, false, "_bn_act_forward");
+  auto a = prepare_bn_apply(y, scale, shift, residual, std::nullopt, std::nullopt, relu, false, center, std::nullopt,
+                            "_bn_act_forward");
   run_bn_apply(a);
   return a.out;
 }
@@ -155,10 +159,12 @@ std::tuple<at::Tensor, at::Tensor> bn_apply_cuda(const at::Tensor& y, const std:
                                                  const std::optional<at::Tensor>& residual,
                                                  const std::optional<at::Tensor>& residual_scale,
                                                  const std::optional<at::Tensor>& residual_shift, bool relu,
-                                                 bool mask) {
+                                                 bool mask, const std::optional<at::Tensor>& center,
+                                                 const std::optional<at::Tensor>& residual_center) {
   check_cuda(y, "_bn_apply", "y");
   const c10::cuda::CUDAGuard guard(y.device());
-  auto a = prepare_bn_apply(y, scale, shift, residual, residual_scale, residual_shift, relu, mask, "_bn_apply");
+  auto a = prepare_bn_apply(y, scale, shift, residual, residual_scale, residual_shift, relu, mask, center,
+                            residual_center, "_bn_apply");
   run_bn_apply(a);
   return {a.out, a.write_mask ? a.mask : at::empty({0}, y.options().dtype(at::kByte))};
 }

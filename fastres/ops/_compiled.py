@@ -7,12 +7,18 @@ with CUDA, CUDA kernels:
   _add_relu(x, residual) -> relu(x + residual)
   _bn_stats(y, weight?, bias?, running_mean?, running_var?, momentum, eps)
       -> (mean, invstd, scale, shift, new_running_mean, new_running_var)
-      batch statistics per channel (biased variance; Welford and Chan's merge, fp32 accumulation), the apply
-      coefficients scale = weight * invstd, shift = bias - mean * scale, and BatchNorm2d's running-statistics
-      update as new tensors (empty without running statistics), all computed on the device
-  _bn_act_forward(y, scale?, shift?, residual?, relu) -> act(y * scale[c] + shift[c] + residual)
-  _bn_apply(y, scale?, shift?, residual?, residual_scale?, residual_shift?, relu, mask) -> (out, mask)
-      act(y * scale[c] + shift[c] + residual [* residual_scale[c] + residual_shift[c]]) and, with mask=True,
+      batch statistics per channel (biased variance; Chan's merge of partial results), the coefficients of the
+      centered apply (y - mean) * scale + shift: scale = weight * invstd, shift = bias - (what the mean lost in
+      its rounding to the math dtype) * scale (the CPU kernel merges in fp64 and knows it; the CUDA kernel merges
+      in the math dtype and gives the bias), and BatchNorm2d's running-statistics update as new tensors (empty
+      without running statistics), all computed on the device
+  _bn_act_forward(y, scale?, shift?, residual?, relu, center?) -> act((y - center[c]) * scale[c] + shift[c] + residual)
+      (a missing center, shift or residual is 0, a missing scale 1; a BN centers on its mean, shift its bias: see
+      bn_act_value in csrc/include/fastres/math.h)
+  _bn_apply(y, scale?, shift?, residual?, residual_scale?, residual_shift?, relu, mask, center?, residual_center?)
+      -> (out, mask)
+      act((y - center[c]) * scale[c] + shift[c] + residual [- residual_center[c], * residual_scale[c]
+      + residual_shift[c]]) and, with mask=True,
       the ReLU mask: uint8 [rows, ceil(cols / 8)] of y's [rows, cols] matrix in memory order (NHWC: rows = N*H*W,
       cols = C, and any 1x1 map; NCHW: rows = N*C, cols = H*W), bit j of byte b of a row for the element at column 8b + j
   _bn_act_backward(grad_out, out, y, mean, invstd, weight?, relu, training, residual_grad)
@@ -125,7 +131,7 @@ def _register_fakes():
         return _like_in_format(x)
 
     @_fake("_bn_act_forward")
-    def _bn_act_forward_fake(y, scale, shift, residual, relu):
+    def _bn_act_forward_fake(y, scale, shift, residual, relu, center=None):
         torch._check(y.dim() == 4, lambda: "fastres::_bn_act_forward: y must be 4-D (N, C, H, W)")
         return _like_in_format(y)
 
@@ -139,7 +145,8 @@ def _register_fakes():
         return (*stats, running_mean.new_empty(y.shape[1]), running_var.new_empty(y.shape[1]))
 
     @_fake("_bn_apply")
-    def _bn_apply_fake(y, scale, shift, residual, residual_scale, residual_shift, relu, mask):
+    def _bn_apply_fake(y, scale, shift, residual, residual_scale, residual_shift, relu, mask, center=None,
+                       residual_center=None):
         torch._check(y.dim() == 4, lambda: "fastres::_bn_apply: y must be 4-D (N, C, H, W)")
         bits = y.new_empty(relu_mask_shape(y) if mask else (0,), dtype=torch.uint8)
         return _like_in_format(y), bits

@@ -187,15 +187,26 @@ def conv_bias_act(x, weight, bias, stride, padding, residual, relu, dilation=(1,
 
 
 def _stats_and_coefficients(y, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps):
-    """-> (save_mean, save_invstd, scale, shift, new_running_mean, new_running_var). Training: the statistics kernel
-    and its finalize step, all on the device (no host synchronization); eval: the running statistics."""
+    """-> (save_mean, save_invstd, scale, shift, new_running_mean, new_running_var), the shift that of the apply
+    centered on the mean, (y - mean) * scale + shift (see _bn_stats). Training: the statistics kernel and its
+    finalize step, all on the device (no host synchronization); eval: the running statistics."""
     if training:
         return torch.ops.fastres._bn_stats(y, bn_weight, bn_bias, running_mean, running_var, momentum, eps)
     acc = stat_dtype(y)
     mean, invstd = running_mean.to(acc, copy=True), torch.rsqrt(running_var.to(acc) + eps)
-    scale = bn_weight.to(acc) * invstd
-    shift = bn_bias.to(acc) - mean * scale
-    return mean, invstd, scale, shift, running_mean.new_empty(0), running_var.new_empty(0)
+    # the centered apply's: (y - mean) * scale + bias
+    return mean, invstd, bn_weight.to(acc) * invstd, bn_bias.to(acc), running_mean.new_empty(0), \
+        running_var.new_empty(0)
+
+
+def _centered(mean, invstd, scale, shift, bias):
+    """(center, shift) of the apply (y - center) * scale + shift, channel by channel, from _stats_and_coefficients:
+    centered on the mean where it lies more than one standard deviation from 0 (|mean| * invstd > 1), where
+    y * scale + (bias - mean * scale) would round both terms at the mean's magnitude (10x ATen's error at a mean 1e3
+    times the spread); uncentered elsewhere, where y - mean would add a rounding of its own (with every channel
+    centered, a transformers ResNet's training step had 3.5x ATen's error in its input gradient)."""
+    far = (mean * invstd).abs() > 1
+    return mean * far, torch.where(far, shift, bias.to(scale.dtype) - mean * scale)
 
 
 def conv_bn_act_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, stride,
@@ -204,7 +215,8 @@ def conv_bn_act_forward(x, weight, bn_weight, bn_bias, running_mean, running_var
     y = F.conv2d(x, weight, None, stride, padding, dilation, groups).contiguous(memory_format=fmt)
     mean, invstd, scale, shift, new_running_mean, new_running_var = _stats_and_coefficients(
         y, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
-    out = torch.ops.fastres._bn_act_forward(y, scale, shift, residual, relu)
+    center, shift = _centered(mean, invstd, scale, shift, bn_bias)
+    out = torch.ops.fastres._bn_act_forward(y, scale, shift, residual, relu, center)
     return out, y, mean, invstd, new_running_mean, new_running_var
 
 
@@ -223,7 +235,9 @@ def dual_bn_act_forward(y, bn_weight, bn_bias, running_mean, running_var, r, r_b
         y, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
     r_mean, r_invstd, r_scale, r_shift, r_new_rm, r_new_rv = _stats_and_coefficients(
         r, r_bn_weight, r_bn_bias, r_running_mean, r_running_var, training, r_momentum, r_eps)
-    out, relu_mask = torch.ops.fastres._bn_apply(y, scale, shift, r, r_scale, r_shift, relu, relu)
+    center, shift = _centered(mean, invstd, scale, shift, bn_bias)
+    r_center, r_shift = _centered(r_mean, r_invstd, r_scale, r_shift, r_bn_bias)
+    out, relu_mask = torch.ops.fastres._bn_apply(y, scale, shift, r, r_scale, r_shift, relu, relu, center, r_center)
     return out, relu_mask, mean, invstd, r_mean, r_invstd, new_rm, new_rv, r_new_rm, r_new_rv
 
 

@@ -47,13 +47,14 @@ struct ActivationShape {
 };
 
 // The BN apply: out = act(y * scale[c] + shift[c] + residual), or in its dual form
-// act(y * scale[c] + shift[c] + residual * residual_scale[c] + residual_shift[c]); optionally
-// also the ReLU mask, one bit per element (see mask_bytes_per_row).
+// act((y - center[c]) * scale[c] + shift[c] + (residual - residual_center[c]) * residual_scale[c] +
+// residual_shift[c]); optionally also the ReLU mask, one bit per element (see mask_bytes_per_row).
 struct BnApplyArgs {
   ActivationShape shape;
-  at::Tensor y, scale, shift, residual, residual_scale, residual_shift, out, mask;
+  at::Tensor y, center, scale, shift, residual, residual_center, residual_scale, residual_shift, out, mask;
   bool relu = false;
   bool residual_affine = false;  // the dual form (residual_scale, residual_shift defined)
+  bool centered = false;         // center or residual_center given (else both are zeros)
   bool write_mask = false;       // mask defined
 };
 BnApplyArgs prepare_bn_apply(const at::Tensor& y, const std::optional<at::Tensor>& scale,
@@ -61,7 +62,8 @@ BnApplyArgs prepare_bn_apply(const at::Tensor& y, const std::optional<at::Tensor
                              const std::optional<at::Tensor>& residual,
                              const std::optional<at::Tensor>& residual_scale,
                              const std::optional<at::Tensor>& residual_shift, bool relu, bool mask,
-                             const char* op);
+                             const std::optional<at::Tensor>& center,
+                             const std::optional<at::Tensor>& residual_center, const char* op);
 
 // The ReLU mask of an activation seen as its [rows, cols] matrix in memory order (NHWC: rows =
 // N*H*W, cols = C, and any 1x1 map; NCHW: rows = N*C, cols = H*W) is a uint8 [rows, ceil(cols / 8)] tensor: bit j
@@ -125,12 +127,14 @@ BnBackwardArgs prepare_bn_backward(const at::Tensor& grad_out, const std::option
   at::Tensor add_relu_##suffix(const at::Tensor& x, const at::Tensor& residual);                 \
   at::Tensor bn_act_forward_##suffix(const at::Tensor& y, const std::optional<at::Tensor>& scale, \
                                      const std::optional<at::Tensor>& shift,                     \
-                                     const std::optional<at::Tensor>& residual, bool relu);       \
+                                     const std::optional<at::Tensor>& residual, bool relu,        \
+                                     const std::optional<at::Tensor>& center);                   \
   std::tuple<at::Tensor, at::Tensor> bn_apply_##suffix(                                          \
       const at::Tensor& y, const std::optional<at::Tensor>& scale,                               \
       const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& residual,          \
       const std::optional<at::Tensor>& residual_scale,                                           \
-      const std::optional<at::Tensor>& residual_shift, bool relu, bool mask);                    \
+      const std::optional<at::Tensor>& residual_shift, bool relu, bool mask,                     \
+      const std::optional<at::Tensor>& center, const std::optional<at::Tensor>& residual_center); \
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>            \
       bn_stats_##suffix(const at::Tensor& y, const std::optional<at::Tensor>& weight,            \
                         const std::optional<at::Tensor>& bias,                                   \

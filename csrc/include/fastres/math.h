@@ -82,25 +82,29 @@ FASTRES_HOST_DEVICE V add_relu_value(V x, V residual) {
   return Select<V>::relu(x + residual);
 }
 
-// act(y * scale + shift), without and with a residual. A missing scale is 1 and a missing
-// shift 0, which leaves y * 1 + 0 == y exactly.
+// act((y - center) * scale + shift), without and with a residual. A missing center and shift
+// are 0 and a missing scale 1, which leaves (y - 0) * 1 + 0 == y exactly. A BN passes its mean as
+// center and its bias as shift: centered first, a channel whose mean is large against its spread
+// keeps its precision, where y * scale + (bias - mean * scale) rounds both terms at the mean's
+// magnitude (10x ATen's error at a mean 1e3 x the spread).
 template <typename V>
-FASTRES_HOST_DEVICE V bn_act_value(V y, V scale, V shift, bool relu) {
-  V v = y * scale + shift;
+FASTRES_HOST_DEVICE V bn_act_value(V y, V center, V scale, V shift, bool relu) {
+  V v = (y - center) * scale + shift;
   return relu ? Select<V>::relu(v) : v;
 }
 
 template <typename V>
-FASTRES_HOST_DEVICE V bn_act_value(V y, V scale, V shift, V residual, bool relu) {
-  V v = y * scale + shift + residual;
+FASTRES_HOST_DEVICE V bn_act_value(V y, V center, V scale, V shift, V residual, bool relu) {
+  V v = (y - center) * scale + shift + residual;
   return relu ? Select<V>::relu(v) : v;
 }
 
-// The dual form act(y * scale + shift + r * r_scale + r_shift): a block's last BN plus its
-// downsample branch's BN, added and activated in one pass.
+// The dual form act((y - center) * scale + shift + (r - r_center) * r_scale + r_shift): a block's
+// last BN plus its downsample branch's BN, added and activated in one pass.
 template <typename V>
-FASTRES_HOST_DEVICE V bn_dual_act_value(V y, V scale, V shift, V r, V r_scale, V r_shift, bool relu) {
-  V v = y * scale + shift + (r * r_scale + r_shift);
+FASTRES_HOST_DEVICE V bn_dual_act_value(V y, V center, V scale, V shift, V r, V r_center, V r_scale, V r_shift,
+                                        bool relu) {
+  V v = (y - center) * scale + shift + ((r - r_center) * r_scale + r_shift);
   return relu ? Select<V>::relu(v) : v;
 }
 
@@ -151,6 +155,10 @@ FASTRES_HOST_DEVICE Welford<acc_t> welford_combine(Welford<acc_t> a, Welford<acc
 
 // From a channel's statistics to what the apply and backward kernels need, and the running
 // statistics (BatchNorm2d's update: biased variance normalizes, the unbiased one is averaged in).
+// shift is that of the centered apply (y - mean) * scale + shift (bn_act_value): the bias, less
+// mean_residual * scale, where mean_residual is what the mean lost when it was rounded to acc_t
+// (known to a kernel that merged in a wider type; 0 otherwise). On a channel whose spread is small
+// against its mean, that rounding, amplified by invstd, would otherwise be the output's largest error.
 template <typename acc_t>
 struct BnFinal {
   acc_t mean, invstd, scale, shift, running_mean, running_var;
@@ -159,13 +167,13 @@ struct BnFinal {
 template <typename acc_t>
 FASTRES_HOST_DEVICE BnFinal<acc_t> bn_finalize(Welford<acc_t> s, acc_t weight, acc_t bias,
                                                acc_t running_mean, acc_t running_var,
-                                               acc_t momentum, acc_t eps) {
+                                               acc_t momentum, acc_t eps, acc_t mean_residual = acc_t(0)) {
   BnFinal<acc_t> r;
   const acc_t var = s.count > acc_t(0) ? s.m2 / s.count : acc_t(0);
   r.mean = s.mean;
   r.invstd = reciprocal_sqrt(var + eps);
   r.scale = weight * r.invstd;
-  r.shift = bias - s.mean * r.scale;
+  r.shift = bias - mean_residual * r.scale;
   if (s.count > acc_t(0)) {  // an empty batch leaves the running statistics alone, as ATen does
     const acc_t unbiased = s.m2 / (s.count - acc_t(1));
     r.running_mean = momentum * s.mean + (acc_t(1) - momentum) * running_mean;
