@@ -384,6 +384,7 @@ def test_train_modes_sigterm_keeps_the_timed_steps(tmp_path):
         assert 1 <= r["timed_steps"] < 10000 and r["ms_p20"] <= r["ms"] <= r["ms_p80"]
 
 
+@pytest.mark.peers
 @pytest.mark.skipif(eval_memory.bytes_in_use() is None, reason="needs glibc's mallinfo2")
 def test_eval_memory_reports_what_each_provider_holds(tmp_path):
     """eval_memory.py: each provider in a process of its own, a row per (cycle, batch size) of the bytes it holds
@@ -567,6 +568,7 @@ def assert_peers_agree(run):
         assert c["precision"].startswith("bf16" if name in throughput.BF16_PEERS else "fp32")
 
 
+@pytest.mark.peers
 def test_throughput_cpu_peers(tmp_path):
     """onnxruntime, OpenVINO (bf16 where the CPU has it), eager NCHW and the autocast providers run beside fastres and
     eager on the same weights and inputs, agree with a float64 forward under the tolerance rule, and their rows
@@ -838,6 +840,7 @@ def test_parse_arch_rejects_unknown():
         C.parse_arch("resnet50", "v2")
 
 
+@pytest.mark.peers
 def test_throughput_model_zoo_providers(tmp_path):
     """timm's and transformers' ResNets and fastres.convert of each run beside fastres on the same weights (timm's
     state_dict keys are torchvision's, transformers' mapped from them, strict), each within the tolerance rule against
@@ -860,6 +863,7 @@ def test_throughput_model_zoo_providers(tmp_path):
         assert f"{zoo} provider skipped: {zoo} has no cifar_resnet20" in r.stderr
 
 
+@pytest.mark.peers
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_transformers_provider_holds_the_reference_network(arch):
     """The transformers provider's model is the reference's network with its weights: every torchvision key maps to
