@@ -22,39 +22,23 @@ namespace {
 constexpr int64_t kLanes = 8;       // independent accumulators along an NCHW plane (SIMD lanes)
 constexpr int64_t kChunkRows = 16;  // NHWC rows per chain of sums in the math dtype
 
-// sq[c] += (x[c] - mean[c])^2 in the math dtype for the N channels from c.
-template <int N, typename scalar_t>
-FASTRES_INLINE void square_lanes(const scalar_t* __restrict x, const acc_type_t<scalar_t>* __restrict mean,
-                                 acc_type_t<scalar_t>* __restrict sq, int64_t c) {
+// d = x[c] - ref[c]: acc[c] += d (kSquares false: the shifted sums) or d * d (the squared
+// deviations), in the math dtype, for the N channels from c.
+template <bool kSquares, int N, typename scalar_t>
+FASTRES_INLINE void deviation_lanes(const scalar_t* __restrict x, const acc_type_t<scalar_t>* __restrict ref,
+                                    acc_type_t<scalar_t>* __restrict acc, int64_t c) {
   using L = Lanes<acc_type_t<scalar_t>, N>;
-  const auto d = L::load(x + c) - L::load(mean + c);
-  L::store(sq + c, L::load(sq + c) + d * d);
+  const auto d = L::load(x + c) - L::load(ref + c);
+  L::store(acc + c, L::load(acc + c) + (kSquares ? d * d : d));
 }
 
-// sum[c] += x[c] - ref[c] in the math dtype for the N channels from c.
-template <int N, typename scalar_t>
-FASTRES_INLINE void shifted_sum_lanes(const scalar_t* __restrict x, const acc_type_t<scalar_t>* __restrict ref,
-                                      acc_type_t<scalar_t>* __restrict sum, int64_t c) {
-  using L = Lanes<acc_type_t<scalar_t>, N>;
-  L::store(sum + c, L::load(sum + c) + (L::load(x + c) - L::load(ref + c)));
-}
-
-// shifted_sum_lanes over one row of C channels, 8 lanes at a time.
-template <typename scalar_t>
-FASTRES_INLINE void shifted_sum_row(const scalar_t* __restrict x, const acc_type_t<scalar_t>* __restrict ref,
-                                    acc_type_t<scalar_t>* __restrict sum, int64_t C) {
+// The same over one row of C channels, 8 lanes at a time.
+template <bool kSquares, typename scalar_t>
+FASTRES_INLINE void deviation_row(const scalar_t* __restrict x, const acc_type_t<scalar_t>* __restrict ref,
+                                  acc_type_t<scalar_t>* __restrict acc, int64_t C) {
   int64_t c = 0;
-  for (; c + 8 <= C; c += 8) shifted_sum_lanes<8>(x, ref, sum, c);
-  for (; c < C; ++c) shifted_sum_lanes<1>(x, ref, sum, c);
-}
-
-// square_lanes over one row of C channels, 8 lanes at a time.
-template <typename scalar_t>
-FASTRES_INLINE void square_row(const scalar_t* __restrict x, const acc_type_t<scalar_t>* __restrict mean,
-                               acc_type_t<scalar_t>* __restrict sq, int64_t C) {
-  int64_t c = 0;
-  for (; c + 8 <= C; c += 8) square_lanes<8>(x, mean, sq, c);
-  for (; c < C; ++c) square_lanes<1>(x, mean, sq, c);
+  for (; c + 8 <= C; c += 8) deviation_lanes<kSquares, 8>(x, ref, acc, c);
+  for (; c < C; ++c) deviation_lanes<kSquares, 1>(x, ref, acc, c);
 }
 
 // The m2 about the mean of `count` values from sq, the sum of their squared deviations from
@@ -84,7 +68,7 @@ FASTRES_CPU_CLONES void unit_stats_rows(const scalar_t* __restrict y, int64_t ro
   for (int64_t r0 = row0; r0 < row1; r0 += kChunkRows) {
     const int64_t r1 = std::min(row1, r0 + kChunkRows);
     std::fill(acc, acc + C, acc_t(0));
-    for (int64_t r = r0; r < r1; ++r) shifted_sum_row(y + r * C, ref, acc, C);
+    for (int64_t r = r0; r < r1; ++r) deviation_row<false>(y + r * C, ref, acc, C);
     for (int64_t c = 0; c < C; ++c) mean[c] += static_cast<double>(acc[c]);
   }
   const double count = static_cast<double>(row1 - row0);
@@ -96,7 +80,7 @@ FASTRES_CPU_CLONES void unit_stats_rows(const scalar_t* __restrict y, int64_t ro
   for (int64_t r0 = row0; r0 < row1; r0 += kChunkRows) {
     const int64_t r1 = std::min(row1, r0 + kChunkRows);
     std::fill(acc, acc + C, acc_t(0));
-    for (int64_t r = r0; r < r1; ++r) square_row(y + r * C, rounded, acc, C);
+    for (int64_t r = r0; r < r1; ++r) deviation_row<true>(y + r * C, rounded, acc, C);
     for (int64_t c = 0; c < C; ++c) m2[c] += static_cast<double>(acc[c]);
   }
   for (int64_t c = 0; c < C; ++c) m2[c] = m2_about_mean(count, mean[c], rounded[c], m2[c]);
