@@ -19,7 +19,8 @@ ENGINE_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "openvi
 ENGINES = tuple(ENGINE_PACKAGES)
 # the model zoos (not engines: PyTorch models the run times like eager)
 MODEL_PACKAGES = {"timm": "timm", "fastres-timm": "timm", "transformers": "transformers",
-                  "fastres-transformers": "transformers"}
+                  "fastres-transformers": "transformers", "transformers-hidden": "transformers",
+                  "fastres-transformers-hidden": "transformers"}
 PACKAGES = {**ENGINE_PACKAGES, **MODEL_PACKAGES}
 # where a version is reported from, for each package a run used
 VERSION_PACKAGES = {"onnxruntime": ("onnxruntime", "onnx", "onnxscript"), "openvino": ("openvino",), "timm": ("timm",),
@@ -163,13 +164,17 @@ def _import_off_this_folder(package, *modules):
 
 
 class Logits(torch.nn.Module):
-    """A transformers image classifier's logits as the module's output (what the benchmark's step takes)."""
+    """A transformers image classifier's logits as the module's output (what the benchmark's step takes); with
+    `hidden_states`, the classifier called with output_hidden_states=True (every stage's output computed and kept)."""
 
-    def __init__(self, model):
+    def __init__(self, model, hidden_states=False):
         super().__init__()
         self.model = model
+        self.hidden_states = hidden_states
 
     def forward(self, x):
+        if self.hidden_states:
+            return self.model(pixel_values=x, output_hidden_states=True).logits
         return self.model(pixel_values=x).logits
 
 
@@ -189,11 +194,11 @@ def _transformers_key(key):
         ".".join(rest)
 
 
-def transformers_resnet(reference, arch, convert):
+def transformers_resnet(reference, arch, convert, hidden_states=False):
     """transformers' ResNetForImageClassification of `arch` (resnet18 ... resnet152, v1.5: microsoft/resnet-*'s
     configuration, the same network as torchvision's) holding `reference`'s weights, in its mode, its logits the
-    output (Logits); with `convert`, after fastres.convert. None where transformers has no such model (the paper's
-    v1, plain, VGG and CIFAR nets)."""
+    output (Logits, called with output_hidden_states=`hidden_states`); with `convert`, after fastres.convert. None
+    where transformers has no such model (the paper's v1, plain, VGG and CIFAR nets)."""
     if arch.family != "resnet" or arch.variant != "v1.5":
         return None
     transformers = _import_off_this_folder("transformers", "transformers.models.resnet.modeling_resnet")
@@ -210,4 +215,4 @@ def transformers_resnet(reference, arch, convert):
     if convert:
         import fastres
         model = fastres.convert(model)
-    return Logits(model)
+    return Logits(model, hidden_states)

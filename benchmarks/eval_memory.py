@@ -39,7 +39,7 @@ def bytes_in_use():
     """glibc's bytes in use (allocated heap chunks and mmapped chunks), after a garbage collection; None where the
     C library has no mallinfo2."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
+        libc = ctypes.CDLL(None)  # the C library this process runs on (as fastres.models._malloc finds mallopt)
         mallinfo2 = libc.mallinfo2
     except (OSError, AttributeError):
         return None

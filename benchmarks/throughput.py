@@ -40,6 +40,9 @@ torchvision's network):
   transformers          Hugging Face transformers' ResNetForImageClassification in microsoft/resnet-*'s
                         configuration, with the reference's weights (keys mapped), its logits as the output
   fastres-transformers  the same model after fastres.convert
+  transformers-hidden   transformers' model called with output_hidden_states=True (every stage's output kept and
+                        returned, as a ResNetBackbone's feature maps are), its logits the output
+  fastres-transformers-hidden  the same after fastres.convert
 The onnxruntime and OpenVINO engines take NCHW batches (what their users hold; the conversion from the run's layout
 is untimed, as for eager-nchw) and get them as numpy arrays: Tensor.numpy() shares the tensor's memory, inside the
 timed call. Their peak memory is not measured (they allocate outside torch's allocator). Packages:
@@ -102,7 +105,7 @@ from fastres import testing  # noqa: E402
 CPU_PEERS = ("eager-nchw", "compile-freezing", "torchscript-onednn", "onnxruntime", "openvino", "openvino-bf16",
              "eager-autocast", "fastres-autocast")
 TIMM = ("timm", "fastres-timm")
-TRANSFORMERS = ("transformers", "fastres-transformers")
+TRANSFORMERS = ("transformers", "fastres-transformers", "transformers-hidden", "fastres-transformers-hidden")
 ZOOS = TIMM + TRANSFORMERS  # the model zoos' own models, and fastres.convert of them
 PROVIDERS = ("fastres", "eager", "compile", "compile-max-autotune") + CPU_PEERS + ZOOS
 DEFAULT_PROVIDERS = {"cuda": PROVIDERS[:4], "cpu": ("fastres", "eager")}
@@ -350,8 +353,11 @@ def build_providers(s, inputs, skipped):
             models[name] = twin(fast, lambda: C.build_fastres(s.arch))
         elif name in ZOOS:
             zoo = "timm" if name in TIMM else "transformers"
-            build = _peers.timm_resnet if zoo == "timm" else _peers.transformers_resnet
-            models[name] = build(ref, s.arch, convert=name.startswith("fastres-"))
+            if zoo == "timm":
+                models[name] = _peers.timm_resnet(ref, s.arch, convert=name.startswith("fastres-"))
+            else:
+                models[name] = _peers.transformers_resnet(ref, s.arch, convert=name.startswith("fastres-"),
+                                                          hidden_states=name.endswith("-hidden"))
             if models[name] is None:
                 skipped[name] = f"{zoo} has no {s.arch.label}"
                 print(f"{name} provider skipped: {skipped[name]}", file=sys.stderr)

@@ -412,14 +412,14 @@ def graph_body(monkeypatch):
     counts = {"built": 0, "ran": 0}
     run = _eval_plan._Plan._run_graph
 
-    def counting_run(self, x, packs):
-        out = run(self, x, packs)
+    def counting_run(self, x, packs, *args):
+        out = run(self, x, packs, *args)
         counts["ran"] += out is not None
         return out
 
     def counting(build):
-        def counting_build(self, x):
-            graph = build(self, x)
+        def counting_build(self, x, *args):
+            graph = build(self, x, *args)
             counts["built"] += graph is not None
             return graph
         return counting_build
@@ -437,7 +437,7 @@ def per_unit_path(monkeypatch):
 
     @contextlib.contextmanager
     def per_unit():
-        monkeypatch.setattr(_eval_plan, "run", lambda model, x, head=True: None)
+        monkeypatch.setattr(_eval_plan, "run", lambda model, x, head=True, stages=False: None)
         try:
             yield
         finally:
@@ -1203,34 +1203,161 @@ def test_converted_transformers_resnet_model_planned_returns_what_the_library_re
             assert torch.equal(g.pooler_output, ref.pooler_output)
         assert type(got_tuple) is tuple and len(got_tuple) == len(ref_tuple) == 2
         assert all(torch.equal(a, b) for a, b in zip(got_tuple, ref_tuple))
-        hidden = model(x, output_hidden_states=True)
-        assert len(hidden.hidden_states) == 5 and torch.equal(hidden.last_hidden_state, ref.last_hidden_state)
-        assert plan_runs["plan"] == 4  # hidden states: the library's forward
         with pytest.raises(ValueError, match="channel dimension"):
             model(torch.randn(2, 4, 32, 32))
+        model(x, output_attentions=False)  # an argument the plan does not know: the library's forward
     assert plan_runs["plan"] == 4
 
 
-def test_converted_transformers_resnet_eval_forward_under_autograd_recomputes_for_backward(per_unit_path,
-                                                                                           plan_runs):
+def _hf_outputs_equal(got, ref):
+    """Whether two outputs of a transformers model are the same: class, keys (or tuple length), and each tensor (or
+    tuple of tensors, such as hidden states) exactly equal."""
+    if type(got) is not type(ref) or (isinstance(ref, dict) and got.keys() != ref.keys()) or len(got) != len(ref):
+        return False
+    for a, b in zip(got.values() if isinstance(ref, dict) else got, ref.values() if isinstance(ref, dict) else ref):
+        if isinstance(b, (tuple, list)):
+            if not (type(a) is type(b) and len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b))):
+                return False
+        elif not torch.equal(a, b):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("cls_name", ["ResNetModel", "ResNetBackbone"])
+def test_converted_transformers_resnet_hidden_states_planned(cls_name, per_unit_path, plan_runs):
+    """With hidden states (ResNetModel's output_hidden_states, or a ResNetBackbone, whose feature maps are hidden
+    states), the converted model's eval forward runs its stages from the plan and the library's forward builds its
+    output from them: for every combination of output_hidden_states and return_dict, exactly what the fused modules
+    compute, of the library's output class, every hidden state channels_last; none of them written over by a later
+    block. Other arguments take the library's forward."""
+    from fastres.models import _eval_plan
+    kwargs = dict(out_features=["stage1", "stage3", "stage4"]) if cls_name == "ResNetBackbone" else {}
+    model = fastres.convert(_hf_resnet(cls_name, **kwargs))
+    assert type(model.encoder).__module__ == "fastres._convert.transformers"
+    x = torch.randn(2, 3, 32, 32)
+    calls = [dict(output_hidden_states=True), dict(output_hidden_states=True, return_dict=False)]
+    if cls_name == "ResNetBackbone":
+        calls += [{}, dict(return_dict=False)]
+    with torch.no_grad():
+        with per_unit_path():
+            refs = [model(x, **call) for call in calls]
+        for _ in range(2):  # the first call packs the weights, the second runs from them
+            for call, ref in zip(calls, refs):
+                got = model(x, **call)
+                assert _hf_outputs_equal(got, ref), call
+        assert plan_runs["plan"] == 2 * len(calls)
+        hidden = model(x, output_hidden_states=True).hidden_states
+        assert len(hidden) == 5 and all(h.is_contiguous(memory_format=CL) for h in hidden)
+        if cls_name == "ResNetBackbone":
+            out = model(x, output_hidden_states=True)  # the feature maps: stage1, stage3 and stage4's hidden states
+            assert [tuple(m.shape[1:]) for m in out.feature_maps] == [(16, 8, 8), (32, 2, 2), (64, 1, 1)]
+            assert all(m is out.hidden_states[i] for m, i in zip(out.feature_maps, (1, 3, 4)))
+        else:
+            model(x, output_hidden_states=True, output_attentions=False)  # the library's forward
+        with torch.autocast("cpu", torch.bfloat16):  # (the plan's Python loop, in bf16: FASTRES_CPU_AUTOCAST)
+            with per_unit_path():
+                ref = model(x, output_hidden_states=True)
+            got = [model(x, output_hidden_states=True) for _ in range(2)]
+        assert ref.hidden_states[0].dtype == torch.bfloat16 and all(_hf_outputs_equal(g, ref) for g in got)
+        runs = plan_runs["plan"]
+        with pytest.raises(ValueError, match="channel dimension"):
+            model(torch.randn(2, 4, 32, 32), output_hidden_states=True)
+        with pytest.raises(ValueError, match="head=False"):
+            _eval_plan.run(model, x, head=True, stages=True)
+    assert plan_runs["plan"] == runs
+
+
+@pytest.mark.parametrize("hidden_states", [False, True])
+def test_converted_transformers_resnet_eval_forward_under_autograd_recomputes_for_backward(hidden_states,
+                                                                                           per_unit_path, plan_runs):
     """The converted ResNetModel called in eval without no_grad: the forward is the plan's, and a backward recomputes
-    it through the fused per-unit ops (the last hidden state, as _plan_features computes it): exactly their
-    gradients for the input and every parameter, through the pooled output too."""
+    it through the fused per-unit ops (the last hidden state, as _plan_features computes it, or with hidden states
+    every stage's, as _plan_stages does): exactly their gradients for the input and every parameter, through the
+    pooled output and every hidden state too."""
     model = fastres.convert(_hf_resnet("ResNetModel"))
     x = torch.randn(2, 3, 32, 32)
     params = list(model.parameters())
+
+    def outputs(out):
+        return [out.last_hidden_state, out.pooler_output, *(out.hidden_states[:-1] if hidden_states else ())]
+
     with torch.no_grad():
-        planned = model(x)
+        planned = model(x, output_hidden_states=hidden_states)
     with per_unit_path():
         xr = x.clone().requires_grad_()
-        ref = model(xr)
-        g = torch.randn_like(ref.last_hidden_state), torch.randn_like(ref.pooler_output)
-        ref_grads = torch.autograd.grad([ref.last_hidden_state, ref.pooler_output], [xr] + params, g)
+        ref = outputs(model(xr, output_hidden_states=hidden_states))
+        g = [torch.randn_like(t) for t in ref]
+        ref_grads = torch.autograd.grad(ref, [xr] + params, g)
     xp = x.clone().requires_grad_()
-    out = model(xp)
+    out = model(xp, output_hidden_states=hidden_states)
     assert plan_runs["plan"] == 2
-    assert torch.equal(out.last_hidden_state, planned.last_hidden_state)
-    grads = torch.autograd.grad([out.last_hidden_state, out.pooler_output], [xp] + params, g)
+    assert all(torch.equal(a, b) for a, b in zip(outputs(out), outputs(planned)))
+    grads = torch.autograd.grad(outputs(out), [xp] + params, g)
+    for got, expected in zip(grads, ref_grads):
+        assert torch.equal(got, expected)
+
+
+def _detection_body(return_layers, **kwargs):
+    """torchvision's detection / segmentation backbone body (IntermediateLayerGetter) of a small ResNet (FrozenBatchNorm2d,
+    as detection models build it; basic blocks, or bottlenecks where kwargs dilate), its statistics random."""
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.ops import FrozenBatchNorm2d
+    from torchvision.models import resnet
+    torch.manual_seed(0)
+    block = resnet.Bottleneck if kwargs.get("replace_stride_with_dilation") else resnet.BasicBlock
+    backbone = randomize_(resnet.ResNet(block, [1, 2, 1, 1], norm_layer=FrozenBatchNorm2d, **kwargs))
+    return IntermediateLayerGetter(backbone, return_layers=return_layers).eval()
+
+
+DETECTION_BODIES = {"detection": ({"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, {}),
+                    "pool-and-layer3": ({"maxpool": "pool", "layer3": "x"}, {}),
+                    "dilated-segmentation": ({"layer4": "out", "layer3": "aux"},
+                                             dict(replace_stride_with_dilation=[False, True, True])),
+                    "stem-relu": ({"relu": "stem", "layer2": "0"}, {}),
+                    "stem-norm": ({"bn1": "stem", "layer2": "0"}, {})}
+
+
+@pytest.mark.parametrize("case", list(DETECTION_BODIES))
+def test_converted_detection_body_plans_its_stages(case, per_unit_path, plan_runs):
+    """fastres.convert's torchvision IntermediateLayerGetter (a detection or segmentation model's backbone body) runs
+    its stem, pool and layers from the plan where every return layer is the pool or a layer: the same dict, in
+    module order, exactly what the fused per-unit path computes, within the tolerance rule, channels_last. A return
+    layer inside the stem (its ReLU's or its norm's output) takes the per-unit path."""
+    return_layers, kwargs = DETECTION_BODIES[case]
+    plain = _detection_body(return_layers, **kwargs)
+    body = fastres.convert(copy.deepcopy(plain))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        with per_unit_path():
+            ref = body(x)
+        got = [body(x) for _ in range(2)]  # the first packs the weights, the second runs from them
+        ref64, aten = copy.deepcopy(plain).double()(x.double()), plain(x)
+    planned = case not in ("stem-relu", "stem-norm")
+    assert plan_runs["plan"] == (2 if planned else 0)
+    for out in got:
+        assert list(out) == list(ref) == list(aten)
+        assert all(torch.equal(out[k], ref[k]) and out[k].is_contiguous(memory_format=CL) for k in ref)
+    for k in ref:
+        assert_within(f"{case} {k}", got[1][k], ref64[k], aten[k])
+
+
+def test_converted_detection_body_under_autograd_recomputes_for_backward(per_unit_path, plan_runs):
+    """The converted detection body called in eval without no_grad: the forward is the plan's, and a backward
+    recomputes every stage through the fused per-unit ops (_plan_stages): exactly their gradients for the input and
+    every parameter."""
+    body = fastres.convert(_detection_body({"layer2": "0", "layer4": "1"}))
+    x = torch.randn(2, 3, 64, 64)
+    params = [p for p in body.parameters() if p.requires_grad]
+    with per_unit_path():
+        xr = x.clone().requires_grad_()
+        ref = list(body(xr).values())
+        g = [torch.randn_like(t) for t in ref]
+        ref_grads = torch.autograd.grad(ref, [xr] + params, g)
+    xp = x.clone().requires_grad_()
+    out = list(body(xp).values())
+    assert plan_runs["plan"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    grads = torch.autograd.grad(out, [xp] + params, g)
     for got, expected in zip(grads, ref_grads):
         assert torch.equal(got, expected)
 
@@ -1380,12 +1507,36 @@ def test_onednn_graph_body_only_for_what_it_covers(case, graph_body, per_unit_pa
     assert all(torch.equal(o, ref) for o in outs)
 
 
-@pytest.mark.parametrize("case", ["cifar-option-A", "timm-average-pool-shortcut", "transformers-resnet"])
+class _FeatureMaps(nn.Module):
+    """A transformers ResNetBackbone's feature maps, flattened into one tensor (for the tolerance rule)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return torch.cat([m.flatten(1) for m in self.model(x).feature_maps], 1)
+
+
+class _Features(nn.Module):
+    """A torchvision backbone body's feature dict, flattened into one tensor (for the tolerance rule)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return torch.cat([m.flatten(1) for m in self.model(x).values()], 1)
+
+
+@pytest.mark.parametrize("case", ["cifar-option-A", "timm-average-pool-shortcut", "transformers-resnet",
+                                  "transformers-backbone", "torchvision-detection-body"])
 def test_onednn_graph_body_covers_option_a_and_average_pool_shortcuts(case, graph_body, per_unit_path):
     """The paper's CIFAR nets with option-A shortcuts (the subsampled identity with zero channels appended),
     timm's ResNet-D after fastres.convert (average-pool shortcuts, deep stem) and transformers' ResNetModel after
-    fastres.convert (its last hidden state) run their body as a oneDNN Graph too: within the tolerance rule against
-    float64, the same on every call, and NaN kept as the per-unit path keeps it."""
+    fastres.convert (its last hidden state), or its ResNetBackbone, or torchvision's detection backbone body (every
+    stage's output, returned from inside the graph) run their body as a oneDNN Graph too: within the tolerance rule against float64, the same on every
+    call, and NaN kept as the per-unit path keeps it."""
     from fastres.models import _eval_plan
     if case == "cifar-option-A":
         model = randomize_(fm.cifar_resnet(20, shortcut="A")).eval()
@@ -1395,9 +1546,16 @@ def test_onednn_graph_body_covers_option_a_and_average_pool_shortcuts(case, grap
         pytest.importorskip("timm")
         plain = _timm_resnet(stem_type="deep", stem_width=16, avg_down=True)
         model = fastres.convert(copy.deepcopy(plain))
-    else:
+    elif case == "transformers-resnet":
         plain = _LastHiddenState(_hf_resnet("ResNetModel"))
         model = _LastHiddenState(fastres.convert(copy.deepcopy(plain.model)))
+    elif case == "transformers-backbone":
+        plain = _FeatureMaps(_hf_resnet("ResNetBackbone", out_features=["stem", "stage1", "stage2", "stage3",
+                                                                       "stage4"]))
+        model = _FeatureMaps(fastres.convert(copy.deepcopy(plain.model)))
+    else:
+        plain = _Features(_detection_body({"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}))
+        model = _Features(fastres.convert(copy.deepcopy(plain.model)))
     # channels_last, the layout the plan runs in: CifarResNet's per-unit forward runs in the input's
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
     bad = x.clone()
@@ -2009,9 +2167,9 @@ def test_the_graphs_of_a_plan_share_their_winograd_weights(graph_body, monkeypat
         builds[-1].append((weight.shape[0], id(transformed), weakref.ref(transformed)))
         return transformed
 
-    def building(self, x):
+    def building(self, x, *args):
         builds.append([])
-        return graph(self, x)
+        return graph(self, x, *args)
 
     monkeypatch.setattr(_eval_plan._Plan, "winograd_weight", recording)
     monkeypatch.setattr(_eval_plan._Plan, "_graph", building)
@@ -2051,9 +2209,9 @@ def test_a_graph_the_plan_drops_frees_its_tensors(graph_body, monkeypatch):
 
     graph = _eval_plan._Plan._graph
 
-    def building(self, x):
+    def building(self, x, *args):
         self.building = x.shape[0]
-        return graph(self, x)
+        return graph(self, x, *args)
 
     monkeypatch.setattr(_eval_plan._Plan, "_fp32_folds", own_copies)
     monkeypatch.setattr(_eval_plan._Plan, "_graph", building)

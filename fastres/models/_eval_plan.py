@@ -1,5 +1,7 @@
-"""The CPU eval forward of fastres.models.ResNet and CifarResNet (and the features of timm's ResNet after
-fastres.convert) as a plan: its units decided once, then run as a flat loop of oneDNN calls on prepacked weights.
+"""The CPU eval forward of fastres.models.ResNet and CifarResNet (and, after fastres.convert, the features of timm's
+ResNet, transformers' ResNetModel and ResNetBackbone with or without hidden states, and torchvision's detection /
+segmentation backbone body) as a plan: its units decided once, then run as a flat loop of oneDNN calls on prepacked
+weights.
 
 At batch 1 on CPU the per-unit path (fastres.nn._lean.conv_norm_act) is bound by Python: every call re-decides each
 unit (which kernel, whether its fold and packed weight are still fresh), about 150 us a unit, some 8 ms of a
@@ -64,6 +66,8 @@ from fastres.nn._lean import conv_norm_act, sequence_units
 from fastres.nn.blocks import _FusedBlock
 
 _UNRESOLVED = object()
+# A `stages` key's body once every unit ran from its packed weight: it may have a graph (it has no _run_plan body).
+_ALL_PACKED = object()
 # A key's _run_plan body whose packed weights were dropped once its graph ran (_Plan._drop_unit_packs).
 _DROPPED = object()
 # The plan's guard (csrc/plan_guard.cpp); None with a fastres._C built without it, where no plan runs.
@@ -162,7 +166,10 @@ class _Plan:
     plannable now: stem [(conv, norm, relu, name)], units that run one after another from its fold cache; pool, the
     module after the stem (None: none); layers, the nn.Sequentials of fused blocks. With `head`, the plan ends as
     fastres.models.ResNet does (model.avgpool, flatten, model.fc); without, it returns the last layer's output
-    (the model's _plan_features: timm's forward_features, transformers' last hidden state)."""
+    (the model's _plan_features: timm's forward_features, transformers' last hidden state), or with `stages` (a key
+    of its own) the stem's (pool's) output and every layer's, as a tuple (the model's _plan_stages: transformers'
+    hidden states, torchvision's IntermediateLayerGetter's outputs); it then runs no _run_plan body (which returns
+    the last output only): its Python loop until the key's graph is built."""
 
     autocast_in_fp32 = True  # (see autocast_computes_in_fp32)
 
@@ -184,11 +191,13 @@ class _Plan:
         # The first block may write over the max pool's output (or the stem's): nothing else holds it.
         self.pool_output_owned = self.pool is None or type(self.pool) is nn.MaxPool2d
         self.blocks = []  # (unit indices of the residual branch, the projection (see _block) or None, residual)
+        self.layer_ends = []  # per layer, the number of blocks run once it has (where `stages` takes its output)
         for layer in layers:
             if type(layer) is not nn.Sequential:
                 raise _NotPlannable
             for block in layer:
                 self.blocks.append(self._block(block))
+            self.layer_ends.append(len(self.blocks))
         self.has_head = head
         # The classifier, whose weight autocast would cast on every call: cast once per plan and autocast dtype.
         self.head = model.fc if head and type(model.fc) is nn.Linear else None
@@ -311,10 +320,15 @@ class _Plan:
             program += [_RUN_PLAN_SHORTCUT_CODES[kind], *arguments]
         return units, program
 
-    def _runnable(self, packs):
-        """_run_plan's (weights, biases) after a forward of the Python loop in which every unit ran from its packed
-        weight (run_unit marks the key otherwise), else None."""
-        if self.program is None or any(p is _UNRESOLVED or p is None for p in packs[:len(self.units)]):
+    def _runnable(self, packs, stages):
+        """After a forward of the Python loop in which every unit ran from its packed weight (run_unit marks the key
+        otherwise): _run_plan's (weights, biases), or with `stages` (which _run_plan does not return) _ALL_PACKED:
+        the key may have a graph. Else None."""
+        if any(p is _UNRESOLVED or p is None for p in packs[:len(self.units)]):
+            return None
+        if stages:
+            return _ALL_PACKED
+        if self.program is None:
             return None
         return [p[1] for p in packs[:len(self.units)]], [p[2] for p in packs[:len(self.units)]]
 
@@ -380,8 +394,9 @@ class _Plan:
                             name=unit.name, residual_owned=residual_owned)
         return keep_memory_format(out, x)
 
-    def run(self, model, x, packs, autocast_dtype):
-        """What ResNet._forward_impl computes (with a head), or the model's _plan_features (without)."""
+    def run(self, model, x, packs, autocast_dtype, stages=False):
+        """What ResNet._forward_impl computes (with a head), or the model's _plan_features (without), or with
+        `stages` its _plan_stages: the stem's (pool's) output, then each layer's."""
         stem = packs[self.stem[0]]
         if stem is not _UNRESOLVED and stem is not None and stem[3] is not None and x.dtype == torch.float32:
             x = x.to(dtype=stem[3], memory_format=torch.channels_last)  # autocast's cast and the layout in one pass
@@ -390,17 +405,17 @@ class _Plan:
         body = packs[-2]
         if body is not _UNRESOLVED and body is not None:
             if GRAPH_BODY and autocast_dtype is None and x.dtype == torch.float32:
-                out = self._run_graph(x, packs)
+                out = self._run_graph(x, packs, stages)
                 if out is not None:
                     graph = packs[len(self.units)]
                     if type(graph) is _Graph and not graph.packs_dropped:  # (another thread may have dropped it)
                         self._drop_unit_packs(packs, graph)
-                    return out if self.head_in_graph else self._head(model, out, packs, autocast_dtype)
+                    return out if self.head_in_graph or stages else self._head(model, out, packs, autocast_dtype)
             if body is _DROPPED:
                 # The graph handed this call back (a NaN met a ReLU, or it is gone): the units are packed again
                 # through the Python loop, and their packs kept from then on.
                 packs[-2] = _UNRESOLVED
-            else:
+            elif body is not _ALL_PACKED:
                 try:
                     features = _RUN_PLAN(x, *body, *self.program)
                 except RuntimeError:
@@ -415,8 +430,10 @@ class _Plan:
             x = _MAX_POOL_RELU(x, *self.pool_relu, True)
         elif self.pool is not None:
             x = self.pool(x)
-        owned = self.pool_output_owned
-        for branch, projection, residual in self.blocks:
+        # With stages, the pool's output and each layer's are returned: no block may write over them.
+        outputs = [x] * (1 + self.layer_ends.count(0)) if stages else None
+        owned = self.pool_output_owned and not stages
+        for b, (branch, projection, residual) in enumerate(self.blocks):
             block_input = x
             for i in branch[:-1]:
                 x = self.run_unit(i, x, packs)
@@ -431,9 +448,12 @@ class _Plan:
                 shortcut, shortcut_owned = (block_input, owned) if residual else (None, False)
             x = self.run_unit(branch[-1], x, packs, shortcut, shortcut_owned)
             owned = True
+            if stages and b + 1 in self.layer_ends:
+                outputs += [x] * self.layer_ends.count(b + 1)
+                owned = False
         if packs[-2] is _UNRESOLVED:  # (run_unit set None where a unit did not run from its packed weight)
-            packs[-2] = self._runnable(packs)
-        return self._head(model, x, packs, autocast_dtype)
+            packs[-2] = self._runnable(packs, stages)
+        return tuple(outputs) if stages else self._head(model, x, packs, autocast_dtype)
 
     def _drop_unit_packs(self, packs, graph):
         """Once a key's graph has run, its units' packed weights (a copy of every conv weight in oneDNN's layout: 90
@@ -448,7 +468,7 @@ class _Plan:
             packs[i] = _UNRESOLVED
         packs[-2] = _DROPPED
 
-    def _run_graph(self, x, packs):
+    def _run_graph(self, x, packs, stages=False):
         """The body on x as the key's oneDNN Graph (built on the GRAPH_AFTER + 1-th call), or None: not (yet) built,
         not applicable, or a NaN met a ReLU (fused as oneDNN's post-op, which maps NaN to 0: the floating-point
         invalid flag tells, as in _run_plan; the caller then runs _run_plan, which keeps NaN)."""
@@ -459,7 +479,7 @@ class _Plan:
             if runs < GRAPH_AFTER:
                 packs[slot] = runs + 1
                 return None
-            graph = packs[slot] = self._graph(x)
+            graph = packs[slot] = self._graph(x, stages)
         if graph is None:
             return None
         clear, raised = _FE_INVALID
@@ -480,10 +500,11 @@ class _Plan:
             packs[slot] = None
         return None
 
-    def _graph(self, x):
-        """The body as a frozen TorchScript graph of plain ops on the units' folds, run once for each of the calls
-        the graph executor profiles before it fuses; None where the body has a module it does not cover (a pool
-        other than the stem's max pool) or TorchScript fails on it."""
+    def _graph(self, x, stages=False):
+        """The body as a frozen TorchScript graph of plain ops on the units' folds (with `stages`, returning the
+        pool's and every layer's output), run once for each of the calls the graph executor profiles before it
+        fuses; None where the body has a module it does not cover (a pool other than the stem's max pool) or
+        TorchScript fails on it."""
         blocks = []
         for branch, projection, residual in self.blocks:
             shortcut = None if projection is None else _shortcut(projection)
@@ -495,8 +516,8 @@ class _Plan:
         folds = self._fp32_folds()
         if folds is None:
             return None
-        head = (self.head.weight, self.head.bias) if self.head_in_graph else None
-        return _compile_graph(_GraphBody(self, folds, blocks, head), x)
+        head = (self.head.weight, self.head.bias) if self.head_in_graph and not stages else None
+        return _compile_graph(_GraphBody(self, folds, blocks, head, stages), x)
 
     def _fp32_folds(self):
         """Each unit's folded (weight, bias), detached, or None where one is not fp32."""
@@ -563,15 +584,15 @@ class _SequentialPlan(_Plan):
         self._guard_tensors([])  # (the head runs the model's modules: their tensors are read live)
         self._init_packs()  # input key -> [_UNRESOLVED per unit (unused); the graph slot, as _Plan's; two unused]
 
-    def run(self, model, x, packs, autocast_dtype):
-        if not (GRAPH_BODY and autocast_dtype is None and x.dtype == torch.float32 and self.fp32):
+    def run(self, model, x, packs, autocast_dtype, stages=False):
+        if stages or not (GRAPH_BODY and autocast_dtype is None and x.dtype == torch.float32 and self.fp32):
             return None
         features = self._run_graph(x.contiguous(memory_format=torch.channels_last), packs)
         if features is None:
             return None
         return model.classifier(torch.flatten(model.avgpool(features), 1))
 
-    def _graph(self, x):
+    def _graph(self, x, stages=False):  # (never with stages: run returns None first)
         folds = self._fp32_folds()
         return None if folds is None else _compile_graph(_SequentialGraphBody(self, folds), x)
 
@@ -689,12 +710,13 @@ def _winograd_pays(weight, x):
 
 class _GraphBody(_UnitsBody):
     """What _run_plan computes, then with `head` (the classifier's weight and bias) the logits as _Plan._head
-    computes them from it: traced by _Plan._graph. blocks: (branch units, shortcut, residual), the shortcut None (the
-    identity, or none without residual) or _shortcut's."""
+    computes them from it, or with `stages` the pool's and every layer's output: traced by _Plan._graph. blocks:
+    (branch units, shortcut, residual), the shortcut None (the identity, or none without residual) or _shortcut's."""
 
-    def __init__(self, plan, folds, blocks, head=None):
+    def __init__(self, plan, folds, blocks, head=None, stages=False):
         super().__init__(plan, folds)
         self.stem, self.pool_relu, self.blocks = plan.stem, plan.pool_relu, blocks
+        self.stages, self.layer_ends = stages, plan.layer_ends
         self.has_head = head is not None
         if self.has_head:
             self.register_buffer("head_weight", head[0].detach())
@@ -706,11 +728,15 @@ class _GraphBody(_UnitsBody):
         if self.pool_relu is not None:
             kernel_size, stride, padding, dilation, ceil_mode = self.pool_relu
             x = torch.relu(F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode))
-        for branch, shortcut, residual in self.blocks:
+        outputs = [x] * (1 + self.layer_ends.count(0))
+        for b, (branch, shortcut, residual) in enumerate(self.blocks):
             block_input = x
             for i in branch[:-1]:
                 x = self.unit(i, x)
             x = self.unit(branch[-1], x, self.shortcut(shortcut, block_input) if residual else None)
+            outputs += [x] * self.layer_ends.count(b + 1)
+        if self.stages:
+            return tuple(outputs)
         if self.has_head:  # the global average pool, flattened, then the linear
             return F.linear(x.mean((2, 3)), self.head_weight, self.head_bias)
         return x
@@ -818,36 +844,38 @@ _RECOMPUTING = contextvars.ContextVar("fastres_plan_recomputing", default=False)
 _BACKWARD_SEEN = "_fastres_eval_backward_seen"
 
 
-def _planned_with_recomputing_backward(model, x, head):
+def _planned_with_recomputing_backward(model, x, head, stages):
     """The plan's output for an eval forward under autograd (parameters or input that want gradients), carrying a
     graph node whose backward recomputes the forward through the per-unit path: nothing but the input and the
     parameters is kept, and an inference-only caller (an eval model called without no_grad) pays nothing for
     autograd. None where no plan applies."""
     with torch.no_grad():
-        out = run(model, x, head)
+        out = run(model, x, head, stages)
     if out is None:
         return None
     params = [p for p in model.parameters() if p.requires_grad]
     buffers = [b for b in model.buffers() if b.is_floating_point() and not b.is_inference()]
     autocast = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
-    return _PlannedForward.apply([out], model, head, autocast, buffers, x, *params)
+    outputs = "stages" if stages else "logits" if head else "features"
+    return _PlannedForward.apply(list(out) if stages else [out], model, outputs, autocast, buffers, x, *params)
 
 
 class _PlannedForward(torch.autograd.Function):
-    """Identity in forward on a plan's output (passed in a list, so that it is not one of the inputs); backward
-    recomputes the forward with autograd (as torch.utils.checkpoint does) and differentiates that. The input and
-    the parameters are saved, so an in-place change to any of them before the backward raises as autograd does;
-    so does one to a buffer (a BN statistic) or a switch to training mode."""
+    """Identity in forward on a plan's outputs (passed in a list, so that they are not among the inputs): the
+    logits, the features or the stages (a tuple). Backward recomputes the forward with autograd (as
+    torch.utils.checkpoint does) and differentiates that. The input and the parameters are saved, so an in-place
+    change to any of them before the backward raises as autograd does; so does one to a buffer (a BN statistic)
+    or a switch to training mode."""
 
     @staticmethod
-    def forward(ctx, out, model, head, autocast, buffers, x, *params):
-        ctx.model, ctx.head, ctx.autocast, ctx.buffers = model, head, autocast, buffers
+    def forward(ctx, out, model, outputs, autocast, buffers, x, *params):
+        ctx.model, ctx.outputs, ctx.autocast, ctx.buffers = model, outputs, autocast, buffers
         ctx.buffer_versions = [b._version for b in buffers]
         ctx.save_for_backward(x, *params)
-        return out[0]
+        return tuple(out) if outputs == "stages" else out[0]
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *grads):
         x, *params = ctx.saved_tensors
         model = ctx.model
         if any(b._version != v for b, v in zip(ctx.buffers, ctx.buffer_versions)) or \
@@ -860,21 +888,31 @@ class _PlannedForward(torch.autograd.Function):
         token = _RECOMPUTING.set(True)
         try:
             with torch.enable_grad(), torch.autocast("cpu", dtype=dtype, enabled=enabled):
-                out = model.forward(x) if ctx.head else model._plan_features(x)
+                method = {"logits": "forward", "features": "_plan_features", "stages": "_plan_stages"}[ctx.outputs]
+                out = getattr(model, method)(x)
         finally:
             _RECOMPUTING.reset(token)
+        out = tuple(out) if ctx.outputs == "stages" else (out,)
+        # (an output that is another's tensor, as an empty layer's, is differentiated once, its gradients summed)
+        pairs = {}
+        for o, g in zip(out, grads):
+            if o.requires_grad:
+                pairs[id(o)] = (o, g if id(o) not in pairs else pairs[id(o)][1] + g)
         inputs = (x, *params)
         wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[5:]) if need]
-        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True,
-                                         create_graph=torch.is_grad_enabled()))
+        grads = iter(torch.autograd.grad([o for o, _ in pairs.values()], wanted, [g for _, g in pairs.values()],
+                                         allow_unused=True, create_graph=torch.is_grad_enabled()))
         return (None,) * 5 + tuple(next(grads) if need else None for need in ctx.needs_input_grad[5:])
 
 
-def run(model, x, head=True):
+def run(model, x, head=True, stages=False):
     """model(x) for a fastres.models.ResNet or CifarResNet in eval mode through its plan (head=False: the last
     layer's output, what the model's _plan_features computes: timm's forward_features, the last hidden state of
-    transformers' ResNetModel, after fastres.convert), or None where no plan applies (the caller runs the per-unit
-    path)."""
+    transformers' ResNetModel, after fastres.convert; stages=True, without a head: the stem's output (after its
+    pool) and every layer's, as a tuple, what the model's _plan_stages computes: transformers' hidden states), or
+    None where no plan applies (the caller runs the per-unit path)."""
+    if stages and head:
+        raise ValueError("fastres: the plan's stages are its outputs without a head: pass head=False with stages=True")
     if not (getattr(model, "channels_last", True) and x.device.type == "cpu" and x.dim() == 4) or _traced() \
             or functorch_active():
         return None
@@ -887,12 +925,13 @@ def run(model, x, head=True):
         # takes the per-unit path with autograd directly, as its user differentiates it.
         if _RECOMPUTING.get() or model.__dict__.get(_BACKWARD_SEEN):
             return None
-        return _planned_with_recomputing_backward(model, x, head)
+        return _planned_with_recomputing_backward(model, x, head, stages)
     try:
         backend = ops.select("conv_bias_act", x.device)
     except ops.BackendUnavailableError:
         return None  # the per-unit path reports it
-    if not hasattr(backend, "prepacked_conv_bias_act") or _PLAN_CHANGED is None:
+    if not hasattr(backend, "prepacked_conv_bias_act") or _PLAN_CHANGED is None or \
+            (stages and not hasattr(model, "_plan_stages")):
         return None
     cache = model.fold_cache
     plan = cache.plan
@@ -910,11 +949,14 @@ def run(model, x, head=True):
         autocast_computes_in_fp32(autocast_dtype)
     # Under autocast computed in fp32: the fp32 key (its packed weights and graph), the output in autocast's dtype.
     key = (x.shape, x.dtype, None if in_fp32 else autocast_dtype, torch.is_inference_mode_enabled(), grad_enabled,
-           backend, torch.backends.mkldnn.enabled)
+           backend, torch.backends.mkldnn.enabled, stages)
     if not in_fp32:
-        return plan.run(model, x, plan.packs_for(key), autocast_dtype)
+        return plan.run(model, x, plan.packs_for(key), autocast_dtype, stages)
     with torch.autocast("cpu", enabled=False):
-        return plan.run(model, x, plan.packs_for(key), None).to(autocast_dtype)
+        out = plan.run(model, x, plan.packs_for(key), None, stages)
+    if out is None:
+        return None
+    return tuple(o.to(autocast_dtype) for o in out) if stages else out.to(autocast_dtype)
 
 
 def _autocast_mode():
