@@ -1320,9 +1320,9 @@ DETECTION_BODIES = {"detection": ({"layer1": "0", "layer2": "1", "layer3": "2", 
 @pytest.mark.parametrize("case", list(DETECTION_BODIES))
 def test_converted_detection_body_plans_its_stages(case, per_unit_path, plan_runs):
     """fastres.convert's torchvision IntermediateLayerGetter (a detection or segmentation model's backbone body) runs
-    its stem, pool and layers from the plan where every return layer is the pool or a layer: the same dict, in
-    module order, exactly what the fused per-unit path computes, within the tolerance rule, channels_last. A return
-    layer inside the stem (its ReLU's or its norm's output) takes the per-unit path."""
+    its stem, pool and layers from the plan where every return layer is the stem's ReLU, the pool or a layer: the
+    same dict, in module order, exactly what the fused per-unit path computes, within the tolerance rule,
+    channels_last. A return layer inside the stem's unit (its norm's output) takes the per-unit path."""
     return_layers, kwargs = DETECTION_BODIES[case]
     plain = _detection_body(return_layers, **kwargs)
     body = fastres.convert(copy.deepcopy(plain))
@@ -1332,7 +1332,7 @@ def test_converted_detection_body_plans_its_stages(case, per_unit_path, plan_run
             ref = body(x)
         got = [body(x) for _ in range(2)]  # the first packs the weights, the second runs from them
         ref64, aten = copy.deepcopy(plain).double()(x.double()), plain(x)
-    planned = case not in ("stem-relu", "stem-norm")
+    planned = case != "stem-norm"
     assert plan_runs["plan"] == (2 if planned else 0)
     for out in got:
         assert list(out) == list(ref) == list(aten)
@@ -1360,6 +1360,53 @@ def test_converted_detection_body_under_autograd_recomputes_for_backward(per_uni
     grads = torch.autograd.grad(out, [xp] + params, g)
     for got, expected in zip(grads, ref_grads):
         assert torch.equal(got, expected)
+
+
+def _timm_features(feature_cls="list", **kwargs):
+    """timm's features_only model (FeatureListNet or FeatureDictNet) of a small timm ResNet (kwargs: its out_indices
+    and the like), its statistics random."""
+    pytest.importorskip("timm")
+    from timm.models import _features
+    cls = {"list": _features.FeatureListNet, "dict": _features.FeatureDictNet}[feature_cls]
+    return cls(_timm_resnet(), **kwargs).eval()
+
+
+TIMM_FEATURES = {"default-taps-with-the-stem": ("list", {}), "layers": ("list", dict(out_indices=(1, 2, 3, 4))),
+                 "dict": ("dict", dict(out_indices=(0, 2, 4))), "grad-checkpointing": ("list", {})}
+
+
+@pytest.mark.parametrize("case", list(TIMM_FEATURES))
+def test_converted_timm_features_only_plans_its_stages(case, per_unit_path, plan_runs):
+    """fastres.convert's timm features_only model (FeatureListNet, FeatureDictNet) runs its stem, pool and layers
+    from the plan, the stem's ReLU output among the stages where it is a tap (timm's default out_indices): the same
+    list or dict as timm's, exactly what the fused per-unit path computes, within the tolerance rule, channels_last.
+    With gradient checkpointing on, timm's own _collect runs."""
+    feature_cls, kwargs = TIMM_FEATURES[case]
+    plain = _timm_features(feature_cls, **kwargs)
+    model = fastres.convert(copy.deepcopy(plain))
+    assert type(model).__module__ == "fastres._convert.timm"
+    if case == "grad-checkpointing":
+        model.set_grad_checkpointing(True)
+    report = fastres.convert_report(model)
+    assert report.convs_fused == report.convs_total, str(report)
+    x = torch.randn(2, 3, 64, 64)
+
+    def values(out):
+        return list(out.values()) if isinstance(out, dict) else out
+
+    with torch.no_grad():
+        with per_unit_path():
+            ref = model(x)
+        got = [model(x) for _ in range(2)]  # the first packs the weights, the second runs from them
+        ref64, aten = copy.deepcopy(plain).double()(x.double()), plain(x)
+    planned = case != "grad-checkpointing"
+    assert plan_runs["plan"] == (2 if planned else 0)
+    for out in got:
+        assert type(out) is type(aten) and (list(out) == list(aten) if isinstance(aten, dict) else len(out) == len(aten))
+        assert all(torch.equal(a, b) for a, b in zip(values(out), values(ref)))
+        assert all(a.is_contiguous(memory_format=CL) for a in values(out)) == planned
+    for k, (a, e, t) in enumerate(zip(values(got[1]), values(ref64), values(aten))):
+        assert_within(f"{case} {k}", a, e, t)
 
 
 @pytest.mark.parametrize("shortcut", ["A", "B"])
@@ -1519,7 +1566,7 @@ class _FeatureMaps(nn.Module):
 
 
 class _Features(nn.Module):
-    """A torchvision backbone body's feature dict, flattened into one tensor (for the tolerance rule)."""
+    """A backbone body's feature dict, flattened into one tensor (for the tolerance rule)."""
 
     def __init__(self, model):
         super().__init__()
@@ -1530,12 +1577,13 @@ class _Features(nn.Module):
 
 
 @pytest.mark.parametrize("case", ["cifar-option-A", "timm-average-pool-shortcut", "transformers-resnet",
-                                  "transformers-backbone", "torchvision-detection-body"])
+                                  "transformers-backbone", "torchvision-detection-body", "timm-features-only"])
 def test_onednn_graph_body_covers_option_a_and_average_pool_shortcuts(case, graph_body, per_unit_path):
     """The paper's CIFAR nets with option-A shortcuts (the subsampled identity with zero channels appended),
     timm's ResNet-D after fastres.convert (average-pool shortcuts, deep stem) and transformers' ResNetModel after
-    fastres.convert (its last hidden state), or its ResNetBackbone, or torchvision's detection backbone body (every
-    stage's output, returned from inside the graph) run their body as a oneDNN Graph too: within the tolerance rule against float64, the same on every
+    fastres.convert (its last hidden state), or its ResNetBackbone, torchvision's detection backbone body or timm's
+    features_only model (every stage's output, the stem's before its max pool too, returned from inside the graph)
+    run their body as a oneDNN Graph too: within the tolerance rule against float64, the same on every
     call, and NaN kept as the per-unit path keeps it."""
     from fastres.models import _eval_plan
     if case == "cifar-option-A":
@@ -1553,8 +1601,11 @@ def test_onednn_graph_body_covers_option_a_and_average_pool_shortcuts(case, grap
         plain = _FeatureMaps(_hf_resnet("ResNetBackbone", out_features=["stem", "stage1", "stage2", "stage3",
                                                                        "stage4"]))
         model = _FeatureMaps(fastres.convert(copy.deepcopy(plain.model)))
-    else:
+    elif case == "torchvision-detection-body":
         plain = _Features(_detection_body({"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}))
+        model = _Features(fastres.convert(copy.deepcopy(plain.model)))
+    else:  # timm's default taps: the stem's ReLU output before the max pool among them
+        plain = _Features(_timm_features("dict"))
         model = _Features(fastres.convert(copy.deepcopy(plain.model)))
     # channels_last, the layout the plan runs in: CifarResNet's per-unit forward runs in the input's
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)

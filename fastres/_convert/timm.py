@@ -6,7 +6,12 @@ are built when timm is first met (this module never imports timm itself). A bloc
 and whose extras (drop_block, aa, se, drop_path) do nothing runs as a fastres block (the memory-lean chain in
 training, fused units in eval); otherwise each conv + norm (+ ReLU) runs fused and the extras run between them exactly
 where timm calls them; under a torch.func transform timm's own forward runs.
+
+Its feature extractors (timm.models._features' FeatureDictNet and FeatureListNet, what features_only=True builds)
+run their modules with each conv + norm + ReLU fused, and in eval on CPU from one plan where their modules are a
+ResNet's (fastres._convert._stages).
 """
+import collections
 import functools
 import sys
 
@@ -15,6 +20,7 @@ from torch import nn
 
 from fastres import ops
 from fastres._convert import _is_norm
+from fastres._convert._stages import StagesMixin
 from fastres._convert._swap import swap_class
 from fastres._convert.torchvision import Sequential, _to_channels_last
 from fastres.models import _eval_plan
@@ -24,6 +30,7 @@ from fastres.nn.blocks import _FusedBlock
 
 LIBRARY = "timm"
 _CLASS_NAMES = ("BasicBlock", "Bottleneck", "ResNet")
+_FEATURE_CLASS_NAMES = ("FeatureDictNet", "FeatureListNet")
 
 
 def _inert(m):
@@ -176,6 +183,43 @@ class _Root(FusedModuleMixin):
         return x
 
 
+class _Features(StagesMixin):
+    """timm's FeatureDictNet (and FeatureListNet, which returns its values as a list): its modules called in order,
+    the outputs of return_layers collected (_collect), from the plan where it applies, else with each conv + norm +
+    ReLU fused, channels_last; with gradient checkpointing on, timm's own _collect."""
+
+    def _fused_units(self):
+        return [(conv, norm) for _, _, conv, norm, _ in sequence_units(list(self.items()), self.return_layers)]
+
+    def _collect(self, x):
+        if self.grad_checkpointing or functorch_active():
+            return self._library._collect(self, x)
+        out = self._planned_outputs(x)
+        if out is not None:
+            return out
+        out = collections.OrderedDict()
+
+        def keep(name, value):  # (a module that returns a tuple or list: as timm selects from it)
+            if isinstance(value, (tuple, list)):
+                value = torch.cat(value, 1) if self.concat else value[0]
+            out[self.return_layers[name]] = value
+
+        run_sequence(list(self.items()), _to_channels_last(x), self.fold_cache, observed=self.return_layers,
+                     on_output=keep)
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def _feature_classes():
+    """{name: fastres class} for timm.models._features' FeatureDictNet and FeatureListNet (importing timm)."""
+    from timm.models import _features
+
+    return {name: type(name, (_Features, getattr(_features, name)), {
+        "__module__": __name__, "__qualname__": name, "_library": getattr(_features, name),
+        "__doc__": f"timm.models._features.{name} through fastres (see fastres._convert.timm)."})
+        for name in _FEATURE_CLASS_NAMES}
+
+
 @functools.lru_cache(maxsize=None)
 def _classes():
     """{name: fastres class} for timm.models.resnet's BasicBlock, Bottleneck and ResNet (importing timm)."""
@@ -204,6 +248,8 @@ def __getattr__(name):
     # The classes exist once timm does: this lets pickle find them by name.
     if name in _CLASS_NAMES:
         return _classes()[name]
+    if name in _FEATURE_CLASS_NAMES:
+        return _feature_classes()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -212,6 +258,11 @@ def converters():
     if resnet is None:
         return {}
     classes = _classes()
-    return {resnet.BasicBlock: lambda m: _downsample_converted(swap_class(m, classes["BasicBlock"])),
-            resnet.Bottleneck: lambda m: _downsample_converted(swap_class(m, classes["Bottleneck"])),
-            resnet.ResNet: lambda m: swap_class(m, classes["ResNet"])}
+    found = {resnet.BasicBlock: lambda m: _downsample_converted(swap_class(m, classes["BasicBlock"])),
+             resnet.Bottleneck: lambda m: _downsample_converted(swap_class(m, classes["Bottleneck"])),
+             resnet.ResNet: lambda m: swap_class(m, classes["ResNet"])}
+    features = sys.modules.get("timm.models._features")
+    if features is not None:
+        for name, cls in _feature_classes().items():
+            found[getattr(features, name)] = functools.partial(swap_class, cls=cls)
+    return found

@@ -164,7 +164,8 @@ class _Plan:
     """The units of one ResNet in forward order, the state they were decided from, and their packed weights per
     input key. The model describes its body as `_plan_spec()` -> (stem, pool, layers), or None where it is not
     plannable now: stem [(conv, norm, relu, name)], units that run one after another from its fold cache; pool, the
-    module after the stem (None: none); layers, the nn.Sequentials of fused blocks. With `head`, the plan ends as
+    module after the stem (None: none); layers, the nn.Sequentials of fused blocks; optionally a fourth, stem_output:
+    the stages begin with the stem's output before the pool (see stage_spec). With `head`, the plan ends as
     fastres.models.ResNet does (model.avgpool, flatten, model.fc); without, it returns the last layer's output
     (the model's _plan_features: timm's forward_features, transformers' last hidden state), or with `stages` (a key
     of its own) the stem's (pool's) output and every layer's, as a tuple (the model's _plan_stages: transformers'
@@ -179,11 +180,18 @@ class _Plan:
         spec = model._plan_spec()
         if spec is None or not spec[0]:
             raise _NotPlannable
-        stem, self.pool, layers = spec
+        stem, self.pool, layers, *more = spec
+        self.stem_output = bool(more and more[0])
+        if self.stem_output and not stem[-1][2]:
+            raise _NotPlannable  # (the graph's pool below follows a ReLU, as its NaN check needs)
         # A max pool after the stem's ReLU runs as one pass that applies the ReLU after pooling (they commute),
-        # without ATen's argmax indices: (kernel_size, stride, padding, dilation, ceil_mode), or None.
-        self.pool_relu = _pool_relu_geometry(self.pool) if stem[-1][2] else None
-        if self.pool_relu is not None:
+        # without ATen's argmax indices: (kernel_size, stride, padding, dilation, ceil_mode), or None. Where the
+        # stem's output is a stage, the stem's unit applies its ReLU and the pool runs after it: in the graph as
+        # F.max_pool2d with these arguments (stem_pool), or None.
+        self.pool_relu = _pool_relu_geometry(self.pool) if stem[-1][2] and not self.stem_output else None
+        self.stem_pool = _max_pool_arguments(self.pool) if self.stem_output and type(self.pool) is nn.MaxPool2d \
+            and not self.pool.return_indices else None
+        if self.pool_relu is not None or self.stem_pool is not None:
             self._guard_attributes(self.pool, _MAX_POOL_ATTRIBUTES)
         self.stem = [self._unit(conv, norm, model.fold_cache, name, relu and (k < len(stem) - 1 or
                                                                              self.pool_relu is None))
@@ -426,12 +434,13 @@ class _Plan:
                     return self._head(model, features, packs, autocast_dtype)
         for i in self.stem:
             x = self.run_unit(i, x, packs)
+        stem_x = x
         if self.pool_relu is not None:
             x = _MAX_POOL_RELU(x, *self.pool_relu, True)
         elif self.pool is not None:
             x = self.pool(x)
         # With stages, the pool's output and each layer's are returned: no block may write over them.
-        outputs = [x] * (1 + self.layer_ends.count(0)) if stages else None
+        outputs = [stem_x] * self.stem_output + [x] * (1 + self.layer_ends.count(0)) if stages else None
         owned = self.pool_output_owned and not stages
         for b, (branch, projection, residual) in enumerate(self.blocks):
             block_input = x
@@ -511,7 +520,8 @@ class _Plan:
             if projection is not None and shortcut is None:
                 return None
             blocks.append((branch, shortcut, residual))
-        if self.pool_relu is None and self.pool is not None and type(self.pool) is not nn.Identity:
+        if self.pool_relu is None and self.stem_pool is None and self.pool is not None and \
+                type(self.pool) is not nn.Identity:
             return None
         folds = self._fp32_folds()
         if folds is None:
@@ -715,8 +725,8 @@ class _GraphBody(_UnitsBody):
 
     def __init__(self, plan, folds, blocks, head=None, stages=False):
         super().__init__(plan, folds)
-        self.stem, self.pool_relu, self.blocks = plan.stem, plan.pool_relu, blocks
-        self.stages, self.layer_ends = stages, plan.layer_ends
+        self.stem, self.pool_relu, self.stem_pool, self.blocks = plan.stem, plan.pool_relu, plan.stem_pool, blocks
+        self.stages, self.layer_ends, self.stem_output = stages, plan.layer_ends, plan.stem_output
         self.has_head = head is not None
         if self.has_head:
             self.register_buffer("head_weight", head[0].detach())
@@ -725,10 +735,14 @@ class _GraphBody(_UnitsBody):
     def forward(self, x):
         for i in self.stem:
             x = self.unit(i, x)
+        stem_x = x
         if self.pool_relu is not None:
             kernel_size, stride, padding, dilation, ceil_mode = self.pool_relu
             x = torch.relu(F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode))
-        outputs = [x] * (1 + self.layer_ends.count(0))
+        elif self.stem_pool is not None:
+            kernel_size, stride, padding, dilation, ceil_mode = self.stem_pool
+            x = F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+        outputs = [stem_x] * (self.stem_output and self.stages) + [x] * (1 + self.layer_ends.count(0))
         for b, (branch, shortcut, residual) in enumerate(self.blocks):
             block_input = x
             for i in branch[:-1]:
@@ -832,6 +846,29 @@ def _shortcut(projection):
 def _pad_shortcut():
     from fastres.models.cifar import PadShortcut  # (cifar imports this module's importer)
     return PadShortcut
+
+
+def stage_spec(items, taps):
+    """For a module that calls its (name, module) `items` in order and returns the outputs of the names in `taps`
+    (torchvision's IntermediateLayerGetter, timm's FeatureDictNet): (its _plan_spec, the names whose outputs the
+    plan's stages are, in order), where the items are a stem unit (conv, norm, ReLU: fastres.nn._lean.sequence_units
+    of the items), an optional pool and layers (nn.Sequential), and every tap is the pool (or the stem, without one),
+    a layer, or the stem's ReLU before the pool (the spec's stem_output); else None."""
+    units = sequence_units(items, taps)
+    if not units or units[0][0] != 0:
+        return None
+    _, end, conv, norm, relu = units[0]
+    stem_name, pool_name, pool = items[end - 1][0], None, None
+    if end < len(items) and type(items[end][1]) is not nn.Sequential:
+        (pool_name, pool), end = items[end], end + 1
+    layers = items[end:]
+    if not all(type(layer) is nn.Sequential for _, layer in layers):
+        return None
+    stem_output = pool is not None and stem_name in taps
+    names = [stem_name] * stem_output + [pool_name or stem_name] + [name for name, _ in layers]
+    if not set(taps) <= set(names):
+        return None
+    return ([(conv, norm, relu, items[0][0])], pool, [layer for _, layer in layers], stem_output), tuple(names)
 
 
 class _NotPlannable(Exception):
