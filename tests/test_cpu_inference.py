@@ -1362,24 +1362,26 @@ def test_converted_detection_body_under_autograd_recomputes_for_backward(per_uni
         assert torch.equal(got, expected)
 
 
-def _timm_features(feature_cls="list", **kwargs):
-    """timm's features_only model (FeatureListNet or FeatureDictNet) of a small timm ResNet (kwargs: its out_indices
-    and the like), its statistics random."""
+def _timm_features(feature_cls="list", deep_stem=False, **kwargs):
+    """timm's features_only model (FeatureListNet or FeatureDictNet) of a small timm ResNet (a ResNet-D's deep stem
+    and average-pool shortcuts with deep_stem; kwargs: its out_indices and the like), its statistics random."""
     pytest.importorskip("timm")
     from timm.models import _features
     cls = {"list": _features.FeatureListNet, "dict": _features.FeatureDictNet}[feature_cls]
-    return cls(_timm_resnet(), **kwargs).eval()
+    resnet = _timm_resnet(**(dict(stem_type="deep", stem_width=16, avg_down=True) if deep_stem else {}))
+    return cls(resnet, **kwargs).eval()
 
 
 TIMM_FEATURES = {"default-taps-with-the-stem": ("list", {}), "layers": ("list", dict(out_indices=(1, 2, 3, 4))),
-                 "dict": ("dict", dict(out_indices=(0, 2, 4))), "grad-checkpointing": ("list", {})}
+                 "dict": ("dict", dict(out_indices=(0, 2, 4))), "deep-stem": ("list", dict(deep_stem=True)),
+                 "grad-checkpointing": ("list", {})}
 
 
 @pytest.mark.parametrize("case", list(TIMM_FEATURES))
 def test_converted_timm_features_only_plans_its_stages(case, per_unit_path, plan_runs):
     """fastres.convert's timm features_only model (FeatureListNet, FeatureDictNet) runs its stem, pool and layers
-    from the plan, the stem's ReLU output among the stages where it is a tap (timm's default out_indices): the same
-    list or dict as timm's, exactly what the fused per-unit path computes, within the tolerance rule, channels_last.
+    from the plan, the stem's ReLU output among the stages where it is a tap (timm's default out_indices), a deep
+    stem's Sequential opened into units: the same list or dict as timm's, exactly what the fused per-unit path computes, within the tolerance rule, channels_last.
     With gradient checkpointing on, timm's own _collect runs."""
     feature_cls, kwargs = TIMM_FEATURES[case]
     plain = _timm_features(feature_cls, **kwargs)

@@ -6,8 +6,8 @@ from collections import OrderedDict
 
 import torch
 
-from fastres.nn._fused import FusedModuleMixin, _traced, functorch_active
-from fastres.nn._lean import run_sequence
+from fastres.nn._fused import FusedModuleMixin, _traced, functorch_active, has_hooks
+from fastres.nn._lean import run_sequence, sequence_units
 
 
 def _to_channels_last(x):
@@ -25,10 +25,23 @@ class StagesMixin(FusedModuleMixin):
     """For an nn.ModuleDict that calls its items in order and returns {return_layers[name]: output} for the names in
     its `return_layers`, in module order."""
 
+    def _stage_items(self):
+        """[(name, module)] as called, a first item that is a plain nn.Sequential (timm's deep stem) opened, so that
+        its convs, norms and ReLUs fuse (with the norm after it too); not where it is itself a return layer."""
+        items = list(self.items())
+        if items and type(items[0][1]) is torch.nn.Sequential and not has_hooks(items[0][1]) and \
+                items[0][0] not in self.return_layers:
+            name, stem = items[0]
+            items[:1] = [(f"{name}.{child}", m) for child, m in stem._modules.items()]
+        return items
+
+    def _fused_units(self):
+        return [(conv, norm) for _, _, conv, norm, _ in sequence_units(self._stage_items(), self.return_layers)]
+
     def _plan_spec(self):
         """What the eval plan runs (fastres.models._eval_plan.stage_spec of its modules and return layers); keeps the
         names whose outputs the plan's stages are (_fastres_stage_names)."""
-        found = _eval_plan().stage_spec(list(self.items()), self.return_layers)
+        found = _eval_plan().stage_spec(self._stage_items(), self.return_layers)
         if found is None:
             return None
         spec, self.__dict__["_fastres_stage_names"] = found
@@ -41,7 +54,7 @@ class StagesMixin(FusedModuleMixin):
         if out is not None:
             return out
         names, got = self._fastres_stage_names, {}
-        run_sequence(list(self.items()), _to_channels_last(x), self.fold_cache, observed=names,
+        run_sequence(self._stage_items(), _to_channels_last(x), self.fold_cache, observed=names,
                      on_output=got.__setitem__)
         return tuple(got[name] for name in names)
 

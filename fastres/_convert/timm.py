@@ -188,9 +188,6 @@ class _Features(StagesMixin):
     the outputs of return_layers collected (_collect), from the plan where it applies, else with each conv + norm +
     ReLU fused, channels_last; with gradient checkpointing on, timm's own _collect."""
 
-    def _fused_units(self):
-        return [(conv, norm) for _, _, conv, norm, _ in sequence_units(list(self.items()), self.return_layers)]
-
     def _collect(self, x):
         if self.grad_checkpointing or functorch_active():
             return self._library._collect(self, x)
@@ -204,7 +201,7 @@ class _Features(StagesMixin):
                 value = torch.cat(value, 1) if self.concat else value[0]
             out[self.return_layers[name]] = value
 
-        run_sequence(list(self.items()), _to_channels_last(x), self.fold_cache, observed=self.return_layers,
+        run_sequence(self._stage_items(), _to_channels_last(x), self.fold_cache, observed=self.return_layers,
                      on_output=keep)
         return out
 

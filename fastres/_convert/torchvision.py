@@ -20,9 +20,6 @@ class IntermediateLayerGetter(StagesMixin, torch.nn.ModuleDict):
     return_layers, run channels_last with the stem's conv + norm + ReLU fused; in eval on CPU from the plan where it
     applies (fastres._convert._stages)."""
 
-    def _fused_units(self):
-        return [(conv, norm) for _, _, conv, norm, _ in sequence_units(list(self.items()), self.return_layers)]
-
     def forward(self, x):
         out = self._planned_outputs(x)
         if out is not None:
@@ -32,7 +29,7 @@ class IntermediateLayerGetter(StagesMixin, torch.nn.ModuleDict):
         def keep(name, value):
             out[self.return_layers[name]] = value
 
-        run_sequence(list(self.items()), _to_channels_last(x), self.fold_cache, observed=self.return_layers,
+        run_sequence(self._stage_items(), _to_channels_last(x), self.fold_cache, observed=self.return_layers,
                      on_output=keep)
         return out
 

@@ -851,13 +851,18 @@ def _pad_shortcut():
 def stage_spec(items, taps):
     """For a module that calls its (name, module) `items` in order and returns the outputs of the names in `taps`
     (torchvision's IntermediateLayerGetter, timm's FeatureDictNet): (its _plan_spec, the names whose outputs the
-    plan's stages are, in order), where the items are a stem unit (conv, norm, ReLU: fastres.nn._lean.sequence_units
-    of the items), an optional pool and layers (nn.Sequential), and every tap is the pool (or the stem, without one),
-    a layer, or the stem's ReLU before the pool (the spec's stem_output); else None."""
-    units = sequence_units(items, taps)
-    if not units or units[0][0] != 0:
+    plan's stages are, in order), where the items are a stem of units (conv, norm, ReLU: fastres.nn._lean.
+    sequence_units of the items, one after another from the first), an optional pool and layers (nn.Sequential), and
+    every tap is the pool (or the stem, without one), a layer, or the stem's last ReLU before the pool (the spec's
+    stem_output); else None."""
+    stem, end = [], 0
+    for i, j, conv, norm, relu in sequence_units(items, taps):  # the stem: the units from the first item on
+        if i != end:
+            break
+        stem.append((conv, norm, relu, items[i][0]))
+        end = j
+    if not stem:
         return None
-    _, end, conv, norm, relu = units[0]
     stem_name, pool_name, pool = items[end - 1][0], None, None
     if end < len(items) and type(items[end][1]) is not nn.Sequential:
         (pool_name, pool), end = items[end], end + 1
@@ -868,7 +873,7 @@ def stage_spec(items, taps):
     names = [stem_name] * stem_output + [pool_name or stem_name] + [name for name, _ in layers]
     if not set(taps) <= set(names):
         return None
-    return ([(conv, norm, relu, items[0][0])], pool, [layer for _, layer in layers], stem_output), tuple(names)
+    return (stem, pool, [layer for _, layer in layers], stem_output), tuple(names)
 
 
 class _NotPlannable(Exception):
