@@ -5,6 +5,7 @@ do not export). Optional: `pip install -e ".[peers]"`; a provider whose package 
 Each engine takes the batch as a numpy array: Tensor.numpy() of the contiguous NCHW batch, which shares the tensor's
 memory (no copy), inside the timed call; its output comes back as a torch tensor (torch.from_numpy, no copy; OpenVINO
 copies its 8x1000 logits out of the request first)."""
+import copy
 import importlib
 import os
 import sys
@@ -18,7 +19,8 @@ INSTALL_HINT = 'pip install -e ".[peers]"'
 ENGINE_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "openvino-bf16": "openvino"}
 ENGINES = tuple(ENGINE_PACKAGES)
 # the model zoos (not engines: PyTorch models the run times like eager)
-MODEL_PACKAGES = {"timm": "timm", "fastres-timm": "timm", "transformers": "transformers",
+MODEL_PACKAGES = {"timm": "timm", "fastres-timm": "timm", "timm-features": "timm", "fastres-timm-features": "timm",
+                  "transformers": "transformers",
                   "fastres-transformers": "transformers", "transformers-hidden": "transformers",
                   "fastres-transformers-hidden": "transformers"}
 PACKAGES = {**ENGINE_PACKAGES, **MODEL_PACKAGES}
@@ -146,6 +148,55 @@ def timm_resnet(reference, arch, convert):
         import fastres
         model = fastres.convert(model)
     return model
+
+
+class FeaturesHead(torch.nn.Module):
+    """A feature extractor (every tap computed and kept, as a detection or segmentation model's backbone runs) with
+    the reference's classifier on its last feature map: the reference's logits, so that the run holds it to the
+    tolerance rule like any provider. The extractor returns a dict or a list."""
+
+    def __init__(self, features, avgpool, fc):
+        super().__init__()
+        self.features, self.avgpool, self.fc = features, avgpool, fc
+
+    def forward(self, x):
+        out = self.features(x)
+        last = list(out.values())[-1] if isinstance(out, dict) else out[-1]
+        return self.fc(torch.flatten(self.avgpool(last), 1))
+
+
+def torchvision_body(reference, arch, convert):
+    """torchvision's detection / segmentation backbone body (IntermediateLayerGetter, layer1 to layer4 returned, as
+    Faster R-CNN's FPN takes them) over a copy of `reference`, then its classifier (FeaturesHead); with `convert`,
+    after fastres.convert. None for an arch that is not a torchvision-style ResNet."""
+    from torchvision.models._utils import IntermediateLayerGetter
+    if arch.family != "resnet":
+        return None
+    model = copy.deepcopy(reference)
+    body = IntermediateLayerGetter(model, return_layers={f"layer{k}": str(k - 1) for k in range(1, 5)})
+    head = FeaturesHead(body, model.avgpool, model.fc).train(reference.training)
+    if convert:
+        import fastres
+        head = fastres.convert(head)
+    return head
+
+
+def timm_features(reference, arch, convert):
+    """timm's features_only model of `arch` (FeatureListNet, timm's default taps: the stem's ReLU and the four
+    layers) holding `reference`'s weights, then the reference's classifier (FeaturesHead); with `convert`, after
+    fastres.convert. None where timm has no such model."""
+    import timm
+    if arch.family != "resnet" or arch.variant != "v1.5":
+        return None
+    features = timm.create_model(arch.name, pretrained=False, features_only=True)
+    state = {k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}
+    features.load_state_dict(state, strict=True)
+    model = copy.deepcopy(reference)
+    head = FeaturesHead(features, model.avgpool, model.fc).train(reference.training)
+    if convert:
+        import fastres
+        head = fastres.convert(head)
+    return head
 
 
 def _import_off_this_folder(package, *modules):

@@ -43,6 +43,14 @@ torchvision's network):
   transformers-hidden   transformers' model called with output_hidden_states=True (every stage's output kept and
                         returned, as a ResNetBackbone's feature maps are), its logits the output
   fastres-transformers-hidden  the same after fastres.convert
+Backbone providers (the features a detection or segmentation model takes, every tap kept, then the reference's
+average pool and fc on the last one, so that the output is held to the tolerance rule like the logits):
+  torchvision-body      torchvision's IntermediateLayerGetter over the reference (layer1 to layer4 returned, as
+                        Faster R-CNN's FPN takes them)
+  fastres-torchvision-body  the same after fastres.convert
+  timm-features         timm.create_model(<arch>, features_only=True) with the reference's weights (timm's default
+                        taps: the stem's ReLU and the four layers)
+  fastres-timm-features the same after fastres.convert
 The onnxruntime and OpenVINO engines take NCHW batches (what their users hold; the conversion from the run's layout
 is untimed, as for eager-nchw) and get them as numpy arrays: Tensor.numpy() shares the tensor's memory, inside the
 timed call. Their peak memory is not measured (they allocate outside torch's allocator). Packages:
@@ -104,9 +112,10 @@ from fastres import testing  # noqa: E402
 # What a CPU user would run instead of fastres (--mode infer, --device cpu): see the module docstring.
 CPU_PEERS = ("eager-nchw", "compile-freezing", "torchscript-onednn", "onnxruntime", "openvino", "openvino-bf16",
              "eager-autocast", "fastres-autocast")
-TIMM = ("timm", "fastres-timm")
+TIMM = ("timm", "fastres-timm", "timm-features", "fastres-timm-features")
 TRANSFORMERS = ("transformers", "fastres-transformers", "transformers-hidden", "fastres-transformers-hidden")
-ZOOS = TIMM + TRANSFORMERS  # the model zoos' own models, and fastres.convert of them
+TORCHVISION = ("torchvision-body", "fastres-torchvision-body")
+ZOOS = TIMM + TRANSFORMERS + TORCHVISION  # the model zoos' own models, and fastres.convert of them
 PROVIDERS = ("fastres", "eager", "compile", "compile-max-autotune") + CPU_PEERS + ZOOS
 DEFAULT_PROVIDERS = {"cuda": PROVIDERS[:4], "cpu": ("fastres", "eager")}
 PEERS_KEYWORD = "peers"  # --providers peers: fastres, eager and every CPU peer
@@ -352,9 +361,14 @@ def build_providers(s, inputs, skipped):
         elif name == "fastres-autocast":
             models[name] = twin(fast, lambda: C.build_fastres(s.arch))
         elif name in ZOOS:
-            zoo = "timm" if name in TIMM else "transformers"
-            if zoo == "timm":
-                models[name] = _peers.timm_resnet(ref, s.arch, convert=name.startswith("fastres-"))
+            zoo = "timm" if name in TIMM else "transformers" if name in TRANSFORMERS else "torchvision"
+            convert = name.startswith("fastres-")
+            if name.endswith("timm-features"):
+                models[name] = _peers.timm_features(ref, s.arch, convert=convert)
+            elif name in TORCHVISION:
+                models[name] = _peers.torchvision_body(ref, s.arch, convert=convert)
+            elif zoo == "timm":
+                models[name] = _peers.timm_resnet(ref, s.arch, convert=convert)
             else:
                 models[name] = _peers.transformers_resnet(ref, s.arch, convert=name.startswith("fastres-"),
                                                           hidden_states=name.endswith("-hidden"))

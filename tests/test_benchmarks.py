@@ -844,6 +844,7 @@ def test_parse_arch_rejects_unknown():
 def test_throughput_model_zoo_providers(tmp_path):
     """timm's and transformers' ResNets and fastres.convert of each run beside fastres on the same weights (timm's
     state_dict keys are torchvision's, transformers' mapped from them, strict), transformers' also with hidden states,
+    and the backbones (torchvision's detection body, timm's features_only model) with the reference's classifier,
     each within the tolerance rule against float64; the run records the zoos' versions; an arch a zoo does not have is skipped with a note."""
     zoos = [zoo for zoo in ("timm", "transformers") if importlib.util.find_spec(zoo) is not None]
     if not zoos:
@@ -851,6 +852,10 @@ def test_throughput_model_zoo_providers(tmp_path):
     names = ["fastres", "eager"] + [name for zoo in zoos for name in (zoo, f"fastres-{zoo}")]
     if "transformers" in zoos:  # (its model called with output_hidden_states=True: the logits all the same)
         names += ["transformers-hidden", "fastres-transformers-hidden"]
+    # the backbones (every tap kept, then the reference's classifier on the last)
+    names += ["torchvision-body", "fastres-torchvision-body"]
+    if "timm" in zoos:
+        names += ["timm-features", "fastres-timm-features"]
     r, run = run_throughput(tmp_path, ",".join(names), "--arch", "resnet18", "--input-size", "32")
     assert list(run["results"]) == names
     for result in run["results"].values():
