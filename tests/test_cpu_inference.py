@@ -1297,6 +1297,17 @@ def test_converted_transformers_resnet_eval_forward_under_autograd_recomputes_fo
         assert torch.equal(got, expected)
 
 
+def _per_unit_and_planned_features(plain, model, per_unit_path):
+    """A feature extractor's outputs on one input: (the converted `model`'s per-unit path's, [its first two forwards'
+    (the first packs the weights, the second runs from them)], the `plain` model's in float64, ATen's)."""
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        with per_unit_path():
+            ref = model(x)
+        got = [model(x) for _ in range(2)]
+        return ref, got, copy.deepcopy(plain).double()(x.double()), plain(x)
+
+
 def _detection_body(return_layers, **kwargs):
     """torchvision's detection / segmentation backbone body (IntermediateLayerGetter) of a small ResNet (FrozenBatchNorm2d,
     as detection models build it; basic blocks, or bottlenecks where kwargs dilate), its statistics random."""
@@ -1325,13 +1336,8 @@ def test_converted_detection_body_plans_its_stages(case, per_unit_path, plan_run
     channels_last. A return layer inside the stem's unit (its norm's output) takes the per-unit path."""
     return_layers, kwargs = DETECTION_BODIES[case]
     plain = _detection_body(return_layers, **kwargs)
-    body = fastres.convert(copy.deepcopy(plain))
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        with per_unit_path():
-            ref = body(x)
-        got = [body(x) for _ in range(2)]  # the first packs the weights, the second runs from them
-        ref64, aten = copy.deepcopy(plain).double()(x.double()), plain(x)
+    ref, got, ref64, aten = _per_unit_and_planned_features(plain, fastres.convert(copy.deepcopy(plain)),
+                                                           per_unit_path)
     planned = case != "stem-norm"
     assert plan_runs["plan"] == (2 if planned else 0)
     for out in got:
@@ -1391,16 +1397,11 @@ def test_converted_timm_features_only_plans_its_stages(case, per_unit_path, plan
         model.set_grad_checkpointing(True)
     report = fastres.convert_report(model)
     assert report.convs_fused == report.convs_total, str(report)
-    x = torch.randn(2, 3, 64, 64)
 
     def values(out):
         return list(out.values()) if isinstance(out, dict) else out
 
-    with torch.no_grad():
-        with per_unit_path():
-            ref = model(x)
-        got = [model(x) for _ in range(2)]  # the first packs the weights, the second runs from them
-        ref64, aten = copy.deepcopy(plain).double()(x.double()), plain(x)
+    ref, got, ref64, aten = _per_unit_and_planned_features(plain, model, per_unit_path)
     planned = case != "grad-checkpointing"
     assert plan_runs["plan"] == (2 if planned else 0)
     for out in got:
@@ -1556,26 +1557,18 @@ def test_onednn_graph_body_only_for_what_it_covers(case, graph_body, per_unit_pa
     assert all(torch.equal(o, ref) for o in outs)
 
 
-class _FeatureMaps(nn.Module):
-    """A transformers ResNetBackbone's feature maps, flattened into one tensor (for the tolerance rule)."""
+class _Flattened(nn.Module):
+    """A backbone's feature maps (its output's `attribute`, or its dict's values), flattened into one tensor (for the
+    tolerance rule)."""
 
-    def __init__(self, model):
+    def __init__(self, model, attribute=None):
         super().__init__()
-        self.model = model
+        self.model, self.attribute = model, attribute
 
     def forward(self, x):
-        return torch.cat([m.flatten(1) for m in self.model(x).feature_maps], 1)
-
-
-class _Features(nn.Module):
-    """A backbone body's feature dict, flattened into one tensor (for the tolerance rule)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return torch.cat([m.flatten(1) for m in self.model(x).values()], 1)
+        out = self.model(x)
+        maps = getattr(out, self.attribute) if self.attribute else out.values()
+        return torch.cat([m.flatten(1) for m in maps], 1)
 
 
 @pytest.mark.parametrize("case", ["cifar-option-A", "timm-average-pool-shortcut", "transformers-resnet",
@@ -1600,15 +1593,15 @@ def test_onednn_graph_body_covers_option_a_and_average_pool_shortcuts(case, grap
         plain = _LastHiddenState(_hf_resnet("ResNetModel"))
         model = _LastHiddenState(fastres.convert(copy.deepcopy(plain.model)))
     elif case == "transformers-backbone":
-        plain = _FeatureMaps(_hf_resnet("ResNetBackbone", out_features=["stem", "stage1", "stage2", "stage3",
-                                                                       "stage4"]))
-        model = _FeatureMaps(fastres.convert(copy.deepcopy(plain.model)))
+        plain = _Flattened(_hf_resnet("ResNetBackbone", out_features=["stem", "stage1", "stage2", "stage3",
+                                                                     "stage4"]), "feature_maps")
+        model = _Flattened(fastres.convert(copy.deepcopy(plain.model)), "feature_maps")
     elif case == "torchvision-detection-body":
-        plain = _Features(_detection_body({"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}))
-        model = _Features(fastres.convert(copy.deepcopy(plain.model)))
+        plain = _Flattened(_detection_body({"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}))
+        model = _Flattened(fastres.convert(copy.deepcopy(plain.model)))
     else:  # timm's default taps: the stem's ReLU output before the max pool among them
-        plain = _Features(_timm_features("dict"))
-        model = _Features(fastres.convert(copy.deepcopy(plain.model)))
+        plain = _Flattened(_timm_features("dict"))
+        model = _Flattened(fastres.convert(copy.deepcopy(plain.model)))
     # channels_last, the layout the plan runs in: CifarResNet's per-unit forward runs in the input's
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
     bad = x.clone()
