@@ -174,11 +174,7 @@ def torchvision_body(reference, arch, convert):
         return None
     model = copy.deepcopy(reference)
     body = IntermediateLayerGetter(model, return_layers={f"layer{k}": str(k - 1) for k in range(1, 5)})
-    head = FeaturesHead(body, model.avgpool, model.fc).train(reference.training)
-    if convert:
-        import fastres
-        head = fastres.convert(head)
-    return head
+    return _with_classifier(body, model, reference, convert)
 
 
 def timm_features(reference, arch, convert):
@@ -191,7 +187,11 @@ def timm_features(reference, arch, convert):
     features = timm.create_model(arch.name, pretrained=False, features_only=True)
     state = {k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}
     features.load_state_dict(state, strict=True)
-    model = copy.deepcopy(reference)
+    return _with_classifier(features, copy.deepcopy(reference), reference, convert)
+
+
+def _with_classifier(features, model, reference, convert):
+    """FeaturesHead(features, model's avgpool and fc) in reference's mode; with `convert`, after fastres.convert."""
     head = FeaturesHead(features, model.avgpool, model.fc).train(reference.training)
     if convert:
         import fastres

@@ -225,7 +225,7 @@ class _Model(_PlannedRoot):
             out = self._serve(pixel_values, output_hidden_states=output_hidden_states, return_dict=return_dict)
             if out is not None:
                 return out
-        elif self._plannable(pixel_values, kwargs):
+        elif not output_hidden_states and self._plannable(pixel_values, kwargs):
             last_hidden_state = _eval_plan.run(self, pixel_values, head=False)
             if last_hidden_state is not None:
                 pooled_output = self.pooler(last_hidden_state)
