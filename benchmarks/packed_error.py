@@ -10,12 +10,13 @@ the error against a float64 reference at most twice ATen's in the same dtype (pl
 reference's magnitude), ATen in the layout fastres runs.
 
 Per conv, in forward order, fed the float64 reference model's own input to that conv (rounded to --dtype):
-  packed     fastres's CPU eval call: the weight packed by pack_conv_weight for this input shape, the conv and its
-             bias by prepacked_conv_bias_act, channels_last input
+  packed     fastres's CPU eval call: the weight packed by pack_conv_weight for this input shape (oneDNN's blocked
+             layout, or Winograd's transform where its rule picks it), the conv and its bias by
+             prepacked_conv_bias_act, channels_last input
   aten-cl    torch.nn.functional.conv2d with channels_last input and weight
   aten-nchw  the same, contiguous
   winograd   (fp32, 3x3 convs of stride 1, padding 1, one group) fastres._C's _winograd_conv3x3 on the weight
-             _winograd_weight transformed, as the oneDNN Graph body runs the larger of them
+             _winograd_weight transformed, as fastres runs the larger of them, whatever this one's size
 each against conv2d in float64 (the conv's own weight: no norm folded, no ReLU). Then the whole model: fastres.models
 in eval (its CPU eval plan, second forward) against the float64 reference model (torchvision's, same weights, BN
 statistics calibrated on one batch), beside the reference model run by ATen in each layout. --dtype bf16 casts each
@@ -112,12 +113,12 @@ def conv_row(name, conv, x64, dtype):
 
 def winograd_error(xcl, w, b, geometry, ref, aten_cl_error):
     """{winograd, winograd_ok}: _winograd_conv3x3's error against float64 and its verdict, both None where the
-    conv is not one it computes (the graph body's own test, _winograd_applies)."""
-    from fastres.models import _eval_plan
-    if _eval_plan._WINOGRAD_CONV is None or not _eval_plan._winograd_applies(w, geometry):
+    conv is not one it computes (backend_cuda.winograd_applies)."""
+    from fastres.ops import backend_cuda
+    if not backend_cuda.WINOGRAD or not backend_cuda.winograd_applies(w, geometry):
         return {"winograd": None, "winograd_ok": None}
     with torch.no_grad():
-        out = _eval_plan._WINOGRAD_CONV(xcl, torch.ops.fastres._winograd_weight(w), b, None, False)
+        out = torch.ops.fastres._winograd_conv3x3(xcl, torch.ops.fastres._winograd_weight(w), b, None, False)
     error = max_error(out, ref)
     return {"winograd": error, "winograd_ok": verdict(error, aten_cl_error, w.dtype, ref)["ok"]}
 

@@ -22,8 +22,8 @@
 // per block the branch's unit count and units, then its shortcut: 0 none (no residual), 1 the block's input,
 // 2 a unit (its index), 3 an average pool then a unit (kernel_size, stride, padding, ceil_mode, count_include_pad,
 // divisor_override or 0, the unit), 4 option A (stride, the zero channels appended).
-// Units (int[], 8 per unit): stride h w, padding h w, dilation h w, groups, relu; unit i's packed weight and bias
-// are weights[i] and biases[i].
+// Units (int[], 8 per unit): stride h w, padding h w, dilation h w, groups, relu; unit i's packed weight (oneDNN's,
+// or a Winograd transform) and bias are weights[i] and biases[i].
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -75,6 +75,15 @@ at::Tensor relu_in_place(const at::Tensor& x) {
   return x;
 }
 
+at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& residual, bool relu) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastres::_winograd_conv3x3", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                               const std::optional<at::Tensor>&, bool)>();
+  return op.call(x, weight, bias, residual.defined() ? std::optional<at::Tensor>(residual) : std::nullopt, relu);
+}
+
 struct Unit {
   std::vector<int64_t> stride, padding, dilation;
   int64_t groups;
@@ -93,9 +102,14 @@ c10::IValue optional_tensor(const std::optional<at::Tensor>& t) {
 }
 
 // relu?(conv(x) + bias + residual?) from a prepacked weight, as fastres.ops.backend_cuda.prepacked_conv_bias_act;
-// fuse_relu: the ReLU as oneDNN's post-op (NaN to 0: see run_plan).
+// fuse_relu: the ReLU as oneDNN's post-op (NaN to 0: see run_plan). A dense 3-D weight is _winograd_weight's
+// [16, Cin, Cout] transform (pack_conv_weight chose Winograd for this unit and input size): _winograd_conv3x3, whose
+// ReLU keeps NaN either way.
 at::Tensor run_unit(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                     const Unit& u, const at::Tensor& residual, bool residual_owned, bool fuse_relu) {
+  if (weight.layout() == at::kStrided && weight.dim() == 3) {
+    return winograd_conv3x3(x, weight, bias, residual, u.relu);
+  }
   const c10::List<std::optional<c10::Scalar>> no_scalars;
   const bool post_relu = fuse_relu && u.relu;
   const c10::IValue unary = post_relu ? c10::IValue("relu") : c10::IValue();

@@ -1660,15 +1660,16 @@ def test_onednn_graph_body_turned_off_by_the_environment():
 
 @pytest.fixture
 def winograd_everywhere(monkeypatch):
-    """The graph body's Winograd convolutions on for every 3x3 unit it computes, however small (the tests' inputs
-    are below the size thresholds)."""
+    """Winograd convolutions on for every 3x3 unit of stride 1, however small (the tests' inputs are below the size
+    thresholds), in the graph body and on the packed path alike."""
     from fastres.models import _eval_plan
     if _eval_plan._WINOGRAD_CONV is None:
         pytest.skip("fastres._C without _winograd_conv3x3")
-    monkeypatch.setattr(_eval_plan, "WINOGRAD", True)
-    monkeypatch.setattr(_eval_plan, "WINOGRAD_MIN_CHANNELS", 0)
-    monkeypatch.setattr(_eval_plan, "WINOGRAD_MIN_MACS", 0)
-    monkeypatch.setattr(_eval_plan, "WINOGRAD_MIN_TILES", 0)
+    from fastres.ops import backend_cuda
+    monkeypatch.setattr(backend_cuda, "WINOGRAD", True)
+    monkeypatch.setattr(backend_cuda, "WINOGRAD_MIN_CHANNELS", 0)
+    monkeypatch.setattr(backend_cuda, "WINOGRAD_MIN_MACS", 0)
+    monkeypatch.setattr(backend_cuda, "WINOGRAD_MIN_TILES", 0)
 
 
 def _graph_run(model, x):
@@ -1731,27 +1732,114 @@ def test_winograd_only_where_the_convolution_is_large_enough(graph_body):
     """At the default thresholds a CIFAR ResNet's 16- to 64-channel convolutions stay oneDNN's (the partitions a
     Winograd convolution splits would cost more than it saves), and so does a convolution of few output tiles;
     ResNet-50's at 224x224 do not."""
-    from fastres.models import _eval_plan
-    if not _eval_plan.WINOGRAD:
+    from fastres.ops import backend_cuda
+    if not backend_cuda.WINOGRAD:
         pytest.skip("Winograd off (FASTRES_CPU_WINOGRAD=0 or fastres._C without it)")
     _, names = _graph_run(randomize_(fm.cifar_resnet(20)).eval(), torch.randn(2, 3, 32, 32))
     assert "fastres::_winograd_conv3x3" not in names
+    pays = backend_cuda.winograd_pays
     conv = nn.Conv2d(64, 64, 3, padding=1)
-    assert _eval_plan._winograd_pays(conv.weight, torch.empty(1, 64, 56, 56))
-    assert not _eval_plan._winograd_pays(conv.weight, torch.empty(1, 64, 8, 8))
-    assert not _eval_plan._winograd_pays(nn.Conv2d(32, 32, 3).weight, torch.empty(64, 32, 56, 56))
+    assert pays(conv.weight, (1, 64, 56, 56))
+    assert not pays(conv.weight, (1, 64, 8, 8))
+    assert not pays(nn.Conv2d(32, 32, 3).weight, (64, 32, 56, 56))
     # ResNet-50's last stage: at batch 1 too few tiles (16) to reuse its transformed weights, at batch 8 enough
     last = nn.Conv2d(512, 512, 3, padding=1).weight
-    assert not _eval_plan._winograd_pays(last, torch.empty(1, 512, 7, 7))
-    assert _eval_plan._winograd_pays(last, torch.empty(8, 512, 7, 7))
+    assert not pays(last, (1, 512, 7, 7))
+    assert pays(last, (8, 512, 7, 7))
 
 
 def test_winograd_turned_off_by_the_environment():
     import subprocess
-    code = "import fastres.models._eval_plan as p; print(p.WINOGRAD)"
+    code = "import fastres.ops.backend_cuda as b; print(b.WINOGRAD)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "FASTRES_CPU_WINOGRAD": "0"})
     assert out.stdout.strip() == "False"
+
+
+def _fpn_pair():
+    """torchvision's FeaturePyramidNetwork over 64- and 128-channel maps (randomized, eval) and fastres.convert's, and
+    its input: the 56x56 level's 3x3 convolution (64 channels, 116M multiply-adds) is large enough for Winograd's
+    rule, the 28x28 level's (29M) is not."""
+    import collections
+    fpn = randomize_(torchvision.ops.FeaturePyramidNetwork([64, 128], 64)).eval()
+    feats = collections.OrderedDict(p2=torch.randn(1, 64, 56, 56), p3=torch.randn(1, 128, 28, 28))
+    return fpn, fastres.convert(copy.deepcopy(fpn)).eval(), feats
+
+
+def _fpn_check(what, fr, fpn, feats):
+    """fr(feats) (channels_last) within the tolerance rule against float64, level by level; its profiled op names."""
+    import collections
+    cl = collections.OrderedDict((k, v.contiguous(memory_format=CL)) for k, v in feats.items())
+    with torch.no_grad():
+        with profile() as prof:
+            out = fr(cl)
+        ref64 = copy.deepcopy(fpn).double()(collections.OrderedDict((k, v.double()) for k, v in feats.items()))
+        atens = [copy.deepcopy(fpn).to(memory_format=fmt)(
+            collections.OrderedDict((k, v.contiguous(memory_format=fmt)) for k, v in feats.items()))
+            for fmt in (torch.contiguous_format, CL)]
+    from fastres.testing import max_error
+    for level in ref64:
+        aten = max((a[level] for a in atens), key=lambda a: max_error(a, ref64[level]))
+        assert_within(f"{what}, {level}", out[level], ref64[level], aten)
+        assert out[level].is_contiguous(memory_format=CL)
+    return [e.name for e in prof.events()]
+
+
+def test_packed_path_runs_large_3x3_convolutions_as_winograd(packing):
+    """Outside any plan (a detector's FPN, converted), a 3x3 convolution of stride 1 that Winograd's rule picks runs
+    as _winograd_conv3x3 from its transformed weight, made once per input shape and never stale; the others run
+    oneDNN's from their packed weights. Within the tolerance rule against float64."""
+    from fastres.ops import backend_cuda
+    if not backend_cuda.WINOGRAD:
+        pytest.skip("Winograd off (FASTRES_CPU_WINOGRAD=0 or fastres._C without it)")
+    fpn, fr, feats = _fpn_pair()
+    names = _fpn_check("FPN, first forward", fr, fpn, feats)
+    assert names.count("fastres::_winograd_conv3x3") == 1 and names.count("fastres::_winograd_weight") == 1
+    assert names.count("mkldnn::_convolution_pointwise") == 3  # the two 1x1 lateral convs, the 28x28 level's 3x3
+    assert packing == {"packed": 4, "ran": 4}
+    names = _fpn_check("FPN, second forward", fr, fpn, feats)
+    assert names.count("fastres::_winograd_conv3x3") == 1 and "fastres::_winograd_weight" not in names
+    assert packing == {"packed": 4, "ran": 8}
+    # An in-place edit of the Winograd unit's weight: that unit alone is transformed again.
+    with torch.no_grad():
+        for m in (fpn, fr):
+            m.layer_blocks[0][0].weight.mul_(-0.5)
+    names = _fpn_check("FPN after an in-place weight edit", fr, fpn, feats)
+    assert names.count("fastres::_winograd_weight") == 1 and packing["packed"] == 5
+    # Under a gradient the packed path steps aside (oneDNN's and Winograd's ops have no autograd formula).
+    out = fr(feats)
+    assert out["p2"].requires_grad and packing["packed"] == 5
+
+
+def test_winograd_turned_off_leaves_the_packed_path_to_onednn(packing, monkeypatch):
+    """FASTRES_CPU_WINOGRAD=0 (backend_cuda.WINOGRAD false): every convolution runs oneDNN's from its packed weight."""
+    from fastres.ops import backend_cuda
+    monkeypatch.setattr(backend_cuda, "WINOGRAD", False)
+    fpn, fr, feats = _fpn_pair()
+    names = _fpn_check("FPN, Winograd off", fr, fpn, feats)
+    assert "fastres::_winograd_conv3x3" not in names and names.count("mkldnn::_convolution_pointwise") == 4
+    assert packing == {"packed": 4, "ran": 4}
+
+
+def test_eval_plan_runs_winograd_units_exactly_as_the_per_unit_path(per_unit_path, plan_runs, winograd_everywhere):
+    """Where Winograd's rule picks a unit, the plan's Python loop (first forward) and its one-call body, _run_plan
+    (second), run it as _winograd_conv3x3 as the per-unit path does: the same result bit for bit, within the
+    tolerance rule against float64, the model's input not written over."""
+    fr, tv = pair(fm.resnet18, torchvision.models.resnet18)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
+    x_before = x.clone()
+    with torch.inference_mode():
+        ref, first, second, prof = _per_unit_then_planned(fr, x, per_unit_path)
+    assert plan_runs["plan"] == 2
+    assert torch.equal(first, ref) and torch.equal(second, ref) and torch.equal(x, x_before)
+    inside = [e.name for e in prof.events() if _under(e, "fastres::_run_plan")]
+    # ResNet-18's 13 3x3 convolutions of stride 1 as Winograd, its 3 strided ones, 3 projections and stem oneDNN's
+    assert inside.count("fastres::_winograd_conv3x3") == 13
+    assert inside.count("mkldnn::_convolution_pointwise") + inside.count("mkldnn::_convolution_pointwise_") == 7
+    with torch.no_grad():
+        ref64 = copy.deepcopy(tv).double()(x.double())
+        aten = _aten_worse(tv, x, ref64)
+    assert_within("resnet18 eval, Winograd units in _run_plan", second, ref64, aten)
 
 
 def test_onednn_graph_body_dropped_where_inputs_keep_meeting_nan(graph_body, per_unit_path):
@@ -2203,7 +2291,8 @@ def test_the_graphs_of_a_plan_share_their_winograd_weights(graph_body, monkeypat
     at every shape built so far) is freed. ResNet-18 at 64x64: batch 6 runs layer1 and layer2 (64 and 128
     channels) as Winograd, batch 8 layer3 (256) too; layer4 (512, 2x2 maps) is too small at both."""
     from fastres.models import _eval_plan
-    if not _eval_plan.WINOGRAD:
+    from fastres.ops import backend_cuda
+    if not backend_cuda.WINOGRAD:
         pytest.skip("needs fastres._C's _winograd_conv3x3")
     builds = []  # per graph built: [(output channels, id, weak reference) of each transform its body was given]
     winograd_weight, graph = _eval_plan._Plan.winograd_weight, _eval_plan._Plan._graph

@@ -30,9 +30,10 @@ Once a forward of an input key has run every unit from its packed weight, the bo
 C++ call, fastres::_run_plan (csrc/cpu_plan.cpp): the same calls without the Python around each (~20 us a unit).
 In fp32, once that call has run GRAPH_AFTER times for an input key, the body becomes a oneDNN Graph (TorchScript's
 fusion of the frozen graph of the same units), which keeps what each oneDNN call otherwise rebuilds (GRAPH_BODY),
-and ends with the classifier where it is a global average pool and a linear (GRAPH_HEAD). In that graph the larger
-3x3 convolutions of stride 1 run as Winograd's F(2x2, 3x3) (fastres._C's _winograd_conv3x3, WINOGRAD): 16 products
-per output tile where oneDNN's direct kernels take 36, between the graph's partitions.
+and ends with the classifier where it is a global average pool and a linear (GRAPH_HEAD). In every form of the body
+(the packed units, the one-call body, the graph) the larger 3x3 convolutions of stride 1 run as Winograd's F(2x2, 3x3)
+(fastres._C's _winograd_conv3x3; fastres.ops.backend_cuda's rule decides which): 16 products per output tile where
+oneDNN's direct kernels take 36 (in the graph, between its partitions).
 Under autocast to a reduced dtype (bf16, fp16) with fp32 weights and input, on a CPU whose convolutions in that
 dtype are slower than in fp32 (AVX512-BF16 without AMX: 1.3-1.9x slower per ResNet-50 layer, 1.7x in all, on an
 Intel Xeon), the plan runs the fp32 body and hands back its output in autocast's dtype, as autocast's forward
@@ -94,23 +95,14 @@ _FE_INVALID = (torch.ops.fastres._fe_invalid_clear.default, torch.ops.fastres._f
 GRAPH_BODY = (os.environ.get("FASTRES_CPU_GRAPH", "1") != "0" and _FE_INVALID is not None
               and hasattr(torch.jit, "enable_onednn_fusion") and torch.backends.mkldnn.is_available())
 GRAPH_AFTER = 2
-# In the graph body, each 3x3 convolution of stride 1, padding 1 and one group as Winograd's F(2x2, 3x3)
-# (fastres._C's _winograd_conv3x3, csrc/cpu_winograd.cpp): 16 matrix products per 2x2 output tile where oneDNN's
-# direct kernels take 36 multiply-adds per channel pair, within the tolerance rule. FASTRES_CPU_WINOGRAD=0 turns it
-# off. It applies where the convolution is large enough to pay for the oneDNN Graph partitions it splits (each
-# _winograd_conv3x3 ends one and starts another, ~50 us each at batch 1 on an Intel Xeon): at least
-# WINOGRAD_MIN_CHANNELS in and out and WINOGRAD_MIN_MACS multiply-adds a call. Ad hoc, graph bodies A/B in one
-# process, Intel Xeon, 2 threads: ResNet-50 1.05-1.08x faster at batch 1 (1.06-1.07x after 0.1 s of idle),
-# 1.09-1.12x at batch 8, ResNet-18 1.22-1.25x at batch 1; CIFAR ResNet-56 (16 to 64 channels) 0.89x at batch 1 and
-# 0.78x at batch 8 with every 3x3 convolution so, hence the thresholds.
+# In the graph body, the larger 3x3 convolutions of stride 1 as Winograd's F(2x2, 3x3), by the rule the packed path
+# follows too (fastres.ops.backend_cuda: winograd_applies, winograd_pays; FASTRES_CPU_WINOGRAD=0 turns it off), on a
+# transform of the unit's fold shared by the plan's graphs (_Plan.winograd_weight).
 _WINOGRAD_CONV = torch.ops.fastres._winograd_conv3x3.default if _compiled.has_op("_winograd_conv3x3") else None
-WINOGRAD = os.environ.get("FASTRES_CPU_WINOGRAD", "1") != "0" and _WINOGRAD_CONV is not None
-WINOGRAD_MIN_CHANNELS = 64
-WINOGRAD_MIN_MACS = 50_000_000
-# ... and at least WINOGRAD_MIN_TILES output tiles, the times each transformed weight (16/9 the direct one's bytes) is
-# used in a call: ResNet-50's last stage at batch 1 (16 tiles of 7x7, 17 MB of transformed weight a convolution) was
-# 1.7x faster in a tight loop but is bound by reading its weights where other work has left the caches cold.
-WINOGRAD_MIN_TILES = 32
+try:
+    from fastres.ops import backend_cuda as _cpu_backend
+except ImportError:  # fastres._C not built: no plan
+    _cpu_backend = None
 # The classifier (global average pool, linear) inside the graph: the features never come back to Python, and the
 # linear is one of the graph's partitions. Ad-hoc A/B on an Intel Xeon, one process: ResNet-50 at batch 1 about
 # 0.2 ms off 29 ms (within the machine's noise), CIFAR ResNet-56 0.05 of 1.74 ms at batch 1 and 0.07 of 6.9 at 8.
@@ -685,37 +677,20 @@ class _UnitsBody(nn.Module):
         for i, (weight, bias) in enumerate(folds):
             self.register_buffer(f"weight{i}", weight)
             self.register_buffer(f"bias{i}", bias)
-            self.winograd.append(WINOGRAD and _winograd_applies(weight, units[i].geometry))
+            self.winograd.append(_cpu_backend.WINOGRAD and _cpu_backend.winograd_applies(weight, units[i].geometry))
             if self.winograd[-1]:
                 self.register_buffer(f"wino{i}", plan.winograd_weight(i, weight))
         self.geometry = [unit.geometry for unit in units]
         self.relu = [unit.relu for unit in units]
 
     def unit(self, i, x, residual=None):
-        if self.winograd[i] and _winograd_pays(getattr(self, f"weight{i}"), x):
+        if self.winograd[i] and _cpu_backend.winograd_pays(getattr(self, f"weight{i}"), x.shape):
             return _WINOGRAD_CONV(x, getattr(self, f"wino{i}"), getattr(self, f"bias{i}"), residual, self.relu[i])
         stride, padding, dilation, groups = self.geometry[i]
         y = F.conv2d(x, getattr(self, f"weight{i}"), getattr(self, f"bias{i}"), stride, padding, dilation, groups)
         if residual is not None:
             y = y + residual
         return torch.relu(y) if self.relu[i] else y
-
-
-def _winograd_applies(weight, geometry):
-    """Whether _winograd_conv3x3 computes this unit's convolution: fp32, 3x3, stride 1, padding 1, dilation 1, one
-    group."""
-    return weight.dtype == torch.float32 and weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3) and \
-        tuple(geometry) == ((1, 1), (1, 1), (1, 1), 1)
-
-
-def _winograd_pays(weight, x):
-    """Whether a 3x3 convolution of `weight` on x is large enough for _winograd_conv3x3 in the graph body (see
-    WINOGRAD_MIN_MACS)."""
-    out_channels, in_channels = weight.shape[:2]
-    macs = x.shape[0] * x.shape[2] * x.shape[3] * in_channels * out_channels * 9
-    tiles = x.shape[0] * ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2)
-    return min(in_channels, out_channels) >= WINOGRAD_MIN_CHANNELS and macs >= WINOGRAD_MIN_MACS and \
-        tiles >= WINOGRAD_MIN_TILES
 
 
 class _GraphBody(_UnitsBody):

@@ -12,6 +12,8 @@ Measured on CPU (2 cores, fp32, channels_last, [8, C, 28, 28], C = 128 and 512) 
 about a third of the bytes the backward reads. conv_bn_act still saves its output: the mask there needs a seventh
 output of its functional forward op and a mask input of the bn_act_backward op, in every backend.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -145,9 +147,62 @@ def packable(x, dtype):
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
 
 
+# ---------------------------------------------------------------- Winograd 3x3 convolutions (CPU eval)
+# A 3x3 convolution of stride 1, padding 1, dilation 1 and one group, in fp32, as Winograd's F(2x2, 3x3) (fastres._C's
+# _winograd_conv3x3, csrc/cpu_winograd.cpp): 16 matrix products per 2x2 output tile where oneDNN's direct kernels
+# take 36 multiply-adds per channel pair, within the tolerance rule. pack_conv_weight chooses it for a unit and input
+# size (its "packed" weight is then _winograd_weight's [16, Cin, Cout] transform, which prepacked_conv_bias_act and
+# the eval plan's one-call body, csrc/cpu_plan.cpp, recognize), and the eval plan's oneDNN Graph body decides by the
+# same rule (fastres.models._eval_plan). FASTRES_CPU_WINOGRAD=0 turns it off. It applies where the convolution is
+# large enough: at least WINOGRAD_MIN_CHANNELS in and out and WINOGRAD_MIN_MACS multiply-adds a call, so that in the
+# graph body it pays for the oneDNN Graph partitions it splits (each _winograd_conv3x3 ends one and starts another,
+# ~50 us each at batch 1 on an Intel Xeon). Ad hoc, graph bodies A/B in one process, Intel Xeon, 2 threads:
+# ResNet-50 1.05-1.08x faster at batch 1 (1.06-1.07x after 0.1 s of idle), 1.09-1.12x at batch 8, ResNet-18
+# 1.22-1.25x at batch 1; CIFAR ResNet-56 (16 to 64 channels) 0.89x at batch 1 and 0.78x at batch 8 with every 3x3
+# convolution so, hence the thresholds. Per unit (outside a graph: a detector's FPN and RPN head, 256 channels at up
+# to a quarter of an 800x1216 image), the whole Faster R-CNN ResNet-50 FPN ran 1.21x faster with it (ad hoc, AMD
+# EPYC, benchmarks/results/cpu_inference.md).
+WINOGRAD = os.environ.get("FASTRES_CPU_WINOGRAD", "1") != "0" and _compiled.has_op("_winograd_conv3x3")
+WINOGRAD_MIN_CHANNELS = 64
+WINOGRAD_MIN_MACS = 50_000_000
+# ... and at least WINOGRAD_MIN_TILES output tiles, the times each transformed weight (16/9 the direct one's bytes) is
+# used in a call: ResNet-50's last stage at batch 1 (16 tiles of 7x7, 17 MB of transformed weight a convolution) was
+# 1.7x faster in a tight loop but is bound by reading its weights where other work has left the caches cold.
+WINOGRAD_MIN_TILES = 32
+
+
+def winograd_applies(weight, geometry):
+    """Whether _winograd_conv3x3 computes a convolution of `weight` with geometry (stride, padding, dilation,
+    groups): fp32, 3x3, stride 1, padding 1, dilation 1, one group."""
+    stride, padding, dilation, groups = geometry
+    return weight.dtype == torch.float32 and weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3) and \
+        (tuple(stride), tuple(padding), tuple(dilation), groups) == ((1, 1), (1, 1), (1, 1), 1)
+
+
+def winograd_pays(weight, input_shape):
+    """Whether a 3x3 convolution of `weight` on an input of input_shape (N, C, H, W) is large enough for
+    _winograd_conv3x3 (see WINOGRAD_MIN_MACS and WINOGRAD_MIN_TILES)."""
+    out_channels, in_channels = weight.shape[:2]
+    n, _, h, w = input_shape
+    macs = n * h * w * in_channels * out_channels * 9
+    tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
+    return min(in_channels, out_channels) >= WINOGRAD_MIN_CHANNELS and macs >= WINOGRAD_MIN_MACS and \
+        tiles >= WINOGRAD_MIN_TILES
+
+
+def is_winograd_weight(packed_weight):
+    """Whether a weight from pack_conv_weight is _winograd_weight's transform (a dense [16, Cin, Cout] tensor; oneDNN's
+    packed weights are 4-D, or oneDNN's own tensors)."""
+    return packed_weight.layout == torch.strided and packed_weight.dim() == 3
+
+
 def pack_conv_weight(weight, stride, padding, dilation, groups, input_shape):
-    """weight in oneDNN's blocked layout for a conv of an input of input_shape (and weight's dtype), or None when
-    oneDNN cannot pack it."""
+    """weight prepared once for a conv of an input of input_shape (and weight's dtype): transformed for
+    _winograd_conv3x3 where Winograd applies and pays (above), else in oneDNN's blocked layout; None when oneDNN cannot
+    pack it."""
+    if WINOGRAD and winograd_applies(weight, (stride, padding, dilation, groups)) and \
+            winograd_pays(weight, input_shape):
+        return torch.ops.fastres._winograd_weight(weight.detach())
     try:
         return torch.ops.mkldnn._reorder_convolution_weight(weight.contiguous(), list(padding), list(stride),
                                                             list(dilation), groups, list(input_shape))
@@ -160,6 +215,8 @@ def prepacked_conv_bias_act(x, packed_weight, bias, stride, padding, dilation, g
     """conv_bias_act with a weight from pack_conv_weight (for x's shape and dtype), for x that is packable(); the
     output channels_last. residual_owned: nothing else holds `residual` (a tensor the caller just made), so the
     result may be written over it. None when oneDNN refuses the call (the caller then runs conv_bias_act)."""
+    if is_winograd_weight(packed_weight):  # (its ReLU keeps NaN, as torch.relu does; out of place)
+        return torch.ops.fastres._winograd_conv3x3(x, packed_weight, bias, residual, relu)
     into_residual = False
     if residual is not None:
         laid_out = residual.contiguous(memory_format=torch.channels_last)
