@@ -26,6 +26,7 @@ sys.path.insert(0, BENCHMARKS)
 import _common as C  # noqa: E402
 import _peers  # noqa: E402
 import cpu_breakdown  # noqa: E402
+import detection  # noqa: E402
 import eval_memory  # noqa: E402
 import memory  # noqa: E402
 import packed_error  # noqa: E402
@@ -473,11 +474,18 @@ def test_interrupts_run_ends_the_function_at_sigterm():
     ("eval_memory", ["--cycles", "0"], "--cycles"),
     ("eval_memory", ["--calls", "3"], "--calls"),
     ("eval_memory", ["--providers", "fastres,bogus"], "--providers"),
+    ("detection", ["--models", "fasterrcnn,yolo"], "--models"),
+    ("detection", ["--models", ","], "--models"),
+    ("detection", ["--input-size", "800"], "--input-size"),
+    ("detection", ["--input-size", "16,16"], "--input-size"),
+    ("detection", ["--rounds", "0"], "--rounds"),
+    ("detection", ["--min-size", "0"], "--min-size"),
+    ("detection", ["--settle", "-1"], "--settle"),
 ])
 def test_bad_arguments(script, args, message, capsys):
     with pytest.raises(SystemExit) as e:
-        {"throughput": throughput, "train_modes": train_modes, "memory": memory,
-         "cpu_breakdown": cpu_breakdown, "packed_error": packed_error, "eval_memory": eval_memory}[script].parse_args(args)
+        {"throughput": throughput, "train_modes": train_modes, "memory": memory, "cpu_breakdown": cpu_breakdown,
+         "packed_error": packed_error, "eval_memory": eval_memory, "detection": detection}[script].parse_args(args)
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -887,6 +895,30 @@ def test_transformers_provider_holds_the_reference_network(arch):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert_within(arch, model(x), copy.deepcopy(ref).double()(x.double()), ref(x))
+
+
+def test_detection_runs_every_provider_and_holds_the_backbone_to_the_rule(tmp_path, capsys):
+    """benchmarks/detection.py on a small Faster R-CNN input: every provider timed, fastres's ratio over each other
+    one, the backbone's FPN levels within the tolerance rule against float64, the run and its CSV rows written."""
+    json_path, csv_path = tmp_path / "det.jsonl", tmp_path / "det.csv"
+    rc = detection.main(["--models", "fasterrcnn", "--input-size", "96,128", "--min-size", "96", "--max-size", "128",
+                         "--rounds", "2", "--warmup", "1", "--settle", "0", "--json", str(json_path),
+                         "--csv", str(csv_path)])
+    assert rc == 0
+    (written,) = read_json_lines(json_path)
+    assert ENV_FIELDS <= set(written) and written["benchmark"] == "detection"
+    (run,) = written["runs"]
+    assert set(run["results"]) == set(detection.PROVIDERS) and not run["stopped_early"]
+    for name, r in run["results"].items():
+        assert r["timed"] == 2 and 0 < r["ms_p20"] <= r["ms"] <= r["ms_p80"]
+        assert ("fastres_over_this" in r) == (name != "fastres")
+    levels = run["backbone_agreement"]
+    assert set(levels) == {"0", "1", "2", "3", "pool"} and all(a["ok"] and a["error"] > 0 for a in levels.values())
+    assert set(run["boxes"]) == set(detection.PROVIDERS)
+    rows = read_csv(csv_path)
+    assert [r["provider"] for r in rows] == list(detection.PROVIDERS) and rows[0]["model"] == "fasterrcnn"
+    out = capsys.readouterr().out
+    assert "fastres over this" in out and "EXCEEDS" not in out
 
 
 def test_benchmark_scripts_shadow_no_installed_package():
