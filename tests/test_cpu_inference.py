@@ -2161,8 +2161,10 @@ def test_concurrent_callers_get_what_one_caller_gets(graph_body):
     plan's stages (the packed Python loop, the one-call body, the graph build and its Winograd convolutions, blocked
     and three-pass), and every output is bit for bit one that a single caller gets from the same stage, or, where a
     concurrent call ran another split of the work (torch 2.11's oneDNN Graph: ~3e-6 off, ad hoc), within the
-    tolerance rule against float64: no state shared between calls, no intermediate written over by another call."""
+    tolerance rule against float64: no state shared between calls, no intermediate written over by another call;
+    TorchScript's global oneDNN fusion flag is as it was once they are done."""
     import threading
+    fusion_before = torch.jit.onednn_fusion_enabled()
     torch.manual_seed(0)
     model = randomize_(fm.resnet18(num_classes=10)).eval()
     served = copy.deepcopy(model)
@@ -2197,9 +2199,26 @@ def test_concurrent_callers_get_what_one_caller_gets(graph_body):
     for t in threads:
         t.join()
     assert not errors, errors
+    assert torch.jit.onednn_fusion_enabled() == fusion_before
     assert len(outputs) == 4 * rounds and graph_body["built"] >= 2 * len(inputs) and graph_body["ran"] > 0
     for j, out in outputs:
         assert out.numpy().tobytes() in alone[j] or max_error(out, exact[j]) <= bounds[j]
+
+
+@pytest.mark.skipif(not hasattr(torch.jit, "enable_onednn_fusion"), reason="needs TorchScript's oneDNN fusion")
+def test_onednn_fusion_flag_restored_after_overlapping_blocks():
+    """Two graph calls that overlap (two threads of a server: one enters, the other enters, the first leaves, then
+    the second): the flag stays on while either runs, and is as it was before them once both have left."""
+    from fastres.models._eval_plan import _onednn_fusion
+    before = torch.jit.onednn_fusion_enabled()
+    first, second = _onednn_fusion(), _onednn_fusion()
+    first.__enter__()
+    second.__enter__()
+    assert torch.jit.onednn_fusion_enabled()
+    first.__exit__(None, None, None)
+    assert torch.jit.onednn_fusion_enabled()  # the second is still inside
+    second.__exit__(None, None, None)
+    assert torch.jit.onednn_fusion_enabled() == before
 
 
 def test_a_shape_served_often_keeps_its_graph_beside_a_stream_of_others(graph_body):

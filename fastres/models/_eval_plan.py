@@ -48,6 +48,7 @@ import contextvars
 import copy
 import io
 import os
+import threading
 import time
 import warnings
 import weakref
@@ -654,14 +655,27 @@ class _Graph:
 
 class _onednn_fusion:
     """TorchScript's oneDNN Graph fusion on inside the block only: the flag is global, and no other TorchScript code
-    of the process is to see it."""
+    of the process is to see it. Blocks in several threads at once share one span: the first to enter turns the flag
+    on, the last to leave restores what the first found (each restoring what it found itself left the flag on after
+    two overlapping calls of a thread-pooled server)."""
+    _lock = threading.Lock()
+    _inside = 0  # blocks entered and not yet left, in all threads
+    _found = False  # the flag as the first of them found it
 
     def __enter__(self):
-        self.before = torch.jit.onednn_fusion_enabled()
-        torch.jit.enable_onednn_fusion(True)
+        cls = type(self)
+        with cls._lock:
+            if cls._inside == 0:
+                cls._found = torch.jit.onednn_fusion_enabled()
+                torch.jit.enable_onednn_fusion(True)
+            cls._inside += 1
 
     def __exit__(self, *exc):
-        torch.jit.enable_onednn_fusion(self.before)
+        cls = type(self)
+        with cls._lock:
+            cls._inside -= 1
+            if cls._inside == 0:
+                torch.jit.enable_onednn_fusion(cls._found)
 
 
 class _UnitsBody(nn.Module):
