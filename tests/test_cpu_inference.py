@@ -477,6 +477,17 @@ def _per_unit_then_planned(model, x, per_unit_path):
     return ref, first, second, prof
 
 
+def _planned_twice_as_per_unit(model, x, per_unit_path, plan_runs):
+    """_per_unit_then_planned under inference_mode: both planned forwards ran through the plan, each exactly the
+    per-unit path's result, the input not written over. Returns the second forward's output and profile."""
+    x_before = x.clone()
+    with torch.inference_mode():
+        ref, first, second, prof = _per_unit_then_planned(model, x, per_unit_path)
+    assert plan_runs["plan"] == 2
+    assert torch.equal(first, ref) and torch.equal(second, ref) and torch.equal(x, x_before)
+    return second, prof
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16-weights"])
 def test_eval_plan_replays_the_per_unit_path(precision, per_unit_path, plan_runs):
     """The plan decides each unit once: a steady-state forward makes no per-unit decision (no fold-cache lookup) and
@@ -1420,11 +1431,7 @@ def test_cifar_resnets_run_their_plan_body_as_one_call(shortcut, per_unit_path, 
     # channels_last: the plan runs every model channels_last, CifarResNet's per-unit forward in the input's layout
     # (an NCHW input takes other oneDNN algorithms there, equal only to rounding)
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
-    x_before = x.clone()
-    with torch.inference_mode():
-        ref, first, second, prof = _per_unit_then_planned(model, x, per_unit_path)
-    assert plan_runs["plan"] == 2
-    assert torch.equal(first, ref) and torch.equal(second, ref) and torch.equal(x, x_before)
+    _, prof = _planned_twice_as_per_unit(model, x, per_unit_path, plan_runs)
     names = [e.name for e in prof.events()]
     assert names.count("fastres::_run_plan") == 1
     # option A's shortcut: the subsampled, zero-padded identity, made inside the call
@@ -1827,11 +1834,7 @@ def test_eval_plan_runs_winograd_units_exactly_as_the_per_unit_path(per_unit_pat
     tolerance rule against float64, the model's input not written over."""
     fr, tv = pair(fm.resnet18, torchvision.models.resnet18)
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
-    x_before = x.clone()
-    with torch.inference_mode():
-        ref, first, second, prof = _per_unit_then_planned(fr, x, per_unit_path)
-    assert plan_runs["plan"] == 2
-    assert torch.equal(first, ref) and torch.equal(second, ref) and torch.equal(x, x_before)
+    second, prof = _planned_twice_as_per_unit(fr, x, per_unit_path, plan_runs)
     inside = [e.name for e in prof.events() if _under(e, "fastres::_run_plan")]
     # ResNet-18's 13 3x3 convolutions of stride 1 as Winograd, its 3 strided ones, 3 projections and stem oneDNN's
     assert inside.count("fastres::_winograd_conv3x3") == 13
