@@ -1818,6 +1818,31 @@ def test_packed_path_runs_large_3x3_convolutions_as_winograd(packing):
     assert out["p2"].requires_grad and packing["packed"] == 5
 
 
+def test_a_convolution_run_at_many_shapes_transforms_its_weight_once(packing, winograd_everywhere):
+    """A detector's RPN head runs its one 3x3 convolution on every FPN level: five input shapes a forward, more than
+    the packed weights a unit keeps per shape. Its Winograd transform serves every shape: made in the first forward
+    only, never again; the outputs within the tolerance rule against float64."""
+    from torchvision.models.detection.rpn import RPNHead
+    head = randomize_(RPNHead(64, 3)).eval()
+    fr = fastres.convert(copy.deepcopy(head)).eval()
+    levels = [torch.randn(1, 64, s, s) for s in (32, 16, 8, 4, 2)]
+    with torch.no_grad():
+        ref64 = copy.deepcopy(head).double()([t.double() for t in levels])
+        atens = [copy.deepcopy(head).to(memory_format=fmt)([t.contiguous(memory_format=fmt) for t in levels])
+                 for fmt in (torch.contiguous_format, CL)]
+        for forward in range(2):
+            with profile() as prof:
+                out = fr([t.contiguous(memory_format=CL) for t in levels])
+            names = [e.name for e in prof.events()]
+            assert names.count("fastres::_winograd_conv3x3") == 5
+            assert names.count("fastres::_winograd_weight") == (1 if forward == 0 else 0), forward
+    from fastres.testing import max_error
+    for part in range(2):  # the objectness logits and the box deltas, level by level
+        for level in range(5):
+            aten = max((a[part][level] for a in atens), key=lambda a: max_error(a, ref64[part][level]))
+            assert_within(f"RPN head, output {part}, level {level}", out[part][level], ref64[part][level], aten)
+
+
 def test_winograd_turned_off_leaves_the_packed_path_to_onednn(packing, monkeypatch):
     """FASTRES_CPU_WINOGRAD=0 (backend_cuda.WINOGRAD false): every convolution runs oneDNN's from its packed weight."""
     from fastres.ops import backend_cuda

@@ -400,15 +400,19 @@ def packed_unit(x, conv, norm, kind, cache, name):
         else autocast_dtype
     if weight_dtype != dtype or not backend.packable(x, dtype):
         return None  # mixed dtypes: the op reports them
-    stride, padding, dilation, groups = conv_geometry(conv)
+    geometry = conv_geometry(conv)
 
     def pack(folded):
         weight, bias = (_cast_fp32(t, autocast_dtype) for t in folded)
-        packed = backend.pack_conv_weight(weight, stride, padding, dilation, groups, x.shape)
+        packed = backend.pack_conv_weight(weight, *geometry, x.shape)
         return None if packed is None else (packed, bias)
 
+    # A Winograd transform is the same for every input shape that takes it: one entry for all of them (a detector's
+    # RPN head runs one convolution at five shapes, which, one entry each, outnumbered the entries kept and were
+    # packed again on every forward). (dtype fp32: the conv's own weight is fp32, the fold pack() transforms.)
+    winograd = dtype == torch.float32 and backend.winograd_chosen(conv.weight, geometry, x.shape)
     packed = cache.get_or_fold(name, sources, eps, fold,
-                               ("packed", dtype, tuple(x.shape), stride, padding, dilation, groups), pack)
+                               ("packed", dtype, "winograd" if winograd else tuple(x.shape), *geometry), pack)
     return None if packed is None else (backend, packed[0], packed[1], autocast_dtype)
 
 

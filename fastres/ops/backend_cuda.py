@@ -190,6 +190,13 @@ def winograd_pays(weight, input_shape):
         tiles >= WINOGRAD_MIN_TILES
 
 
+def winograd_chosen(weight, geometry, input_shape):
+    """Whether pack_conv_weight transforms `weight` for _winograd_conv3x3 (rather than packing it for oneDNN) for an
+    input of input_shape: Winograd on, and it applies and pays. The transform itself does not depend on the input's
+    shape (fastres.nn._fused.packed_unit keeps one for every shape that takes it)."""
+    return WINOGRAD and winograd_applies(weight, geometry) and winograd_pays(weight, input_shape)
+
+
 def is_winograd_weight(packed_weight):
     """Whether a weight from pack_conv_weight is _winograd_weight's transform (a dense [16, Cin, Cout] tensor; oneDNN's
     packed weights are 4-D, or oneDNN's own tensors)."""
@@ -200,8 +207,7 @@ def pack_conv_weight(weight, stride, padding, dilation, groups, input_shape):
     """weight prepared once for a conv of an input of input_shape (and weight's dtype): transformed for
     _winograd_conv3x3 where Winograd applies and pays (above), else in oneDNN's blocked layout; None when oneDNN cannot
     pack it."""
-    if WINOGRAD and winograd_applies(weight, (stride, padding, dilation, groups)) and \
-            winograd_pays(weight, input_shape):
+    if winograd_chosen(weight, (stride, padding, dilation, groups), input_shape):
         return torch.ops.fastres._winograd_weight(weight.detach())
     try:
         return torch.ops.mkldnn._reorder_convolution_weight(weight.contiguous(), list(padding), list(stride),
