@@ -135,9 +135,20 @@ int64_t tile_grain(int64_t channels) { return std::max<int64_t>(1, 1024 / std::m
 // stays in its cache. The three-pass form (every tile's input transform, then ATen's bmm, then every tile's output)
 // writes and reads back 4x the input and 4x the output through memory; the blocked form reads the whole transformed
 // weight once per block instead. So it runs where tiles outnumber output channels 8 to 1 (ResNet-50's first two
-// stages at batch 8): there, on an AVX2 AMD EPYC, 64 channels at 56x56 took 7.6 against 8.9 ms and 128 at 28x28
-// 6.2 against 7.6 ms; with fewer tiles (batch 1's 128 and 256 channels, batch 8's 256) it was 3-30% slower.
+// stages at batch 8; on an AVX2 AMD EPYC 64 channels at 56x56 took 7.6 against 8.9 ms and 128 at 28x28 6.2 against
+// 7.6 ms), and 3 to 1 where the transformed weight is at most 1 MiB (128 channels in and out: at 28x28, batch 2
+// and 4, 1.17x and 1.21x the three-pass form's speed; 256 channels, whose 4 MiB weight each block reads again, were
+// 4-15% slower at 3 to 1 and below, as were batch 1's 128 channels at 28x28 and 256 at 14x14).
 constexpr int64_t kBlockTiles = 32;
+// Each of the 16 planes of a block's scratch starts one cache line further along than a whole number of 4 KiB pages
+// would put it: 32 tiles x 64 channels is 8 KiB, so every plane of ResNet-50's first stage fell into the same L1
+// set, and the transforms, which touch all 16 at once, missed it. Padded and shared evenly (below): 1.03-1.12x the
+// call's speed at 64 channels and 56x56, batch 1 and 8 (AVX2 AMD EPYC, ad hoc, in one process).
+constexpr int64_t kPlanePad = 16;
+
+bool blocked_form_pays(const WinogradGeometry& g) {
+  return g.T >= 8 * g.K || (g.T >= 3 * g.K && 16 * g.C * g.K * static_cast<int64_t>(sizeof(float)) <= (1 << 20));
+}
 
 #if defined(CPUBLAS_BRGEMM_F32F32F32)
 bool brgemm_usable() {
@@ -161,17 +172,19 @@ bool brgemm_usable() {
 bool blocked_form_ran(const WinogradGeometry& g, const float* x, const float* zeros, const float* u,
                       const float* bias, const float* residual, bool relu, float* out) {
 #if defined(CPUBLAS_BRGEMM_F32F32F32)
-  if (g.T < 8 * g.K || !brgemm_usable()) return false;
-  // no more tiles a block than the threads' even share, so that every thread has a block
-  const int64_t threads = at::get_num_threads();
-  const int64_t tiles = std::max<int64_t>(1, std::min(kBlockTiles, (g.T + threads - 1) / threads));
-  const int64_t blocks = (g.T + tiles - 1) / tiles, v_plane = tiles * g.C, m_plane = tiles * g.K;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  if (!blocked_form_pays(g) || !brgemm_usable()) return false;
+  // Each thread an even share of the tiles, in equal blocks of at most kBlockTiles. Blocks of kBlockTiles each, dealt
+  // out whole, left one thread a block more than the other (batch 1's 784 tiles at 56x56: 13 blocks against 12).
+  const int64_t share = (g.T + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t blocks_per_share = (share + kBlockTiles - 1) / kBlockTiles;
+  const int64_t tiles = (share + blocks_per_share - 1) / blocks_per_share;
+  const int64_t v_plane = tiles * g.C + kPlanePad, m_plane = tiles * g.K + kPlanePad;
+  at::parallel_for(0, g.T, share, [&](int64_t begin, int64_t end) {
     const std::unique_ptr<float[]> scratch(new float[static_cast<size_t>(16 * (v_plane + m_plane))]);
     float* v = scratch.get();
     float* m = v + 16 * v_plane;
-    for (int64_t block = b0; block < b1; ++block) {
-      const int64_t t0 = block * tiles, t1 = std::min(g.T, t0 + tiles);
+    for (int64_t t0 = begin; t0 < end; t0 += tiles) {
+      const int64_t t1 = std::min(end, t0 + tiles);
       input_transform(g, x, zeros, v, v_plane, t0, t1);
       for (int k = 0; k < 16; ++k) {
         at::native::cpublas::brgemm(t1 - t0, g.K, g.C, g.C, g.K, g.K, false, v + k * v_plane, u + k * g.C * g.K,

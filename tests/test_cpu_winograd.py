@@ -34,7 +34,7 @@ def _reference(x, weight, bias, residual, relu):
     return torch.relu(y) if relu else y
 
 
-# The last three have at least 8 tiles per output channel: the blocked form (blocks of 32 tiles, the last partial).
+# The last three have at least 8 tiles per output channel: the blocked form (blocks of at most 32 tiles).
 @pytest.mark.parametrize("shape", [(2, 5, 7, 9, 6), (1, 64, 64, 14, 14), (3, 17, 33, 8, 11), (1, 16, 32, 1, 1),
                                    (2, 48, 20, 7, 7), (1, 32, 16, 2, 3), (2, 5, 7, 33, 21), (1, 24, 16, 30, 29),
                                    (4, 3, 6, 16, 16)])
@@ -55,12 +55,23 @@ def test_winograd_conv3x3_is_within_the_tolerance_rule(shape, epilogue):
     assert_within(f"winograd {shape} {epilogue}", got, ref64, aten)
 
 
+# (n, c, k, h, w): tiles = n * ceil(h / 2) * ceil(w / 2); the transformed weight 16 * c * k floats.
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("shape, blocked", [((1, 24, 16, 30, 29), True), ((3, 17, 33, 8, 11), False),
-                                            ((8, 16, 64, 16, 16), True), ((8, 16, 64, 14, 14), False)])
+@pytest.mark.parametrize("shape, blocked", [
+    ((1, 24, 16, 30, 29), True),  # 225 tiles, 16 output channels: 14 to 1
+    ((8, 16, 64, 16, 16), True),  # 512 tiles, 64 channels: exactly 8 to 1
+    ((3, 17, 33, 8, 11), False),  # 72 tiles, 33 channels: 2.2 to 1
+    ((8, 16, 64, 14, 14), True),  # 392 tiles, 64 channels: 6.1 to 1, a 64 KiB weight
+    ((8, 16, 64, 6, 6), False),  # 72 tiles: 1.1 to 1
+    ((1, 128, 128, 40, 40), True),  # 400 tiles, 128 channels: 3.1 to 1, a weight of exactly 1 MiB
+    ((1, 129, 129, 40, 40), False),  # 3.1 to 1, a weight over 1 MiB
+    ((1, 1025, 16, 16, 16), False),  # 64 tiles, 16 channels: 4 to 1, a weight over 1 MiB
+    ((1, 1025, 16, 32, 32), True),  # 256 tiles: 16 to 1, the same weight
+])
 def test_winograd_conv3x3_runs_blocked_where_tiles_outnumber_output_channels(shape, blocked, threads):
-    """With at least 8 tiles per output channel the products run on blocks of tiles, each thread its own (no
-    ATen bmm), elsewhere as one bmm; either way within the rule, under any thread count."""
+    """With at least 8 tiles per output channel, or 3 where the transformed weight is at most 1 MiB, the products
+    run on blocks of tiles, each thread an even share (no ATen bmm), elsewhere as one bmm; either way within the
+    rule, under any thread count (3 threads: shares that are not whole blocks)."""
     conv, transform = _ops()
     x, weight, bias, residual = _case(*shape, seed=5)
     before = torch.get_num_threads()
@@ -102,7 +113,7 @@ def test_winograd_weight_is_g_w_g_transposed():
     torch.testing.assert_close(got, ref.float(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("size", [9, 33])  # the three-pass form, the blocked one (289 tiles, 8 output channels)
+@pytest.mark.parametrize("size", [8, 33])  # the three-pass form (16 tiles, 8 output channels), the blocked one (289)
 def test_winograd_conv3x3_keeps_nan_where_the_direct_form_does(size):
     """A NaN in the input reaches exactly the outputs whose 3x3 window holds it (the transforms mix a tile's rows
     and columns only as the windows do)."""
