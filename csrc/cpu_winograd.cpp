@@ -146,11 +146,11 @@ constexpr int64_t kBlockTiles = 32;
 // call's speed at 64 channels and 56x56, batch 1 and 8 (AVX2 AMD EPYC, ad hoc, in one process).
 constexpr int64_t kPlanePad = 16;
 
+#if defined(CPUBLAS_BRGEMM_F32F32F32)
 bool blocked_form_pays(const WinogradGeometry& g) {
   return g.T >= 8 * g.K || (g.T >= 3 * g.K && 16 * g.C * g.K * static_cast<int64_t>(sizeof(float)) <= (1 << 20));
 }
 
-#if defined(CPUBLAS_BRGEMM_F32F32F32)
 bool brgemm_usable() {
   // ATen's fp32 brgemm needs oneDNN's micro-kernels built in and a CPU they support: tried once, on a 1x1 product.
   static const bool usable = [] {
@@ -175,7 +175,8 @@ bool blocked_form_ran(const WinogradGeometry& g, const float* x, const float* ze
   if (!blocked_form_pays(g) || !brgemm_usable()) return false;
   // Each thread an even share of the tiles, in equal blocks of at most kBlockTiles. Blocks of kBlockTiles each, dealt
   // out whole, left one thread a block more than the other (batch 1's 784 tiles at 56x56: 13 blocks against 12).
-  const int64_t share = (g.T + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t threads = at::get_num_threads();
+  const int64_t share = (g.T + threads - 1) / threads;
   const int64_t blocks_per_share = (share + kBlockTiles - 1) / kBlockTiles;
   const int64_t tiles = (share + blocks_per_share - 1) / blocks_per_share;
   const int64_t v_plane = tiles * g.C + kPlanePad, m_plane = tiles * g.K + kPlanePad;
