@@ -134,6 +134,77 @@ def openvino_engine(model, x, threads, precision, converted):
                  f"Tensor.numpy() shared with the request (no copy) inside the timed call"]
 
 
+def detector_engines(model, images, threads, names):
+    """For benchmarks/detection.py: {name: (run, notes) or the exception building it raised} for each of `names`
+    ("onnxruntime", "openvino"), run(images) -> [{key: tensor} per image] as the detector returns them, from one ONNX
+    export of `model` (a torchvision detector, eval) for exactly these images' sizes.
+
+    torch.onnx.export(dynamo=False): the dynamo exporter cannot follow a detector's data-dependent shapes (its
+    proposals, NMS); torchvision's detectors are written for the TorchScript exporter (opset 17 here). Each image is
+    an input of its own (the detector's list), each output named key{image}. OpenVINO reads the ONNX file (its own
+    convert_model cannot trace a model that returns dicts)."""
+    with torch.no_grad():
+        reference = model(images)
+    inputs = [f"image{i}" for i in range(len(images))]
+    outputs = [(i, key) for i, detections in enumerate(reference) for key in detections]
+    built = {}
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "detector.onnx")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, (images,), path, dynamo=False, opset_version=17, input_names=inputs,
+                                  output_names=[f"{key}{i}" for i, key in outputs])
+        except Exception as e:  # noqa: BLE001 - no engine then, each says why
+            if _is_time_limit(e):
+                raise
+            return {name: e for name in names}
+        for name in names:
+            try:
+                build = _onnxruntime_detector if name == "onnxruntime" else _openvino_detector
+                built[name] = build(path, inputs, outputs, threads)
+            except Exception as e:  # noqa: BLE001 - this engine is dropped, the others run
+                if _is_time_limit(e):
+                    raise
+                built[name] = e
+    return built
+
+
+def _detections(outputs, arrays, copy_out):
+    """[{key: tensor} per image] from the engine's output arrays, in `outputs` order ((image, key) pairs)."""
+    per_image = {}
+    for (i, key), array in zip(outputs, arrays):
+        per_image.setdefault(i, {})[key] = torch.from_numpy(array.copy() if copy_out else array)
+    return [per_image[i] for i in sorted(per_image)]
+
+
+def _onnxruntime_detector(path, inputs, outputs, threads):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # (Mask R-CNN's masks: a shape warning per detection, every call)
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])  # loads the weights now
+
+    def run(images):
+        return _detections(outputs, session.run(None, {n: x.numpy() for n, x in zip(inputs, images)}), False)
+    return run, [f"torch.onnx.export(dynamo=False, opset 17) of the detector for these image sizes; onnxruntime "
+                 f"{ort.__version__} CPUExecutionProvider, graph optimizations ALL, {threads} intra-op threads"]
+
+
+def _openvino_detector(path, inputs, outputs, threads):
+    import openvino as ov
+    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    compiled = ov.Core().compile_model(ov.convert_model(path), "CPU", config)
+    request = compiled.create_infer_request()
+
+    def run(images):  # (the compiled model's outputs in the ONNX file's order; the request reuses their memory)
+        result = request.infer([x.numpy() for x in images], share_inputs=True)
+        return _detections(outputs, [result[o] for o in compiled.outputs], True)
+    config_text = ", ".join(f"{k} {v}" for k, v in config.items())
+    return run, [f"openvino.convert_model of the same ONNX file; OpenVINO {ov.__version__} CPU, {config_text}"]
+
+
 def timm_resnet(reference, arch, convert):
     """timm's ResNet of `arch` (resnet18 ... resnet152, v1.5: the same network as torchvision's, with the same
     state_dict keys) holding `reference`'s weights, in its mode; with `convert`, after fastres.convert. None where timm
