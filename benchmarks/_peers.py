@@ -195,7 +195,14 @@ def _onnxruntime_detector(path, inputs, outputs, threads):
 def _openvino_detector(path, inputs, outputs, threads):
     import openvino as ov
     config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-    compiled = ov.Core().compile_model(ov.convert_model(path), "CPU", config)
+    try:
+        converted = ov.convert_model(path)
+    except Exception as e:  # its first line only says where in OpenVINO it failed: name the operations instead
+        failed = [line.strip(" -") for line in str(e).splitlines() if "Conversion is failed for" in line]
+        if not failed:
+            raise
+        raise RuntimeError(f"openvino.convert_model: {failed[-1]}") from e
+    compiled = ov.Core().compile_model(converted, "CPU", config)
     request = compiled.create_infer_request()
 
     def run(images):  # (the compiled model's outputs in the ONNX file's order; the request reuses their memory)

@@ -481,6 +481,7 @@ def test_interrupts_run_ends_the_function_at_sigterm():
     ("detection", ["--rounds", "0"], "--rounds"),
     ("detection", ["--min-size", "0"], "--min-size"),
     ("detection", ["--settle", "-1"], "--settle"),
+    ("detection", ["--providers", "fastres,tensorrt"], "--providers"),
 ])
 def test_bad_arguments(script, args, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -897,18 +898,28 @@ def test_transformers_provider_holds_the_reference_network(arch):
         assert_within(arch, model(x), copy.deepcopy(ref).double()(x.double()), ref(x))
 
 
-def test_detection_runs_every_provider_and_holds_the_backbone_to_the_rule(tmp_path, capsys):
+def test_detection_runs_every_provider_and_holds_the_backbone_to_the_rule(tmp_path, capsys, monkeypatch):
     """benchmarks/detection.py on a small Faster R-CNN input: every provider timed, fastres's ratio over each other
-    one, the backbone's FPN levels within the tolerance rule against float64, the run and its CSV rows written."""
+    one, the backbone's FPN levels within the tolerance rule against float64, the run and its CSV rows written. Asked
+    for two peers, one whose package is missing and one that fails in its first call, it skips both with a note."""
+    monkeypatch.setattr(_peers, "unavailable", lambda name: "openvino is not installed" if name == "openvino" else None)
+
+    def failing_engines(model, images, threads, names):
+        def run(images):
+            raise RuntimeError("engine down")
+        return {name: (run, ["a failing engine"]) for name in names}
+    monkeypatch.setattr(_peers, "detector_engines", failing_engines)
     json_path, csv_path = tmp_path / "det.jsonl", tmp_path / "det.csv"
     rc = detection.main(["--models", "fasterrcnn", "--input-size", "96,128", "--min-size", "96", "--max-size", "128",
-                         "--rounds", "2", "--warmup", "1", "--settle", "0", "--json", str(json_path),
-                         "--csv", str(csv_path)])
+                         "--rounds", "2", "--warmup", "1", "--settle", "0", "--providers", "onnxruntime,openvino",
+                         "--json", str(json_path), "--csv", str(csv_path)])
     assert rc == 0
     (written,) = read_json_lines(json_path)
     assert ENV_FIELDS <= set(written) and written["benchmark"] == "detection"
     (run,) = written["runs"]
     assert set(run["results"]) == set(detection.PROVIDERS) and not run["stopped_early"]
+    assert run["skipped"] == {"openvino": "openvino is not installed",
+                              "onnxruntime": "failed: RuntimeError: engine down"}
     for name, r in run["results"].items():
         assert r["timed"] == 2 and 0 < r["ms_p20"] <= r["ms"] <= r["ms_p80"]
         assert ("fastres_over_this" in r) == (name != "fastres")
@@ -919,6 +930,66 @@ def test_detection_runs_every_provider_and_holds_the_backbone_to_the_rule(tmp_pa
     assert [r["provider"] for r in rows] == list(detection.PROVIDERS) and rows[0]["model"] == "fasterrcnn"
     out = capsys.readouterr().out
     assert "fastres over this" in out and "EXCEEDS" not in out
+    assert "onnxruntime: skipped: failed: RuntimeError: engine down" in out
+
+
+def test_detection_providers_argument():
+    """--providers: the three PyTorch providers always run; peers are added by name or all by `peers`."""
+    assert detection.parse_args([]).peers == []
+    assert detection.parse_args(["--providers", "openvino,eager"]).peers == ["openvino"]
+    assert detection.parse_args(["--providers", "peers"]).peers == list(detection.PEERS)
+
+
+@pytest.mark.parametrize("freezes", [True, False])
+def test_detection_compile_falls_back_to_no_freezing(monkeypatch, freezes):
+    """The compile peer compiles with Inductor's freezing on around its first call; where that compilation fails
+    (as torch 2.14.1's does on torchvision's detectors), it resets dynamo and compiles without, and says so."""
+    seen, resets = [], []
+
+    def fake_compile(model):
+        def compiled(images):
+            freezing = torch._inductor.config.freezing
+            seen.append(freezing)
+            if freezing and not freezes:
+                raise RuntimeError("cannot freeze")
+            return model(images)
+        return compiled
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(True))
+    notes = []
+    call = detection.compiled_detector(lambda images: [x.sum() for x in images], notes)
+    images = [torch.ones(2, 2)]
+    assert call(images) == [4.0] and call(images) == [4.0]
+    assert not torch._inductor.config.freezing  # (restored)
+    if freezes:
+        assert seen == [True, False] and not resets and "freezing = True around its first call" in notes[0]
+    else:
+        assert seen == [True, False, False] and resets == [True] and len(notes) == 1
+        assert "without freezing" in notes[0] and "RuntimeError: cannot freeze" in notes[0]
+
+
+@pytest.mark.peers
+def test_detection_engines():
+    """onnxruntime and OpenVINO from one ONNX export of a small Faster R-CNN, two images of different sizes: each
+    returns per image the detections eager returns, under the same keys (their scores as eager's, within fp32
+    rounding: the boxes of near-tied scores may come in another order)."""
+    model = detection.build_model("fasterrcnn", 0, 96, 128)
+    gen = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 96, 128, generator=gen), torch.rand(3, 112, 96, generator=gen)]
+    with torch.no_grad():
+        reference = model(images)
+    built = _peers.detector_engines(model, images, torch.get_num_threads(), ["onnxruntime", "openvino"])
+    assert set(built) == {"onnxruntime", "openvino"}
+    for name, (run, notes) in built.items():
+        assert notes and ("onnxruntime" if name == "onnxruntime" else "the same ONNX file") in notes[0]
+        out = run(images)
+        assert len(out) == 2
+        for got, want in zip(out, reference):
+            assert list(got) == list(want)
+            for key in want:
+                assert got[key].shape == want[key].shape and got[key].dtype == want[key].dtype, (name, key)
+            torch.testing.assert_close(got["scores"].sort().values, want["scores"].sort().values,
+                                       rtol=1e-4, atol=1e-5)
 
 
 def test_benchmark_scripts_shadow_no_installed_package():
