@@ -973,6 +973,8 @@ def test_detection_engines():
     """onnxruntime and OpenVINO from one ONNX export of a small Faster R-CNN, two images of different sizes: each
     returns per image the detections eager returns, under the same keys (their scores as eager's, within fp32
     rounding: the boxes of near-tied scores may come in another order)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
     model = detection.build_model("fasterrcnn", 0, 96, 128)
     gen = torch.Generator().manual_seed(1)
     images = [torch.rand(3, 96, 128, generator=gen), torch.rand(3, 112, 96, generator=gen)]
