@@ -99,19 +99,34 @@ def onnxruntime_engine(model, x, threads):
     """(run, notes): run(x) -> logits, an onnxruntime CPU session of `model` exported for x's shape, with every
     graph optimization (BN folded into the convolutions) and `threads` intra-op threads."""
     import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "model.onnx")
         how = export_onnx(model, x, path)
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])  # loads the weights now
+        session = _onnxruntime_session(path, threads)
     name = session.get_inputs()[0].name
 
     def run(x):
         return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
     return run, [f"{how}; onnxruntime {ort.__version__} CPUExecutionProvider, graph optimizations ALL, "
                  f"{threads} intra-op threads; input Tensor.numpy() (no copy) inside the timed call"]
+
+
+def _onnxruntime_session(path, threads, quiet=False):
+    """An onnxruntime CPU session of the ONNX file at `path` (its weights loaded now): every graph optimization (BN
+    folded into the convolutions), `threads` intra-op threads; `quiet`: errors only in its log."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if quiet:
+        options.log_severity_level = 3
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _openvino_config(precision, threads):
+    """OpenVINO's CPU compile settings for one request that uses every thread, and their text for a run's notes."""
+    config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    return config, ", ".join(f"{k} {v}" for k, v in config.items())
 
 
 def openvino_engine(model, x, threads, precision, converted):
@@ -123,13 +138,12 @@ def openvino_engine(model, x, threads, precision, converted):
         with warnings.catch_warnings():  # convert_model traces with torch.jit, which warns it is deprecated
             warnings.simplefilter("ignore")
             converted["model"] = ov.convert_model(model, example_input=x)
-    config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    config, config_text = _openvino_config(precision, threads)
     compiled = ov.Core().compile_model(converted["model"], "CPU", config)
     request = compiled.create_infer_request()
 
     def run(x):
         return torch.from_numpy(request.infer({0: x.numpy()}, share_inputs=True)[0])
-    config_text = ", ".join(f"{k} {v}" for k, v in config.items())
     return run, [f"openvino.convert_model(torchvision model); OpenVINO {ov.__version__} CPU, {config_text}; input "
                  f"Tensor.numpy() shared with the request (no copy) inside the timed call"]
 
@@ -180,11 +194,7 @@ def _detections(outputs, arrays, copy_out):
 
 def _onnxruntime_detector(path, inputs, outputs, threads):
     import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # (Mask R-CNN's masks: a shape warning per detection, every call)
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])  # loads the weights now
+    session = _onnxruntime_session(path, threads, quiet=True)  # (Mask R-CNN's masks: a shape warning per call)
 
     def run(images):
         return _detections(outputs, session.run(None, {n: x.numpy() for n, x in zip(inputs, images)}), False)
@@ -194,7 +204,7 @@ def _onnxruntime_detector(path, inputs, outputs, threads):
 
 def _openvino_detector(path, inputs, outputs, threads):
     import openvino as ov
-    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    config, config_text = _openvino_config("f32", threads)
     try:
         converted = ov.convert_model(path)
     except Exception as e:  # its first line only says where in OpenVINO it failed: name the operations instead
@@ -208,7 +218,6 @@ def _openvino_detector(path, inputs, outputs, threads):
     def run(images):  # (the compiled model's outputs in the ONNX file's order; the request reuses their memory)
         result = request.infer([x.numpy() for x in images], share_inputs=True)
         return _detections(outputs, [result[o] for o in compiled.outputs], True)
-    config_text = ", ".join(f"{k} {v}" for k, v in config.items())
     return run, [f"openvino.convert_model of the same ONNX file; OpenVINO {ov.__version__} CPU, {config_text}"]
 
 

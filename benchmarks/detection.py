@@ -238,7 +238,6 @@ def measure(args, name, interrupts):
                     skipped[n] = f"failed: {_peers._short(e)}"
                     print(f"{name}: {n} skipped: {skipped[n]}", file=sys.stderr, flush=True)
                     del calls[n]
-                    outputs.pop(n, None)
             samples.update({n: [] for n in calls})
             names = list(calls)
             for rnd in range(args.rounds):
@@ -326,8 +325,9 @@ def main(argv=None):
                              "rounds": r["timed"]})
         if run["stopped_early"]:
             break
-    settings = {"providers": list(PROVIDERS) + args.peers, "batch_size": args.batch_size, "input_size": list(args.size), "min_size": args.min_size,
-                "max_size": args.max_size, "rounds": args.rounds,
+    settings = {"providers": list(PROVIDERS) + args.peers, "batch_size": args.batch_size,
+                "input_size": list(args.size), "min_size": args.min_size, "max_size": args.max_size,
+                "rounds": args.rounds,
                 "warmup": args.warmup, "settle_s": args.settle, "seed": args.seed, "threads": torch.get_num_threads()}
     written = C.write_results(args, "detection", {"benchmark": "detection", **env, "settings": settings,
                                                   "runs": runs, "malloc": C.fastres_malloc_state(),
