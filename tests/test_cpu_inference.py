@@ -1485,11 +1485,51 @@ def test_eval_plan_body_becomes_a_onednn_graph(graph_body, per_unit_path):
     assert torch.equal(again, graphed)
 
 
+@pytest.mark.parametrize("precision", ["bf16-autocast", "bf16-weights"])
+def test_eval_plan_body_becomes_a_bf16_onednn_graph(precision, graph_body, per_unit_path):
+    """Under autocast to bf16 computed in bf16 (FASTRES_CPU_AUTOCAST=autocast, the suite's setting; on a CPU with
+    fast bf16 convolutions, the default), and for a bf16 model, the body becomes a bf16 oneDNN Graph as the fp32 body
+    does: its folds cast to bf16 once, traced and run with autocast off; no oneDNN op call of its own, the output in
+    bf16, within the tolerance rule against float64 (ATen under the same autocast, or in bf16), the same on every
+    call and over a clean input after its packed weights were dropped."""
+    from fastres.models import _eval_plan
+    fr, tv = pair(fm.resnet50, torchvision.models.resnet50, width_per_group=16)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref64 = copy.deepcopy(tv).double()(x.double())
+        autocast = precision == "bf16-autocast"
+        if not autocast:
+            fr, tv, x = fr.to(torch.bfloat16), copy.deepcopy(tv).to(torch.bfloat16), x.to(torch.bfloat16)
+        aten = _aten_worse(tv, x, ref64, autocast=autocast)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        with per_unit_path():
+            ref = fr(x)
+        outs = [fr(x) for _ in range(1 + _eval_plan.GRAPH_AFTER)]  # the Python loop, then the one-call bodies
+        assert graph_body == {"built": 0, "ran": 0} and all(torch.equal(o, ref) for o in outs)
+        graphed = fr(x)
+        with profile() as prof:
+            again = fr(x)
+        fused = torch.jit.last_executed_optimized_graph().str()
+        assert torch.is_autocast_enabled("cpu") == autocast  # (the graph's calls turned it off inside only)
+    assert graph_body == {"built": 1, "ran": 2}
+    names = [e.name for e in prof.events()]
+    assert "fastres::_run_plan" not in names and "mkldnn::_convolution_pointwise" not in names
+    # the classifier inside the graph where its weights are fp32 (cast with the folds); a bf16 one runs as fr.fc
+    assert fr.fold_cache.plan.head_in_graph == autocast
+    assert not {"aten::linear", "aten::addmm"} & set(names) or not autocast
+    assert "oneDNNFusionGroup" in fused and not torch.jit.onednn_fusion_enabled()
+    assert graphed.dtype == aten.dtype == torch.bfloat16
+    assert_within(f"resnet50 eval, {precision} oneDNN Graph body", graphed, ref64, aten)
+    assert torch.equal(again, graphed)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("where", ["input", "weight", "overflow"])
-def test_onednn_graph_body_keeps_nan(where, graph_body, per_unit_path):
+def test_onednn_graph_body_keeps_nan(where, autocast, graph_body, per_unit_path):
     """The graph fuses its ReLUs as oneDNN's post-op, which maps NaN to 0: where the invalid flag says a NaN met one,
     the forward is _run_plan's (which reruns with the NaN-keeping passes), so NaN and Inf come out exactly as the
-    per-unit path's; a clean input after that runs the graph again."""
+    per-unit path's; a clean input after that runs the graph again. In bf16 too (under autocast): the post-ops
+    apply to the fp32 accumulators, before the conversion to bf16."""
     model = randomize_(fm.resnet18(num_classes=10)).eval()
     x = torch.randn(2, 3, 32, 32)
     bad = x.clone()
@@ -1497,7 +1537,7 @@ def test_onednn_graph_body_keeps_nan(where, graph_body, per_unit_path):
         bad[1, 2, 31, 0] = float("nan")
     elif where == "overflow":
         bad[0] *= 3e38
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         for _ in range(4):
             model(x)  # (the graph is built on the fourth)
         ran = graph_body["ran"]
@@ -1548,15 +1588,16 @@ def _check_graph_rebuilt_after(edit, model, plain, x, graph_body, per_unit_path,
     assert_within(name, out, ref64, aten)
 
 
-@pytest.mark.parametrize("case", ["bf16-autocast", "average-pool-after-the-stem"])
+@pytest.mark.parametrize("case", ["fp16-autocast", "average-pool-after-the-stem"])
 def test_onednn_graph_body_only_for_what_it_covers(case, graph_body, per_unit_path):
-    """No graph under autocast (fp32 only), and none for a body with a module the graph does not cover (a pool after
-    the stem other than a max pool): the one-call body or the Python loop stays, bit for bit the per-unit path's."""
+    """No graph under autocast to fp16 (fp32 and bf16 only), and none for a body with a module the graph does not
+    cover (a pool after the stem other than a max pool): the one-call body or the Python loop stays, bit for bit the
+    per-unit path's."""
     model = randomize_(fm.resnet18(num_classes=10)).eval()
     if case == "average-pool-after-the-stem":
         model.maxpool = nn.AvgPool2d(3, 2, 1)
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
-    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=case == "bf16-autocast"):
+    with torch.inference_mode(), torch.autocast("cpu", torch.float16, enabled=case == "fp16-autocast"):
         with per_unit_path():
             ref = model(x)
         outs = [model(x) for _ in range(5)]
@@ -2382,10 +2423,10 @@ def test_a_graph_the_plan_drops_frees_its_tensors(graph_body, monkeypatch):
     graphs still compute what they did."""
     from fastres.models import _eval_plan
     watched = {}  # batch size -> weak references to the tensors its graph was built on
-    fp32_folds = _eval_plan._Plan._fp32_folds
+    plan_folds = _eval_plan._Plan._folds
 
-    def own_copies(self):
-        folds = [(w.clone(), None if b is None else b.clone()) for w, b in fp32_folds(self)]
+    def own_copies(self, dtype):
+        folds = [(w.clone(), None if b is None else b.clone()) for w, b in plan_folds(self, dtype)]
         watched[self.building] = [weakref.ref(t) for fold in folds for t in fold if t is not None]
         return folds
 
@@ -2395,7 +2436,7 @@ def test_a_graph_the_plan_drops_frees_its_tensors(graph_body, monkeypatch):
         self.building = x.shape[0]
         return graph(self, x, *args)
 
-    monkeypatch.setattr(_eval_plan._Plan, "_fp32_folds", own_copies)
+    monkeypatch.setattr(_eval_plan._Plan, "_folds", own_copies)
     monkeypatch.setattr(_eval_plan._Plan, "_graph", building)
     model = randomize_(fm.resnet18(num_classes=10)).eval()
     batches = range(1, _eval_plan._MAX_DERIVED + 3)

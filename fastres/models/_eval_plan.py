@@ -21,16 +21,17 @@ per-unit path runs. Under autograd (an eval forward whose input or parameters wa
 carries a node whose backward recomputes the forward through the per-unit path (_PlannedForward); once a model has
 been differentiated so, it takes the per-unit path under autograd directly. A unit the packed path cannot run
 (refused by oneDNN, a dtype without oneDNN kernels) runs through conv_norm_act inside the plan. The results are
-those of the per-unit path: the same calls on the same packed weights (but for the fp32 graph body below, whose
-kernels round their own way, within the tolerance rule). Under autocast the classifier's weight is
+those of the per-unit path: the same calls on the same packed weights (but for the graph body below, whose
+kernels may round their own way, within the tolerance rule). Under autocast the classifier's weight is
 cast once per plan, not on every call, and the input's cast and channels_last copy are one pass. A max pool after
 the stem runs with the stem's ReLU as one pass (fastres.ops.max_pool_relu's kernel: ReLU commutes with max; ATen's
 pool also writes argmax indices).
 Once a forward of an input key has run every unit from its packed weight, the body (stem to last block) runs as one
 C++ call, fastres::_run_plan (csrc/cpu_plan.cpp): the same calls without the Python around each (~20 us a unit).
-In fp32, once that call has run GRAPH_AFTER times for an input key, the body becomes a oneDNN Graph (TorchScript's
-fusion of the frozen graph of the same units), which keeps what each oneDNN call otherwise rebuilds (GRAPH_BODY),
-and ends with the classifier where it is a global average pool and a linear (GRAPH_HEAD). In every form of the body
+In fp32 and bf16 (a bf16 model, or autocast to bf16 computed in bf16), once that call has run GRAPH_AFTER times for
+an input key, the body becomes a oneDNN Graph (TorchScript's fusion of the frozen graph of the same units), which
+keeps what each oneDNN call otherwise rebuilds (GRAPH_BODY), and ends with the classifier where it is a global
+average pool and a linear (GRAPH_HEAD). In every form of the body
 (the packed units, the one-call body, the graph) the larger 3x3 convolutions of stride 1 run as Winograd's F(2x2, 3x3)
 (fastres._C's _winograd_conv3x3; fastres.ops.backend_cuda's rule decides which): 16 products per output tile where
 oneDNN's direct kernels take 36 (in the graph, between its partitions).
@@ -91,8 +92,9 @@ _FE_INVALID = (torch.ops.fastres._fe_invalid_clear.default, torch.ops.fastres._f
 # The body as a oneDNN Graph: TorchScript's fusion (torch.jit.enable_onednn_fusion) compiles the frozen graph of the
 # units' convolutions, bias, residual adds and ReLUs into oneDNN Graph partitions and keeps them between calls, where
 # each of _run_plan's oneDNN calls has PyTorch build its primitive descriptor again (at batch 1 on an Intel Xeon:
-# 32 ms a ResNet-50 forward against 40). fp32 only, after GRAPH_AFTER one-call bodies of the same input key (a key
-# called once or twice never pays for the trace, ~1 s). FASTRES_CPU_GRAPH=0 turns it off.
+# 32 ms a ResNet-50 forward against 40; bf16 autocast on an AMD EPYC with AVX512-BF16: 22.9 against 25.9 ms). fp32
+# and bf16 (_graph_dtype), after GRAPH_AFTER one-call bodies of the same input key (a key called once or twice never
+# pays for the trace, ~1 s). FASTRES_CPU_GRAPH=0 turns it off.
 GRAPH_BODY = (os.environ.get("FASTRES_CPU_GRAPH", "1") != "0" and _FE_INVALID is not None
               and hasattr(torch.jit, "enable_onednn_fusion") and torch.backends.mkldnn.is_available())
 GRAPH_AFTER = 2
@@ -398,15 +400,22 @@ class _Plan:
     def run(self, model, x, packs, autocast_dtype, stages=False):
         """What ResNet._forward_impl computes (with a head), or the model's _plan_features (without), or with
         `stages` its _plan_stages: the stem's (pool's) output, then each layer's."""
+        # Autocast's cast and the layout in one pass: where the stem's unit computes in autocast's dtype, or (its
+        # packed weight dropped for the key's graph) where the graph does.
         stem = packs[self.stem[0]]
-        if stem is not _UNRESOLVED and stem is not None and stem[3] is not None and x.dtype == torch.float32:
-            x = x.to(dtype=stem[3], memory_format=torch.channels_last)  # autocast's cast and the layout in one pass
-        else:
-            x = x.contiguous(memory_format=torch.channels_last)
+        cast = None
+        if x.dtype == torch.float32 and autocast_dtype is not None:
+            if stem is not _UNRESOLVED and stem is not None:
+                cast = stem[3]
+            elif type(packs[len(self.units)]) is _Graph:
+                cast = _graph_dtype(x.dtype, autocast_dtype)
+        x = x.contiguous(memory_format=torch.channels_last) if cast is None else \
+            x.to(dtype=cast, memory_format=torch.channels_last)
         body = packs[-2]
         if body is not _UNRESOLVED and body is not None:
-            if GRAPH_BODY and autocast_dtype is None and x.dtype == torch.float32:
-                out = self._run_graph(x, packs, stages)
+            graph_dtype = _graph_dtype(x.dtype, autocast_dtype)
+            if graph_dtype is not None:
+                out = self._run_graph(x.to(graph_dtype), packs, stages, autocast_dtype is not None)
                 if out is not None:
                     graph = packs[len(self.units)]
                     if type(graph) is _Graph and not graph.packs_dropped:  # (another thread may have dropped it)
@@ -470,10 +479,12 @@ class _Plan:
             packs[i] = _UNRESOLVED
         packs[-2] = _DROPPED
 
-    def _run_graph(self, x, packs, stages=False):
-        """The body on x as the key's oneDNN Graph (built on the GRAPH_AFTER + 1-th call), or None: not (yet) built,
-        not applicable, or a NaN met a ReLU (fused as oneDNN's post-op, which maps NaN to 0: the floating-point
-        invalid flag tells, as in _run_plan; the caller then runs _run_plan, which keeps NaN)."""
+    def _run_graph(self, x, packs, stages=False, in_autocast=False):
+        """The body on x (in the graph's dtype, _graph_dtype's) as the key's oneDNN Graph (built on the GRAPH_AFTER +
+        1-th call), or None: not (yet) built, not applicable, or a NaN met a ReLU (fused as oneDNN's post-op, which
+        maps NaN to 0: the floating-point invalid flag tells, as in _run_plan; the caller then runs _run_plan, which
+        keeps NaN). in_autocast: autocast is on; the graph is traced and run with it off (its ops are already in
+        autocast's dtype), so that TorchScript inserts no cast of its own."""
         slot = len(self.units)
         graph = packs[slot]
         if graph is _UNRESOLVED or type(graph) is int:
@@ -481,13 +492,14 @@ class _Plan:
             if runs < GRAPH_AFTER:
                 packs[slot] = runs + 1
                 return None
-            graph = packs[slot] = self._graph(x, stages)
+            with _autocast_off(in_autocast):
+                graph = packs[slot] = self._graph(x, stages)
         if graph is None:
             return None
         clear, raised = _FE_INVALID
         flags = clear()
         try:
-            with _onednn_fusion():
+            with _onednn_fusion(), _autocast_off(in_autocast):
                 out = graph.module(x)
         except RuntimeError:
             packs[slot] = None  # refused by this torch: the one-call body from now on
@@ -516,20 +528,23 @@ class _Plan:
         if self.pool_relu is None and self.stem_pool is None and self.pool is not None and \
                 type(self.pool) is not nn.Identity:
             return None
-        folds = self._fp32_folds()
+        folds = self._folds(x.dtype)
         if folds is None:
             return None
-        head = (self.head.weight, self.head.bias) if self.head_in_graph and not stages else None
+        head = None
+        if self.head_in_graph and not stages:
+            head = tuple(None if t is None else t.detach().to(x.dtype) for t in (self.head.weight, self.head.bias))
         return _compile_graph(_GraphBody(self, folds, blocks, head, stages), x)
 
-    def _fp32_folds(self):
-        """Each unit's folded (weight, bias), detached, or None where one is not fp32."""
+    def _folds(self, dtype):
+        """Each unit's folded (weight, bias), detached, in `dtype`: an fp32 fold cast to bf16 for a bf16 graph (as
+        autocast casts it; a copy the graph holds), or None where a fold is in another dtype."""
         folds = []
         for unit in self.units:
-            weight, bias = folded_conv_params(unit.conv, unit.norm, unit.kind, unit.cache, unit.name)
-            if weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
+            fold = folded_conv_params(unit.conv, unit.norm, unit.kind, unit.cache, unit.name)
+            if any(t is not None and t.dtype not in (dtype, torch.float32) for t in fold):
                 return None
-            folds.append((weight.detach(), None if bias is None else bias.detach()))
+            folds.append(tuple(None if t is None else t.detach().to(dtype) for t in fold))
         return folds
 
     def _head(self, model, x, packs, autocast_dtype):
@@ -596,7 +611,7 @@ class _SequentialPlan(_Plan):
         return model.classifier(torch.flatten(model.avgpool(features), 1))
 
     def _graph(self, x, stages=False):  # (never with stages: run returns None first)
-        folds = self._fp32_folds()
+        folds = self._folds(torch.float32)
         return None if folds is None else _compile_graph(_SequentialGraphBody(self, folds), x)
 
 
@@ -614,6 +629,36 @@ def _compile_graph(body, x):
     except Exception:  # noqa: BLE001 - any TorchScript failure: the caller's other path stays
         return None
     return _Graph(graph)
+
+
+def _graph_dtype(x_dtype, autocast_dtype):
+    """The dtype a _Plan's graph body computes in for an input of x_dtype (after the plan's entry) under autocast to
+    autocast_dtype (None: off), or None where the body has no graph: fp32 without autocast; bf16 under autocast to
+    bf16 (the plan computes in it: autocast_computes_in_fp32), or without autocast for a bf16 input (a bf16 model).
+    TorchScript's oneDNN Graph fusion covers fp32 and bf16; fp16 keeps the one-call body."""
+    if not GRAPH_BODY:
+        return None
+    if autocast_dtype is None:
+        return x_dtype if x_dtype in (torch.float32, torch.bfloat16) else None
+    return torch.bfloat16 if autocast_dtype == torch.bfloat16 and x_dtype in (torch.float32, torch.bfloat16) \
+        else None
+
+
+class _autocast_off:
+    """CPU autocast off inside the block where `active` (a no-op otherwise, without autocast's context cost)."""
+
+    __slots__ = ("context",)
+
+    def __init__(self, active):
+        self.context = torch.autocast("cpu", enabled=False) if active else None
+
+    def __enter__(self):
+        if self.context is not None:
+            self.context.__enter__()
+
+    def __exit__(self, *exc):
+        if self.context is not None:
+            self.context.__exit__(*exc)
 
 
 def _in_own_compilation_unit(traced, body):
