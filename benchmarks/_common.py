@@ -237,15 +237,26 @@ def git_commit():
     return commit + ("+dirty" if dirty else "")
 
 
-def cpu_name():
+def cpu_name(cpuinfo="/proc/cpuinfo"):
+    """cpu0's model name with its family and model numbers: a VM may name its CPU only "AMD EPYC", which covers
+    generations with and without AVX-512 (family 25: model 1 Zen 3, model 17 Zen 4)."""
+    fields = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip():
+                    break  # cpu0's block ends
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        return f"{fields['model name']} (family {fields['cpu family']}, model {fields['model']})"
+    return fields["model name"]
 
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")

@@ -615,6 +615,17 @@ def test_throughput_cpu_peers(tmp_path):
     assert [row["provider"] for row in read_csv(tmp_path / "t.csv")] == ran
 
 
+def test_cpu_name_gives_the_family_and_model(tmp_path):
+    """A generic model name ("AMD EPYC" covers CPUs with and without AVX-512) comes with cpu0's family and model."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\nflags\t: fpu\n\n"
+                    "processor\t: 1\ncpu family\t: 6\nmodel\t\t: 207\nmodel name\t: Other\n")
+    assert C.cpu_name(str(info)) == "AMD EPYC (family 25, model 17)"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU\n")
+    assert C.cpu_name(str(info)) == "Some CPU"
+
+
+
 def test_throughput_notes_what_fastres_computes_in_under_autocast(monkeypatch):
     from fastres.models import _eval_plan
     _, s = throughput.parse_args(["--arch", "resnet50", "--device", "cpu"])
