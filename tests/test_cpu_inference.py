@@ -1952,23 +1952,34 @@ def _small_vgg(cfg=(16, "M", 32, 32, "M"), batch_norm=False):
     return vgg, nn.Sequential(vgg.features, vgg.avgpool, nn.Flatten(), vgg.classifier)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16-weights"])
 @pytest.mark.parametrize("batch_norm", [False, True], ids=["vgg", "vgg-bn"])
-def test_vgg_eval_runs_its_features_as_a_onednn_graph(batch_norm, graph_body, per_unit_path):
+def test_vgg_eval_runs_its_features_as_a_onednn_graph(batch_norm, precision, graph_body, per_unit_path):
     """fastres.models.VGG in eval: the per-unit path's output for the first GRAPH_AFTER forwards of an input shape,
-    then its features as one oneDNN Graph (built once), its classifier the model's own: within the tolerance rule."""
+    then its features as one oneDNN Graph (built once), its classifier the model's own: within the tolerance rule.
+    In bf16 too (under bf16 autocast, or a bf16 model) where oneDNN has bf16 kernels: the graph's output in bf16;
+    elsewhere the per-unit path throughout."""
     vgg, plain = _small_vgg(batch_norm=batch_norm)
     x = torch.randn(2, 3, 16, 16)
-    with torch.inference_mode():
+    with torch.no_grad():
+        ref64 = copy.deepcopy(plain).double()(x.double())
+    autocast = precision == "bf16-autocast"
+    if precision == "bf16-weights":
+        vgg, plain, x = vgg.to(torch.bfloat16), copy.deepcopy(plain).to(torch.bfloat16), x.to(torch.bfloat16)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         with per_unit_path():
             ref = vgg(x)
         outs = [vgg(x) for _ in range(5)]
-    assert graph_body == {"built": 1, "ran": 3}
     assert torch.equal(outs[0], ref) and torch.equal(outs[1], ref)
+    if precision != "fp32" and not BF16_PACKED:
+        assert graph_body == {"built": 0, "ran": 0} and all(torch.equal(o, ref) for o in outs)
+        return
+    assert graph_body == {"built": 1, "ran": 3}
     with torch.no_grad():
-        ref64 = copy.deepcopy(plain).double()(x.double())
-        aten = _aten_worse(plain, x, ref64)
+        aten = _aten_worse(plain, x, ref64, autocast=autocast)
     for out in outs[2:]:
-        assert_within(f"{'vgg-bn' if batch_norm else 'vgg'} eval, oneDNN Graph features", out, ref64, aten)
+        assert out.dtype == aten.dtype
+        assert_within(f"{'vgg-bn' if batch_norm else 'vgg'} eval {precision}, oneDNN Graph features", out, ref64, aten)
 
 
 @pytest.mark.parametrize("edit", ["in-place", "through-data", "pool-stride"])
@@ -2007,10 +2018,10 @@ def test_vgg_onednn_graph_keeps_nan(graph_body, per_unit_path):
     assert torch.isfinite(clean).all()
 
 
-@pytest.mark.parametrize("case", ["bf16-autocast", "pool-before-relu", "hook", "training"])
+@pytest.mark.parametrize("case", ["fp16-autocast", "pool-before-relu", "hook", "training"])
 def test_vgg_onednn_graph_only_for_what_it_covers(case, graph_body, per_unit_path):
-    """No graph under autocast, for a max pool whose input is not a ReLU's (oneDNN's pooling need not keep a NaN
-    there), for a model with a hook, or in training: the per-unit path's output, bit for bit."""
+    """No graph under autocast to fp16, for a max pool whose input is not a ReLU's (oneDNN's pooling need not keep a
+    NaN there), for a model with a hook, or in training: the per-unit path's output, bit for bit."""
     vgg, _ = _small_vgg()
     if case == "pool-before-relu":
         vgg.features = nn.Sequential(nn.MaxPool2d(2), *vgg.features[:2], *vgg.features[3:])
@@ -2018,7 +2029,7 @@ def test_vgg_onednn_graph_only_for_what_it_covers(case, graph_body, per_unit_pat
         vgg.features[1].register_forward_hook(lambda *args: None)
     vgg.train(case == "training")
     x = torch.randn(2, 3, 32 if case == "pool-before-relu" else 16, 16)
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=case == "bf16-autocast"):
+    with torch.no_grad(), torch.autocast("cpu", torch.float16, enabled=case == "fp16-autocast"):
         with per_unit_path():
             ref = vgg(x)
         outs = [vgg(x) for _ in range(4)]

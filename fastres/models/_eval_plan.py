@@ -40,9 +40,9 @@ dtype are slower than in fp32 (AVX512-BF16 without AMX: 1.3-1.9x slower per ResN
 Intel Xeon), the plan runs the fp32 body and hands back its output in autocast's dtype, as autocast's forward
 would (see autocast_computes_in_fp32; FASTRES_CPU_AUTOCAST).
 fastres.models.VGG's eval forward has a plan of its own (_SequentialPlan, the same guard): its features alone, as one
-oneDNN Graph once a key has run GRAPH_AFTER forwards, its classifier the model's modules; everything else (the first
-forwards, autocast, a NaN that met a ReLU) is its per-unit forward (5% faster at batch 1 and 2% at batch 8 for
-VGG-19 on an Intel Xeon, ad-hoc A/B in one process).
+oneDNN Graph (fp32 or bf16) once a key has run GRAPH_AFTER forwards, its classifier the model's modules; everything
+else (the first forwards, fp16, a NaN that met a ReLU) is its per-unit forward (5% faster at batch 1 and 2% at batch 8
+for VGG-19 on an Intel Xeon, ad-hoc A/B in one process).
 """
 import collections
 import contextvars
@@ -563,14 +563,15 @@ class _SequentialPlan(_Plan):
     """The eval forward of a network that is a sequence (fastres.models.VGG: features, then avgpool, flatten and the
     classifier): its features as a oneDNN Graph of the same units, its head the model's own modules (avgpool and
     classifier, called as its forward calls them). The model describes its features as `_sequential_plan_spec()`
-    -> [(name, module)], or None. The guard is _Plan's. Only the graph is planned: until a key's graph is built
-    (GRAPH_AFTER forwards), under autocast, in another dtype, and where a NaN met a ReLU (the invalid flag, as in
-    _Plan._run_graph), run returns None and the model's per-unit forward runs. A feature the graph would not
+    -> [(name, module)], or None. The guard is _Plan's. Only the graph is planned, in fp32 or bf16 (a bf16 model, or
+    bf16 autocast of an fp32 one, where oneDNN has bf16 kernels): until a key's graph is built (GRAPH_AFTER
+    forwards), in another dtype, and where a NaN met a ReLU (the invalid flag, as in _Plan._run_graph), run returns
+    None and the model's per-unit forward runs. A feature the graph would not
     compute as the per-unit path does is not planned: a module other than a unit, a plain ReLU, a max pool or an
     identity; a max pool whose input does not come from a ReLU (oneDNN's pooling need not keep a NaN, and a NaN
     reaches a pool after a ReLU only where the ReLU's post-op raised the flag)."""
 
-    autocast_in_fp32 = False  # (run computes nothing under autocast: the per-unit path does)
+    autocast_in_fp32 = False  # (under autocast, the per-unit path and the graph compute in autocast's dtype)
 
     def __init__(self, model, head):
         if not head:
@@ -603,15 +604,20 @@ class _SequentialPlan(_Plan):
         self._init_packs()  # input key -> [_UNRESOLVED per unit (unused); the graph slot, as _Plan's; two unused]
 
     def run(self, model, x, packs, autocast_dtype, stages=False):
-        if stages or not (GRAPH_BODY and autocast_dtype is None and x.dtype == torch.float32 and self.fp32):
+        dtype = _graph_dtype(x.dtype, autocast_dtype)
+        # bf16 only where oneDNN has bf16 kernels for this CPU (elsewhere the per-unit path runs ATen's), and under
+        # autocast only for fp32 weights and input (autocast's dtype then is the graph's)
+        if stages or dtype is None or (dtype == torch.bfloat16 and not _onednn_has_bf16()) or \
+                (autocast_dtype is not None and not (self.fp32 and x.dtype == torch.float32)):
             return None
-        features = self._run_graph(x.contiguous(memory_format=torch.channels_last), packs)
+        features = self._run_graph(x.to(dtype=dtype, memory_format=torch.channels_last), packs, False,
+                                   autocast_dtype is not None)
         if features is None:
             return None
         return model.classifier(torch.flatten(model.avgpool(features), 1))
 
     def _graph(self, x, stages=False):  # (never with stages: run returns None first)
-        folds = self._folds(torch.float32)
+        folds = self._folds(x.dtype)
         return None if folds is None else _compile_graph(_SequentialGraphBody(self, folds), x)
 
 
@@ -629,6 +635,11 @@ def _compile_graph(body, x):
     except Exception:  # noqa: BLE001 - any TorchScript failure: the caller's other path stays
         return None
     return _Graph(graph)
+
+
+def _onednn_has_bf16():
+    """Whether oneDNN has bf16 kernels for this CPU (as fastres's packed path asks)."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _graph_dtype(x_dtype, autocast_dtype):
