@@ -1982,6 +1982,40 @@ def test_vgg_eval_runs_its_features_as_a_onednn_graph(batch_norm, precision, gra
         assert_within(f"{'vgg-bn' if batch_norm else 'vgg'} eval {precision}, oneDNN Graph features", out, ref64, aten)
 
 
+def test_vgg_under_autocast_casts_its_classifier_once(graph_body, per_unit_path):
+    """Under bf16 autocast, once the features run as a graph, the classifier's linears run on weights cast once
+    (autocast would cast them on every call), computing what the modules compute under autocast, bit for bit; a
+    classifier weight changed in place is seen (the guard watches it: the next forward is the per-unit path's)."""
+    from fastres.models import _eval_plan
+    if not BF16_PACKED:
+        pytest.skip("no oneDNN bf16 kernels for this CPU: no bf16 graph, the per-unit path throughout")
+    vgg, _ = _small_vgg()
+    x = torch.randn(2, 3, 16, 16)
+    linears = [m for m in vgg.classifier if isinstance(m, nn.Linear)]
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        outs = [vgg(x) for _ in range(5)]
+        with profile(record_shapes=True) as prof:
+            again = vgg(x)
+        plan = vgg.fold_cache.plan
+        graph = plan.packs[next(iter(plan.packs))][len(plan.units)]
+        with torch.autocast("cpu", enabled=False), _eval_plan._onednn_fusion():
+            features = graph.module(x.to(torch.bfloat16, memory_format=CL))
+        expected = vgg.classifier(torch.flatten(vgg.avgpool(features), 1))  # the modules, under autocast
+    assert graph_body == {"built": 1, "ran": 4}
+    weight_shapes = {tuple(m.weight.shape) for m in linears}
+    casts = [e for e in prof.events() if e.name in COPIES and e.input_shapes and
+             tuple(e.input_shapes[0]) in weight_shapes]
+    assert not casts, [(e.name, e.input_shapes) for e in casts]
+    assert again.dtype == torch.bfloat16 and torch.equal(again, outs[-1]) and torch.equal(again, expected)
+    with torch.no_grad():
+        linears[-1].weight.mul_(-1)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        changed = vgg(x)
+        with per_unit_path():
+            ref = vgg(x)
+    assert torch.equal(changed, ref) and not torch.equal(changed, again)
+
+
 @pytest.mark.parametrize("edit", ["in-place", "through-data", "pool-stride"])
 def test_vgg_onednn_graph_is_never_stale(edit, graph_body, per_unit_path):
     """A feature weight changed after the graph was built, in place or through .data (which bypasses the version
