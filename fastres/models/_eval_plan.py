@@ -45,6 +45,7 @@ else (the first forwards, fp16, a NaN that met a ReLU) is its per-unit forward (
 for VGG-19 on an Intel Xeon, ad-hoc A/B in one process).
 """
 import collections
+import contextlib
 import contextvars
 import copy
 import io
@@ -400,22 +401,18 @@ class _Plan:
     def run(self, model, x, packs, autocast_dtype, stages=False):
         """What ResNet._forward_impl computes (with a head), or the model's _plan_features (without), or with
         `stages` its _plan_stages: the stem's (pool's) output, then each layer's."""
-        # Autocast's cast and the layout in one pass: where the stem's unit computes in autocast's dtype, or (its
-        # packed weight dropped for the key's graph) where the graph does.
+        # Autocast's cast and the layout in one pass, where the body computes in autocast's dtype: the stem's unit
+        # runs from its packed weight (packed in autocast's dtype), or the key's graph (which dropped that weight).
         stem = packs[self.stem[0]]
-        cast = None
-        if x.dtype == torch.float32 and autocast_dtype is not None:
-            if stem is not _UNRESOLVED and stem is not None:
-                cast = stem[3]
-            elif type(packs[len(self.units)]) is _Graph:
-                cast = _graph_dtype(x.dtype, autocast_dtype)
-        x = x.contiguous(memory_format=torch.channels_last) if cast is None else \
-            x.to(dtype=cast, memory_format=torch.channels_last)
+        if x.dtype == torch.float32 and autocast_dtype is not None and \
+                ((stem is not _UNRESOLVED and stem is not None) or type(packs[len(self.units)]) is _Graph):
+            x = x.to(dtype=autocast_dtype, memory_format=torch.channels_last)
+        else:
+            x = x.contiguous(memory_format=torch.channels_last)
         body = packs[-2]
         if body is not _UNRESOLVED and body is not None:
-            graph_dtype = _graph_dtype(x.dtype, autocast_dtype)
-            if graph_dtype is not None:
-                out = self._run_graph(x.to(graph_dtype), packs, stages, autocast_dtype is not None)
+            if _graph_dtype(x.dtype, autocast_dtype) == x.dtype:
+                out = self._run_graph(x, packs, stages, autocast_dtype is not None)
                 if out is not None:
                     graph = packs[len(self.units)]
                     if type(graph) is _Graph and not graph.packs_dropped:  # (another thread may have dropped it)
@@ -690,21 +687,9 @@ def _graph_dtype(x_dtype, autocast_dtype):
         else None
 
 
-class _autocast_off:
-    """CPU autocast off inside the block where `active` (a no-op otherwise, without autocast's context cost)."""
-
-    __slots__ = ("context",)
-
-    def __init__(self, active):
-        self.context = torch.autocast("cpu", enabled=False) if active else None
-
-    def __enter__(self):
-        if self.context is not None:
-            self.context.__enter__()
-
-    def __exit__(self, *exc):
-        if self.context is not None:
-            self.context.__exit__(*exc)
+def _autocast_off(active):
+    """CPU autocast off inside the block where `active` (else no context: the fp32 graph pays nothing for it)."""
+    return torch.autocast("cpu", enabled=False) if active else contextlib.nullcontext()
 
 
 def _in_own_compilation_unit(traced, body):
