@@ -520,6 +520,12 @@ def test_eval_plan_replays_the_per_unit_path(precision, per_unit_path, plan_runs
     fc_casts = [e for e in prof.events() if e.name == "aten::_to_copy" and tuple(model.fc.weight.shape) in
                 [tuple(s) for s in e.input_shapes]]
     assert fc_casts == []
+    from fastres.models import _eval_plan
+    if precision == "bf16-autocast" and BF16_PACKED and _eval_plan._LINEAR_PACKED:
+        # In bf16 it runs as oneDNN's linear on the weight packed by the first forward (ATen's bf16 linear reorders
+        # the plain weight on every call), bit for bit ATen's result (asserted above).
+        assert names.count("mkldnn::_linear_pointwise") == 1 and "aten::linear" not in names
+        assert not [n for n in names if "reorder" in n], names
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
@@ -2008,6 +2014,21 @@ def test_vgg_under_autocast_casts_its_classifier_once(graph_body, per_unit_path)
              tuple(e.input_shapes[0]) in weight_shapes]
     assert not casts, [(e.name, e.input_shapes) for e in casts]
     assert again.dtype == torch.bfloat16 and torch.equal(again, outs[-1]) and torch.equal(again, expected)
+    names = [e.name for e in prof.events()]
+    if _eval_plan._LINEAR_PACKED:
+        # oneDNN's linear on weights packed once (for this batch size): no reorder in a steady-state forward
+        assert names.count("mkldnn::_linear_pointwise") == len(linears) and "aten::linear" not in names
+        assert not [n for n in names if "reorder" in n], names
+    # Another batch size: a key of its own, its weights packed for it, again the modules' result bit for bit.
+    x3 = torch.randn(3, 3, 16, 16)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        outs3 = [vgg(x3) for _ in range(4)]
+        graph3 = plan.packs[next(k for k in plan.packs if k[0] == x3.shape)][len(plan.units)]
+        with torch.autocast("cpu", enabled=False), _eval_plan._onednn_fusion():
+            features3 = graph3.module(x3.to(torch.bfloat16, memory_format=CL))
+        expected3 = vgg.classifier(torch.flatten(vgg.avgpool(features3), 1))
+        assert torch.equal(vgg(x), again)  # (the first key's packs kept)
+    assert graph_body["built"] == 2 and torch.equal(outs3[-1], expected3)
     with torch.no_grad():
         linears[-1].weight.mul_(-1)
     with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
