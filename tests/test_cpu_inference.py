@@ -1138,6 +1138,68 @@ def test_converted_timm_resnet_plans_its_features(family, per_unit_path, plan_ru
         assert plan_runs["plan"] == 4
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+def test_converted_timm_resnet_plans_its_head(precision, per_unit_path, plan_runs, graph_body):
+    """fastres.convert's timm ResNet in eval: forward runs the features and the head (the global average pool and fc)
+    from one plan, as fastres.models.ResNet does: exactly the per-unit path's result until the graph is built, then
+    the head inside the graph (no linear of ATen's), within the tolerance rule of timm's own. forward_features keeps a
+    plan of its own beside it: calls that alternate build each plan and each graph once. A global pool that is not
+    an average pool (max) leaves timm's forward_head to run after the planned features."""
+    from fastres.models import _eval_plan
+    timm = pytest.importorskip("timm")
+    baseline = _timm_resnet()
+    model = fastres.convert(copy.deepcopy(baseline))
+    x = torch.randn(2, 3, 32, 32)
+    autocast = lambda: torch.autocast("cpu", torch.bfloat16, enabled=precision != "fp32")  # noqa: E731
+    with torch.inference_mode(), autocast():
+        with per_unit_path():
+            ref = model(x)
+        first = [model(x) for _ in range(2)]  # planned, before the graph
+        head_plan = model.fold_cache.plan
+        outs, features = [], []
+        for _ in range(4):  # alternating: each plan builds its graph in its fourth call
+            outs.append(model(x))
+            features.append(model.forward_features(x))
+        with profile() as prof:
+            again = model(x)
+        ref_features = baseline.forward_features(x)
+        aten = baseline(x)
+    assert all(torch.equal(out, ref) for out in first)
+    assert head_plan.has_head and head_plan.classifier is model.fc and head_plan.head_pool is model.global_pool.pool
+    cache = model.fold_cache
+    assert cache.plan is head_plan and not cache.other_plan.has_head  # both kept
+    assert plan_runs["plan"] == 2 + 8 + 1 and head_plan.head_in_graph
+    # (no graph for bf16 autocast computed in bf16 where oneDNN has no bf16 kernels: the units run ATen's)
+    graphs = precision == "fp32" or BF16_PACKED or _eval_plan.autocast_computes_in_fp32(torch.bfloat16)
+    assert (graph_body["built"], graph_body["ran"]) == ((2, 4 + 1) if graphs else (0, 0))
+    names = [e.name for e in prof.events()]
+    if graphs:
+        assert "aten::linear" not in names and "aten::addmm" not in names and "aten::adaptive_avg_pool2d" not in names
+    reference = copy.deepcopy(baseline).double()
+    with torch.no_grad():
+        ref64, features64 = reference(x.double()), reference.forward_features(x.double())
+    for out in outs + [again]:
+        assert out.dtype == aten.dtype
+        assert_within(f"timm forward, {precision}, head in the graph", out, ref64, aten)
+    for f in features:
+        assert_within(f"timm forward_features, {precision}", f, features64, ref_features)
+    # A max pool head: timm's forward_head after the planned features, its result.
+    model.reset_classifier(10, global_pool="max")
+    baseline.reset_classifier(10, global_pool="max")
+    model.fc.load_state_dict(baseline.fc.state_dict())
+    model.eval()
+    with torch.inference_mode(), autocast():
+        assert model._plan_head() is None
+        outs = [model(x) for _ in range(3)]
+        aten = baseline(x)
+    assert not model.fold_cache.plan.has_head
+    reference = copy.deepcopy(baseline).double()
+    with torch.no_grad():
+        ref64 = reference(x.double())
+    for out in outs:
+        assert_within(f"timm forward, {precision}, max pool head", out, ref64, aten)
+
+
 def _hf_resnet(cls_name="ResNetForImageClassification", **kwargs):
     transformers = pytest.importorskip("transformers")
     config = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 32, 64], depths=[1, 2, 1, 1],

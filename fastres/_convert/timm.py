@@ -127,7 +127,9 @@ def _downsample_converted(block):
 
 class _Root(FusedModuleMixin):
     """timm's ResNet with its stem (conv1, a Conv2d or the deep stem's Sequential, then bn1 and act1) run as fused
-    conv + norm + ReLU units, channels_last from the input on (see fastres.models.ResNet)."""
+    conv + norm + ReLU units, channels_last from the input on (see fastres.models.ResNet). In eval on CPU, forward
+    runs the features and, where it is an average pool and a linear (_plan_head), the head from one plan, as
+    fastres.models.ResNet does (the head inside its oneDNN Graph); forward_features runs a plan of its own."""
 
     def _stem_modules(self):
         """[(name, module)] of the stem, the deep stem's Sequential opened so that its last conv fuses with bn1."""
@@ -164,6 +166,25 @@ class _Root(FusedModuleMixin):
     def _plan_features(self, x):
         """What the eval plan computes without a head (a backward through a planned forward recomputes it so)."""
         return self.forward_features(x)
+
+    def _plan_head(self):
+        """(pool, classifier): forward_head as the eval plan runs it, classifier(torch.flatten(pool(x), 1)), where
+        timm's global pool is its SelectAdaptivePool2d of an average pool then a flatten (pool_type "avg"; dropout
+        does nothing in eval); else None, and forward runs forward_head after the plan's features."""
+        pooling = self.global_pool
+        pool, flatten = getattr(pooling, "pool", None), getattr(pooling, "flatten", None)
+        if type(pooling).__name__ != "SelectAdaptivePool2d" or not type(pooling).__module__.startswith("timm.") or \
+                type(pool) is not nn.AdaptiveAvgPool2d or type(flatten) is not nn.Flatten or \
+                (flatten.start_dim, flatten.end_dim) != (1, -1):
+            return None
+        return pool, self.fc
+
+    def forward(self, x):
+        if not self.training and not functorch_active() and self._plan_head() is not None:
+            out = _eval_plan.run(self, x)  # CPU eval: the features and the head from one plan (the head in its graph)
+            if out is not None:
+                return out
+        return self._library.forward(self, x)  # forward_features, then forward_head
 
     def forward_features(self, x):
         if functorch_active():

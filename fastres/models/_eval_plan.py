@@ -1,7 +1,8 @@
-"""The CPU eval forward of fastres.models.ResNet and CifarResNet (and, after fastres.convert, the features of timm's
-ResNet, transformers' ResNetModel and ResNetBackbone with or without hidden states, and torchvision's detection /
-segmentation backbone body) as a plan: its units decided once, then run as a flat loop of oneDNN calls on prepacked
-weights.
+"""The CPU eval forward of fastres.models.ResNet and CifarResNet (and, after fastres.convert, timm's ResNet: its forward
+with its head, where that is an average pool and a linear, and its forward_features; the features of transformers'
+ResNetModel and ResNetBackbone with or without hidden states, and torchvision's detection / segmentation backbone
+body) as a plan: its units decided once, then run as a flat loop of oneDNN calls on prepacked weights. A model called
+both with its head and without keeps a plan for each (FoldCache.plan and other_plan).
 
 At batch 1 on CPU the per-unit path (fastres.nn._lean.conv_norm_act) is bound by Python: every call re-decides each
 unit (which kernel, whether its fold and packed weight are still fresh), about 150 us a unit, some 8 ms of a
@@ -165,7 +166,8 @@ class _Plan:
     plannable now: stem [(conv, norm, relu, name)], units that run one after another from its fold cache; pool, the
     module after the stem (None: none); layers, the nn.Sequentials of fused blocks; optionally a fourth, stem_output:
     the stages begin with the stem's output before the pool (see stage_spec). With `head`, the plan ends as
-    fastres.models.ResNet does (model.avgpool, flatten, model.fc); without, it returns the last layer's output
+    fastres.models.ResNet does (its head's pool, flatten, linear: _head_modules); without, it returns the last
+    layer's output
     (the model's _plan_features: timm's forward_features, transformers' last hidden state), or with `stages` (a key
     of its own) the stem's (pool's) output and every layer's, as a tuple (the model's _plan_stages: transformers'
     hidden states, torchvision's IntermediateLayerGetter's outputs); it then runs no _run_plan body (which returns
@@ -206,15 +208,18 @@ class _Plan:
                 self.blocks.append(self._block(block))
             self.layer_ends.append(len(self.blocks))
         self.has_head = head
+        # The head's pool and classifier (modules of the model, which the signature covers), or None without a head.
+        self.head_pool, self.classifier = _head_modules(model) if head else (None, None)
         # The classifier, whose weight autocast would cast on every call: cast once per plan and autocast dtype.
-        self.head = model.fc if head and type(model.fc) is nn.Linear else None
+        self.head = self.classifier if type(self.classifier) is nn.Linear else None
         # The classifier inside the graph body (GRAPH_HEAD), where it is a global average pool then an fp32 linear:
         # the graph then ends with the logits.
-        self.head_in_graph = GRAPH_HEAD and self.head is not None and type(model.avgpool) is nn.AdaptiveAvgPool2d \
-            and all(t is None or t.dtype == torch.float32 for t in (self.head.weight, self.head.bias)) \
-            and _output_size(model.avgpool) == (1, 1)
+        self.head_in_graph = GRAPH_HEAD and self.head is not None and \
+            type(self.head_pool) is nn.AdaptiveAvgPool2d and \
+            all(t is None or t.dtype == torch.float32 for t in (self.head.weight, self.head.bias)) \
+            and _output_size(self.head_pool) == (1, 1)
         if self.head_in_graph:
-            self._guard_attributes(model.avgpool, ("output_size",))
+            self._guard_attributes(self.head_pool, ("output_size",))
         self._guard_tensors([] if self.head is None else [self.head.weight, self.head.bias])
         # input key -> [per unit: (backend, packed weight, bias, autocast dtype) or None; then the graph body (how
         # many one-call bodies ran before it, then the frozen graph, or None where it does not apply); then the body
@@ -550,13 +555,13 @@ class _Plan:
     def _head(self, model, x, packs, autocast_dtype):
         if not self.has_head:
             return x
-        x = torch.flatten(model.avgpool(x), 1)
+        x = torch.flatten(self.head_pool(x), 1)
         if self.head is None or autocast_dtype is None:
-            return model.fc(x)
+            return self.classifier(x)
         head = packs[-1]
         if head is _UNRESOLVED:
             head = packs[-1] = _ClassifierLinear(self.head, autocast_dtype, x.shape[0])
-        return head(x)  # under autocast, as model.fc(x) would compute it
+        return head(x)  # under autocast, as the classifier would compute it
 
 
 class _SequentialPlan(_Plan):
@@ -688,6 +693,13 @@ def _classifier_steps(classifier):
         elif type(module) not in (nn.Dropout, nn.Identity):
             return None
     return steps
+
+
+def _head_modules(model):
+    """(pool, classifier): the modules a _Plan's head runs, classifier(torch.flatten(pool(x), 1)): the model's
+    _plan_head() where it has one (timm's ResNet after fastres.convert), else its avgpool and fc (fastres.models'
+    ResNets)."""
+    return model._plan_head() if hasattr(model, "_plan_head") else (model.avgpool, model.fc)
 
 
 def _compile_graph(body, x):
@@ -1079,11 +1091,17 @@ def run(model, x, head=True, stages=False):
         return None
     cache = model.fold_cache
     plan = cache.plan
+    if plan is not None and plan.has_head != head:
+        # A model called both with its head and without (timm's forward and forward_features): each has a plan of
+        # its own, the other one kept beside, so that calls that alternate rebuild neither.
+        cache.plan, cache.other_plan = cache.other_plan, plan
+        plan = cache.plan
     if plan is None or plan.has_head != head or not plan.valid(model, grad_enabled):
         cache.plan = None
         try:
             plan = (_SequentialPlan if hasattr(model, "_sequential_plan_spec") else _Plan)(model, head)
         except _NotPlannable:
+            cache.other_plan = None  # (what makes the model unplannable, hooks or training, holds for the other too)
             return None
         cache.plan = plan
         _malloc.tune()  # once per process: activations kept in the heap between forwards (fastres.models._malloc)

@@ -217,12 +217,13 @@ class FoldCache:
 
     def __init__(self):
         self._entries = {}
-        # A whole model's eval plan (fastres.models._eval_plan), kept by the model's root and dropped with the folds.
-        self.plan = None
+        # A whole model's eval plan (fastres.models._eval_plan), kept by the model's root and dropped with the folds;
+        # other_plan, its plan for calls with the other head setting (with its head, or without), kept beside.
+        self.plan = self.other_plan = None
 
     def clear(self):
         self._entries.clear()
-        self.plan = None
+        self.plan = self.other_plan = None
 
     def __len__(self):
         return len(self._entries)
