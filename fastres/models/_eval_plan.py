@@ -167,11 +167,10 @@ class _Plan:
     module after the stem (None: none); layers, the nn.Sequentials of fused blocks; optionally a fourth, stem_output:
     the stages begin with the stem's output before the pool (see stage_spec). With `head`, the plan ends as
     fastres.models.ResNet does (its head's pool, flatten, linear: _head_modules); without, it returns the last
-    layer's output
-    (the model's _plan_features: timm's forward_features, transformers' last hidden state), or with `stages` (a key
-    of its own) the stem's (pool's) output and every layer's, as a tuple (the model's _plan_stages: transformers'
-    hidden states, torchvision's IntermediateLayerGetter's outputs); it then runs no _run_plan body (which returns
-    the last output only): its Python loop until the key's graph is built."""
+    layer's output (the model's _plan_features: timm's forward_features, transformers' last hidden state), or with
+    `stages` (a key of its own) the stem's (pool's) output and every layer's, as a tuple (the model's _plan_stages:
+    transformers' hidden states, torchvision's IntermediateLayerGetter's outputs); it then runs no _run_plan body
+    (which returns the last output only): its Python loop until the key's graph is built."""
 
     autocast_in_fp32 = True  # (see autocast_computes_in_fp32)
 
