@@ -625,7 +625,6 @@ def test_cpu_name_gives_the_family_and_model(tmp_path):
     assert C.cpu_name(str(info)) == "Some CPU"
 
 
-
 def test_throughput_notes_what_fastres_computes_in_under_autocast(monkeypatch):
     from fastres.models import _eval_plan
     _, s = throughput.parse_args(["--arch", "resnet50", "--device", "cpu"])

@@ -657,9 +657,8 @@ class _ClassifierLinear:
     __slots__ = ("weight", "bias", "packed")
 
     def __init__(self, linear, dtype, rows):
-        self.weight, self.bias = (_cast_fp32(t, dtype) for t in (linear.weight, linear.bias))
-        self.weight = self.weight.detach()
-        self.bias = None if self.bias is None else self.bias.detach()
+        self.weight, self.bias = (None if t is None else _cast_fp32(t, dtype).detach()
+                                  for t in (linear.weight, linear.bias))
         self.packed = False
         if _LINEAR_PACKED and torch.backends.mkldnn.enabled and dtype == torch.bfloat16 and \
                 self.weight.dtype == torch.bfloat16 and (self.bias is None or self.bias.dtype == torch.bfloat16) \
